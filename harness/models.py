@@ -29,7 +29,9 @@ class ConvNet(nn.Module):
     the hidden FC activation is the penultimate representation AC / SS cluster.
     """
 
-    def __init__(self, stages: list[list[int]], num_classes: int, in_channels: int, hidden: int) -> None:
+    def __init__(
+        self, stages: list[list[int]], num_classes: int, in_channels: int, hidden: int
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
@@ -43,7 +45,7 @@ class ConvNet(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
-    def forward(self, x):  # noqa: D102 - standard nn.Module forward
+    def forward(self, x):
         return self.head(self.pool(self.features(x)))
 
 
@@ -55,8 +57,12 @@ def small_cnn(num_classes: int, in_channels: int) -> nn.Module:
 
 @MODELS.register("cifar_cnn")
 def cifar_cnn(num_classes: int, in_channels: int) -> nn.Module:
-    """VGG-style 32-64-128 CNN for 32×32 inputs; ≥95% on GTSRB in a few CPU epochs."""
-    return ConvNet([[32, 32], [64, 64], [128, 128]], num_classes, in_channels, hidden=256)
+    """VGG-style 32-64-128-128 CNN for 32×32 inputs (one conv per stage, ~13M MACs).
+
+    Deliberately slim: two models per seed must train on 2 CPU cores in minutes, and it still
+    reaches ≥95% clean accuracy on GTSRB (see BENCHMARKS.md).
+    """
+    return ConvNet([[32], [64], [128], [128]], num_classes, in_channels, hidden=256)
 
 
 class BasicBlock(nn.Module):
@@ -78,7 +84,7 @@ class BasicBlock(nn.Module):
             )
         self.relu = nn.ReLU()
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.relu(self.body(x) + self.shortcut(x))
 
 
@@ -99,7 +105,7 @@ class ResNet18(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(c, num_classes)
 
-    def forward(self, x):  # noqa: D102
+    def forward(self, x):
         return self.head(self.pool(self.features(x)))
 
 

@@ -28,7 +28,9 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.std) or not self.mean:
-            raise ModelError(f"preprocessing mean {self.mean} and std {self.std} must match in length")
+            raise ModelError(
+                f"preprocessing mean {self.mean} and std {self.std} must match in length"
+            )
         if any(s <= 0 for s in self.std):
             raise ModelError(f"preprocessing std must be positive, got {self.std}")
         if self.layout not in ("NCHW", "NHWC"):
@@ -58,7 +60,9 @@ class Preprocessing:
     def from_json(cls, text: str) -> Preprocessing:
         try:
             raw = json.loads(text)
-            return cls(mean=tuple(raw["mean"]), std=tuple(raw["std"]), layout=raw.get("layout", "NCHW"))
+            return cls(
+                mean=tuple(raw["mean"]), std=tuple(raw["std"]), layout=raw.get("layout", "NCHW")
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"malformed preprocessing metadata {text!r}: {exc}") from exc
 
@@ -67,4 +71,6 @@ class Preprocessing:
         """Per-channel mean/std of a uint8 NHWC training set (computed once, before poisoning)."""
         flat = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
         std = np.maximum(flat.std(axis=0), 1e-3)
-        return cls(mean=tuple(float(v) for v in flat.mean(axis=0)), std=tuple(float(v) for v in std))
+        return cls(
+            mean=tuple(float(v) for v in flat.mean(axis=0)), std=tuple(float(v) for v in std)
+        )

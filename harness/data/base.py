@@ -28,7 +28,10 @@ class ImageDataset:
     class_names: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+        for split, x, y in (
+            ("train", self.x_train, self.y_train),
+            ("test", self.x_test, self.y_test),
+        ):
             validate_split(self.name, split, x, y, self.num_classes)
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise DataError(

@@ -1,0 +1,240 @@
+"""One small interface for every backdoor defense.
+
+A defense receives the :class:`~harness.adapter.RuntimeAdapter` of the model under audit (any
+precision), the data it needs (:class:`DefenseData`) and a seeded ``numpy.random.Generator``, and
+returns a typed :class:`DefenseResult`. It never imports torch training code or onnxruntime,
+never prints and never writes files: only the runner persists, only the report renders.
+
+Each defense declares what it needs from the model (:class:`Need`) and its validated parameters
+(a pydantic model with the paper's defaults). :meth:`Defense.run` checks the needs first, so a
+cell that cannot run says ``not_applicable`` with the reason, and turns any exception into
+``status="error"`` with the message — never into ``detected: false``.
+
+Verdict semantics (``detected``):
+- detection defenses (inspection, data filtering, input filtering): the defense raises an alarm.
+  When the true target label is known (``DefenseData.target_label``, set for poisoned models) the
+  alarm must also name it (e.g. NC flags the target label); on clean controls (target ``None``)
+  any alarm counts, so ``detected`` on a clean model is a false positive.
+- repair defenses (Fine-Pruning): the backdoor was removed (final ASR and clean-accuracy loss
+  within the defense's success bounds).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from harness.errors import BlindspotsError
+from harness.registry import Registry
+
+
+class Need(StrEnum):
+    """Capabilities a defense may require from the model or the audit setting."""
+
+    LOGITS = "logits"
+    ACTIVATIONS = "activations"
+    GRADIENTS = "gradients"
+    CHANNEL_MASK = "channel_mask"
+    RETRAIN = "retrain"
+    TRAIN_DATA = "train_data"
+    TRIGGERED_INPUTS = "triggered_inputs"
+
+
+class Group(StrEnum):
+    """The literature's grouping (TrojanZoo, BackdoorBench)."""
+
+    MODEL_INSPECTION = "model_inspection"
+    DATA_FILTERING = "data_filtering"
+    INPUT_FILTERING = "input_filtering"
+    REPAIR = "repair"
+
+
+class Status(StrEnum):
+    OK = "ok"
+    NOT_APPLICABLE = "not_applicable"
+    ERROR = "error"
+
+
+Retrainer = Callable[[np.ndarray], Any]
+"""``retrain(keep_channels) -> RuntimeAdapter``: fine-tune the pruned source model on clean
+data, re-export and re-quantize it to the adapter's precision (supplied by the runner when a
+trainable torch source exists)."""
+
+
+@dataclass
+class DefenseData:
+    """Everything a defense may read besides the model.
+
+    ``clean_x``/``clean_y``: held-out clean images (never seen in training) — STRIP's overlay pool,
+    NC's optimisation set, Fine-Pruning's ranking / accuracy set.
+    ``train_x``/``train_y``: the training set as the model saw it (possibly poisoned) — AC, SS.
+    ``poison_mask``: ground truth over the training set, when known (for precision/recall).
+    ``triggered_x``: test inputs stamped with the trigger (STRIP's TPR, Fine-Pruning's ASR).
+    ``target_label``: the attack's target for poisoned models, ``None`` for clean controls.
+    ``poison_rate``: the rate the auditor assumes (SS's ε).
+    """
+
+    num_classes: int
+    clean_x: np.ndarray
+    clean_y: np.ndarray
+    train_x: np.ndarray | None = None
+    train_y: np.ndarray | None = None
+    poison_mask: np.ndarray | None = None
+    triggered_x: np.ndarray | None = None
+    target_label: int | None = None
+    poison_rate: float | None = None
+    retrainer: Retrainer | None = None
+
+
+class DefenseResult(BaseModel):
+    """What a defense found. JSON-serialisable apart from ``arrays`` (saved by the runner)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    defense: str
+    group: Group
+    status: Status
+    reason: str | None = None
+    detected: bool | None = None
+    score: float | None = None
+    score_name: str | None = None
+    scores: dict[str, float] = Field(default_factory=dict)
+    flagged_labels: list[int] = Field(default_factory=list)
+    threshold: float | None = None
+    queries: int = 0
+    wall_time_s: float = 0.0
+    params: dict[str, Any] = Field(default_factory=dict)
+    details: dict[str, Any] = Field(default_factory=dict)
+    per_sample_scores: np.ndarray | None = Field(default=None, exclude=True)
+    arrays: dict[str, np.ndarray] = Field(default_factory=dict, exclude=True)
+
+
+@dataclass
+class Finding:
+    """What :meth:`Defense._run` returns; :meth:`Defense.run` adds status, timing and queries."""
+
+    detected: bool
+    score: float | None = None
+    score_name: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    flagged_labels: list[int] = field(default_factory=list)
+    threshold: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    per_sample_scores: np.ndarray | None = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class NotApplicable(Exception):  # noqa: N818 - it is an outcome, not a failure
+    """Raised inside a defense when the cell cannot run here (reported, not an error)."""
+
+
+class Defense(ABC):
+    """Base of all defenses: parameter validation, need checks, timing, error capture."""
+
+    name: ClassVar[str]
+    group: ClassVar[Group]
+    needs: ClassVar[frozenset[Need]]
+    Params: ClassVar[type[BaseModel]]
+    paper: ClassVar[str]
+
+    def __init__(self, params: BaseModel | dict[str, Any] | None = None) -> None:
+        if isinstance(params, BaseModel):
+            params = params.model_dump()
+        try:
+            self.params = self.Params(**(params or {}))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise BlindspotsError(
+                f"{self.name}: invalid parameter '{where}': {first['msg']}"
+            ) from exc
+
+    def missing_needs(self, adapter: Any, data: DefenseData) -> str | None:
+        """Reason this defense cannot run on ``adapter``/``data``, or None if it can."""
+        if Need.ACTIVATIONS in self.needs and not adapter.layers:
+            return "the model exposes no intermediate activations"
+        if Need.CHANNEL_MASK in self.needs and "last_conv" not in adapter.layers:
+            return "no last convolutional layer to mask"
+        if Need.TRAIN_DATA in self.needs and (data.train_x is None or data.train_y is None):
+            return "needs the training set the model was trained on"
+        if Need.TRIGGERED_INPUTS in self.needs and data.triggered_x is None:
+            return "needs triggered inputs to evaluate"
+        return None
+
+    def run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> DefenseResult:
+        """Run the defense; never raises for a failure inside the method (see module doc)."""
+        base = {"defense": self.name, "group": self.group, "params": self.params.model_dump()}
+        reason = self.missing_needs(adapter, data)
+        if reason is not None:
+            return DefenseResult(status=Status.NOT_APPLICABLE, reason=reason, **base)
+        queries_before = adapter.counter.images
+        started = time.perf_counter()
+        try:
+            finding = self._run(adapter, data, rng)
+        except NotApplicable as exc:
+            return DefenseResult(
+                status=Status.NOT_APPLICABLE,
+                reason=str(exc),
+                wall_time_s=time.perf_counter() - started,
+                queries=adapter.counter.images - queries_before,
+                **base,
+            )
+        except Exception as exc:  # every failure is reported as such, never as "not detected"
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            return DefenseResult(
+                status=Status.ERROR,
+                reason=f"{type(exc).__name__}: {message}",
+                wall_time_s=time.perf_counter() - started,
+                queries=adapter.counter.images - queries_before,
+                **base,
+            )
+        return DefenseResult(
+            status=Status.OK,
+            detected=bool(finding.detected),
+            score=None if finding.score is None else float(finding.score),
+            score_name=finding.score_name,
+            scores={k: float(v) for k, v in finding.scores.items()},
+            flagged_labels=[int(v) for v in finding.flagged_labels],
+            threshold=None if finding.threshold is None else float(finding.threshold),
+            queries=adapter.counter.images - queries_before,
+            wall_time_s=time.perf_counter() - started,
+            details=finding.details,
+            per_sample_scores=finding.per_sample_scores,
+            arrays=finding.arrays,
+            **base,
+        )
+
+    @abstractmethod
+    def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
+        """The method itself. Raise :class:`NotApplicable` for cells that cannot run."""
+
+
+def label_verdict(flagged: list[int], target_label: int | None) -> bool:
+    """Detection rule shared by label-flagging defenses (see module doc)."""
+    if target_label is None:
+        return bool(flagged)
+    return target_label in flagged
+
+
+DEFENSES: Registry[type[Defense]] = Registry("defense")
+
+for _name, _module in {
+    "neural_cleanse": "defenses.neural_cleanse",
+    "activation_clustering": "defenses.activation_clustering",
+    "spectral_signatures": "defenses.spectral_signatures",
+    "strip": "defenses.strip",
+    "fine_pruning": "defenses.fine_pruning",
+}.items():
+    DEFENSES.register_lazy(_name, _module)
+
+
+def build_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
+    """Instantiate the registered defense ``name`` with validated parameters."""
+    return DEFENSES.get(name)(params)

@@ -1,0 +1,32 @@
+"""Torch → ONNX export with a parity check, and onnxruntime quantizers with sidecars.
+
+Submodules load lazily (``exporters.export_onnx`` imports torch only when first used), so
+listing precisions or reading a sidecar does not pay for a torch import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "ExportReport": "exporters.onnx_export",
+    "export_onnx": "exporters.onnx_export",
+    "read_preprocessing": "exporters.onnx_export",
+    "QuantRecipe": "exporters.recipes",
+    "PRECISIONS": "exporters.quantizers",
+    "QuantizedArtifact": "exporters.quantizers",
+    "quantize": "exporters.quantizers",
+    "read_sidecar": "exporters.quantizers",
+    "describe_quantization": "exporters.quantizers",
+    "sha256_file": "exporters.quantizers",
+    "cpu_isa_flags": "exporters.quantizers",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'exporters' has no attribute '{name}'")
+    return getattr(importlib.import_module(_LAZY[name]), name)

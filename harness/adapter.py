@@ -1,0 +1,296 @@
+"""The runtime adapter: the only way metrics and defenses touch a model.
+
+It wraps an ``onnxruntime.InferenceSession`` over the artifact that would ship (FP32, INT8 or
+INT4 ONNX) and offers what a deployed model can give an auditor:
+
+- ``logits`` / ``predict`` on uint8 (or float 0..255) NHWC pixel batches, with preprocessing
+  read once from the model's metadata;
+- ``activations`` of named intermediate layers (``penultimate``, ``last_conv``), always float,
+  discovered by graph structure on every precision;
+- ``with_channels_masked`` — a new adapter whose last-conv channels are zeroed by graph surgery;
+- ``gradient_oracle`` — a differentiable torch replica built from this very graph.
+
+Batching: onnxruntime's dynamic quantization computes activation scales over the whole batch,
+so a sample's output depends on its batch-mates. ``per_sample="auto"`` therefore runs graphs
+that contain ``DynamicQuantizeLinear`` one image at a time (as an edge device would) and batches
+everything else. The adapter counts every image it forwards, so defenses can report queries.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from harness.errors import ModelError
+from harness.graph_probe import ProbePoint, add_probe_outputs, discover_layers, mask_channels
+from harness.preprocessing import METADATA_KEY, Preprocessing
+
+PerSample = bool | Literal["auto"]
+
+
+@dataclass
+class QueryCounter:
+    """Images forwarded through onnxruntime, shared by an adapter and its masked copies."""
+
+    images: int = 0
+    calls: int = 0
+
+
+@dataclass
+class RuntimeAdapter:
+    """Query interface over one ONNX model as deployed.
+
+    Build with :meth:`from_path` (or :meth:`from_model` for an in-memory graph).
+    """
+
+    model: onnx.ModelProto
+    preprocessing: Preprocessing
+    precision: str = "unknown"
+    batch_size: int = 256
+    per_sample: PerSample = "auto"
+    threads: int | None = None
+    source_path: Path | None = None
+    counter: QueryCounter = field(default_factory=QueryCounter)
+    probes: dict[str, ProbePoint] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.probes:
+            self.probes = discover_layers(self.model)
+        self._input_name = self.model.graph.input[0].name
+        self._logits_name = self.model.graph.output[0].name
+        self._session = self._make_session(self.model)
+        self._probe_session: ort.InferenceSession | None = None
+        self._has_dynamic_quant = any(
+            n.op_type == "DynamicQuantizeLinear" for n in self.model.graph.node
+        )
+        self._oracle = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_path(
+        cls,
+        path: str | Path,
+        preprocessing: Preprocessing | None = None,
+        precision: str | None = None,
+        **kwargs: object,
+    ) -> RuntimeAdapter:
+        """Load an ONNX file; preprocessing comes from its metadata unless given explicitly."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        try:
+            model = onnx.load(str(path))
+        except Exception as exc:  # onnx raises DecodeError, OSError, ...
+            raise ModelError(f"cannot read ONNX model {path}: {exc}") from exc
+        if precision is None:
+            precision = _precision_from_sidecar(path) or infer_precision(model)
+        return cls.from_model(model, preprocessing, precision=precision, source_path=path, **kwargs)
+
+    @classmethod
+    def from_model(
+        cls, model: onnx.ModelProto, preprocessing: Preprocessing | None = None, **kwargs: object
+    ) -> RuntimeAdapter:
+        """Wrap an in-memory ONNX model."""
+        if preprocessing is None:
+            preprocessing = preprocessing_from_metadata(model)
+        if len(model.graph.input) != 1:
+            names = [i.name for i in model.graph.input]
+            raise ModelError(f"expected a model with one image input, found inputs {names}")
+        return cls(model=model, preprocessing=preprocessing, **kwargs)  # type: ignore[arg-type]
+
+    def _make_session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        threads = (
+            self.threads
+            if self.threads is not None
+            else int(os.environ.get("BLINDSPOTS_THREADS", "0"))
+        )
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            return ort.InferenceSession(
+                model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own exception types
+            raise ModelError(
+                f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}"
+            ) from exc
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_classes(self) -> int:
+        """Width of the logits output (probed once on a blank image if the graph leaves it symbolic)."""
+        dims = self.model.graph.output[0].type.tensor_type.shape.dim
+        if dims and dims[-1].dim_value > 0:
+            return int(dims[-1].dim_value)
+        return int(
+            self._session.run([self._logits_name], {self._input_name: self._blank()})[0].shape[-1]
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Static (H, W, C) expected by the model, where the graph declares it."""
+        dims = [d.dim_value for d in self.model.graph.input[0].type.tensor_type.shape.dim]
+        if self.preprocessing.layout == "NCHW" and len(dims) == 4:
+            return (dims[2], dims[3], dims[1])
+        return tuple(dims[1:])
+
+    def _blank(self) -> np.ndarray:
+        h, w, c = self.input_shape
+        return self.preprocessing.apply(np.zeros((1, h, w, c), dtype=np.uint8))
+
+    def _runs_per_sample(self, per_sample: PerSample | None) -> bool:
+        mode = self.per_sample if per_sample is None else per_sample
+        return self._has_dynamic_quant if mode == "auto" else bool(mode)
+
+    def _forward(
+        self,
+        session: ort.InferenceSession,
+        outputs: list[str],
+        pixels: np.ndarray,
+        per_sample: PerSample | None,
+    ) -> list[np.ndarray]:
+        if pixels.ndim != 4:
+            raise ModelError(f"expected a batch of NHWC images, got shape {pixels.shape}")
+        if pixels.dtype != np.uint8 and not np.issubdtype(pixels.dtype, np.floating):
+            raise ModelError(f"expected uint8 or float pixels, got dtype {pixels.dtype}")
+        step = 1 if self._runs_per_sample(per_sample) else self.batch_size
+        chunks: list[list[np.ndarray]] = [[] for _ in outputs]
+        for start in range(0, len(pixels), step):
+            feed = self.preprocessing.apply(pixels[start : start + step])
+            results = session.run(outputs, {self._input_name: feed})
+            self.counter.calls += 1
+            for store, value in zip(chunks, results, strict=True):
+                store.append(value)
+        self.counter.images += len(pixels)
+        return [np.concatenate(parts) if parts else np.empty((0,)) for parts in chunks]
+
+    def logits(self, pixels: np.ndarray, per_sample: PerSample | None = None) -> np.ndarray:
+        """Float32 logits ``(N, num_classes)`` for NHWC pixel images."""
+        return self._forward(self._session, [self._logits_name], pixels, per_sample)[0].astype(
+            np.float32
+        )
+
+    def predict(self, pixels: np.ndarray, per_sample: PerSample | None = None) -> np.ndarray:
+        """Top-1 labels ``(N,)``."""
+        return self.logits(pixels, per_sample).argmax(axis=1)
+
+    def probabilities(self, pixels: np.ndarray, per_sample: PerSample | None = None) -> np.ndarray:
+        """Softmax of the logits (numerically stable)."""
+        z = self.logits(pixels, per_sample)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    @property
+    def layers(self) -> list[str]:
+        """Names of the activations this graph exposes (``penultimate``, ``last_conv``)."""
+        return sorted(self.probes)
+
+    def activations(
+        self,
+        pixels: np.ndarray,
+        layers: list[str] | None = None,
+        per_sample: PerSample | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Float32 activations of the named layers (all discovered ones by default)."""
+        layers = self.layers if layers is None else layers
+        missing = [name for name in layers if name not in self.probes]
+        if missing:
+            raise ModelError(
+                f"layer(s) {missing} not found in this graph; available: {self.layers}"
+            )
+        if self._probe_session is None:
+            probed = add_probe_outputs(self.model, list(self.probes.values()))
+            self._probe_session = self._make_session(probed)
+        probes = [self.probes[name] for name in layers]
+        raw = self._forward(self._probe_session, [p.tensor for p in probes], pixels, per_sample)
+        return {p.layer: p.decode(r) for p, r in zip(probes, raw, strict=True)}
+
+    @property
+    def last_conv_channels(self) -> int:
+        """Channel count of the last convolutional feature map."""
+        if "last_conv" not in self.probes:
+            raise ModelError("this graph exposes no last_conv layer")
+        h, w, c = self.input_shape
+        return int(
+            self.activations(np.zeros((1, h, w, c), np.uint8), ["last_conv"])["last_conv"].shape[1]
+        )
+
+    def with_channels_masked(self, keep: np.ndarray) -> RuntimeAdapter:
+        """New adapter whose ``last_conv`` channels are zero where ``keep`` is False.
+
+        The mask is graph surgery on this artifact (see :func:`harness.graph_probe.mask_channels`),
+        so the pruned model is evaluated with the deployed arithmetic. Queries share this
+        adapter's counter.
+        """
+        keep = np.asarray(keep, dtype=bool)
+        if keep.ndim != 1 or len(keep) != self.last_conv_channels:
+            raise ModelError(
+                f"channel mask must have {self.last_conv_channels} entries, got shape {keep.shape}"
+            )
+        masked_model, masked_probe = mask_channels(self.model, self.probes["last_conv"], keep)
+        probes = dict(self.probes)
+        probes["last_conv"] = masked_probe
+        return RuntimeAdapter(
+            model=masked_model,
+            preprocessing=self.preprocessing,
+            precision=self.precision,
+            batch_size=self.batch_size,
+            per_sample=self.per_sample,
+            threads=self.threads,
+            source_path=None,
+            counter=self.counter,
+            probes=probes,
+        )
+
+    def gradient_oracle(self):  # -> harness.replica.GradientOracle (imported lazily: torch)
+        """Differentiable torch replica of this graph (built once; see :mod:`harness.replica`)."""
+        if self._oracle is None:
+            from harness.replica import GradientOracle
+
+            self._oracle = GradientOracle(self)
+        return self._oracle
+
+
+def preprocessing_from_metadata(model: onnx.ModelProto) -> Preprocessing:
+    """Read the preprocessing the exporter stored, or fail naming the missing key."""
+    for prop in model.metadata_props:
+        if prop.key == METADATA_KEY:
+            return Preprocessing.from_json(prop.value)
+    raise ModelError(
+        f"the model carries no '{METADATA_KEY}' metadata; pass the preprocessing explicitly "
+        "(e.g. --mean/--std) for models not exported by blindspots"
+    )
+
+
+def infer_precision(model: onnx.ModelProto) -> str:
+    """Best guess of the precision from the ops and initializer types in the graph."""
+    ops = {n.op_type for n in model.graph.node}
+    types = {init.data_type for init in model.graph.initializer}
+    if "DynamicQuantizeLinear" in ops:
+        return "int8-dynamic"
+    if onnx.TensorProto.INT4 in types or onnx.TensorProto.UINT4 in types:
+        return "int4"
+    if "DequantizeLinear" in ops or "QLinearConv" in ops:
+        return "int8-static"
+    return "fp32"
+
+
+def _precision_from_sidecar(path: Path) -> str | None:
+    sidecar = path.with_suffix(path.suffix + ".json")
+    if not sidecar.is_file():
+        return None
+    import json
+
+    try:
+        return str(json.loads(sidecar.read_text())["precision"])
+    except (ValueError, KeyError, TypeError):
+        return None

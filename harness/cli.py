@@ -1,0 +1,315 @@
+"""``blindspots`` command line: the whole pipeline (``demo``, ``run``) or one step at a time.
+
+Every user-caused problem surfaces as ``blindspots: error: <one line>`` and exit status 2; a
+traceback means a bug in blindspots, not in the input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.errors import BlindspotsError
+
+DEMO_CONFIG: dict[str, Any] = {
+    "dataset": "digits",
+    "model": "small_cnn",
+    "attack": "badnet",
+    "attack_params": {"patch_size": 2, "poison_rate": 0.1, "target_label": 0},
+    "training": {"epochs": 30, "batch_size": 64, "lr": 0.05},
+    "seeds": [0],
+    "calibration_size": 256,
+    "defense_clean_size": 150,
+    "defense_params": {
+        "neural_cleanse": {"steps": 60, "batch_size": 32, "n_samples": 128},
+        "strip": {"n_overlays": 50, "n_test": 100},
+    },
+}
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _dataset_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dataset", default="digits", help="registered dataset name (default: digits)"
+    )
+    parser.add_argument("--data-root", default=None, help="dataset location (file or folder)")
+
+
+def _parse_json(text: str | None, what: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BlindspotsError(f"{what} is not valid JSON: {exc.msg} (got {text!r})") from None
+    if not isinstance(value, dict):
+        raise BlindspotsError(f"{what} must be a JSON object, got {text!r}")
+    return value
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from harness.config import build_config
+    from harness.report import write_report
+    from harness.runner import run_experiment
+
+    config = build_config(DEMO_CONFIG, "demo config")
+    started = time.perf_counter()
+    run_experiment(config, args.out, log=_log)
+    paths = write_report(args.out)
+    _log(f"demo finished in {time.perf_counter() - started:.0f}s")
+    print(Path(paths["markdown"]).read_text())
+    print(f"wrote {paths['json']} and {paths['markdown']}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.config import load_config
+    from harness.report import write_report
+    from harness.runner import run_experiment
+
+    overrides: dict[str, Any] = {"data_root": args.data_root}
+    if args.dataset:
+        overrides["dataset"] = args.dataset
+    config = load_config(args.config, overrides)
+    run_experiment(config, args.out, log=_log)
+    paths = write_report(args.out)
+    print(f"wrote {paths['json']} and {paths['markdown']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+
+    folder = Path(args.folder)
+    if not (folder / "results.jsonl").is_file():
+        raise BlindspotsError(f"no results.jsonl in {folder}: nothing to report")
+    paths = write_report(folder)
+    print(f"wrote {paths['json']} and {paths['markdown']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from harness.attacks.base import build_attack
+    from harness.data.base import load_dataset
+    from harness.preprocessing import Preprocessing
+    from harness.runner import stable_seed
+    from harness.training import TrainConfig, checkpoint_meta, save_state, train_model
+
+    data = load_dataset(args.dataset, args.data_root)
+    config = TrainConfig(
+        model=args.model, epochs=args.epochs, seed=args.seed, lr=args.lr, batch_size=args.batch_size
+    )
+    preprocessing = Preprocessing.from_images(data.x_train)
+    out = Path(args.out)
+    x, y = data.x_train, data.y_train
+    meta_extra: dict[str, Any] = {"poisoned": False}
+    if not args.clean:
+        attack = build_attack(args.attack, _parse_json(args.attack_params, "--attack-params"))
+        attack.validate_for(data.image_shape, data.num_classes)
+        poisoned = attack.poison(x, y, np.random.default_rng(stable_seed("poison", args.seed)))
+        x, y = poisoned.x, poisoned.y
+        meta_extra = {"poisoned": True, "attack": attack.describe()}
+    model = train_model(x, y, data.num_classes, preprocessing, config)
+    meta = checkpoint_meta(
+        config, data.num_classes, data.image_shape[2], preprocessing, **meta_extra
+    )
+    save_state(model, out, meta)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from exporters.onnx_export import export_onnx
+    from harness.data.base import load_dataset
+    from harness.preprocessing import Preprocessing
+    from harness.training import load_model
+
+    model, meta = load_model(args.state)
+    preprocessing = Preprocessing.from_json(meta["preprocessing"])
+    sample = load_dataset(args.dataset, args.data_root).x_test[:256]
+    report = export_onnx(model, args.out, sample, preprocessing, opset=args.opset)
+    print(report.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from exporters.quantizers import quantize
+    from harness.data.base import load_dataset
+
+    calibration = None
+    if args.precision not in ("fp32", "int8-dynamic"):
+        x = load_dataset(args.dataset, args.data_root).x_train
+        rng = np.random.default_rng(args.seed)
+        calibration = x[
+            np.sort(rng.choice(len(x), min(args.calibration_size, len(x)), replace=False))
+        ]
+    overrides = _parse_json(args.recipe, "--recipe")
+    artifact = quantize(args.precision, args.model, args.out, calibration, overrides or None)
+    print(artifact.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from harness.adapter import RuntimeAdapter
+    from harness.attacks.base import build_attack
+    from harness.data.base import load_dataset
+    from harness.metrics import accuracy, agreement, attack_success_rate
+    from harness.preprocessing import Preprocessing
+
+    preprocessing = None
+    if args.mean is not None or args.std is not None:
+        if args.mean is None or args.std is None:
+            raise BlindspotsError("--mean and --std must be given together")
+        preprocessing = Preprocessing(tuple(args.mean), tuple(args.std))
+    data = load_dataset(args.dataset, args.data_root)
+    adapter = RuntimeAdapter.from_path(args.model, preprocessing=preprocessing)
+    attack = build_attack(args.attack, _parse_json(args.attack_params, "--attack-params"))
+    pred = adapter.predict(data.x_test)
+    triggered, _ = attack.triggered_test_set(data.x_test, data.y_test)
+    result: dict[str, Any] = {
+        "model": str(args.model),
+        "precision": adapter.precision,
+        "clean_acc": accuracy(pred, data.y_test),
+        "asr": attack_success_rate(adapter.predict(triggered), attack.target_label),
+        "layers": adapter.layers,
+    }
+    if args.reference:
+        ref = RuntimeAdapter.from_path(args.reference, preprocessing=preprocessing)
+        result["agreement_fp32"] = agreement(pred, ref.predict(data.x_test))
+    if args.defenses:
+        from defenses.base import DefenseData, build_defense
+        from harness.runner import stable_seed
+
+        n = min(200, len(data.x_test) // 2)
+        data_for_defenses = DefenseData(
+            num_classes=data.num_classes,
+            clean_x=data.x_test[:n],
+            clean_y=data.y_test[:n],
+            train_x=data.x_train,
+            train_y=data.y_train,
+            triggered_x=triggered[n : 2 * n],
+            target_label=None,
+            poison_rate=attack.poison_rate,
+        )
+        result["defenses"] = {}
+        for name in args.defenses:
+            res = build_defense(name).run(
+                adapter, data_for_defenses, np.random.default_rng(stable_seed("defense", name, 0))
+            )
+            result["defenses"][name] = json.loads(res.model_dump_json())
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from defenses.base import DEFENSES
+    from exporters.quantizers import PRECISIONS
+    from harness.attacks.base import ATTACKS
+    from harness.data.base import DATASETS
+    from harness.models import MODELS
+
+    for registry in (DATASETS, ATTACKS, MODELS, PRECISIONS, DEFENSES):
+        print(f"{registry.kind}s: {', '.join(registry.names())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blindspots", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "demo", help="whole pipeline on the embedded digits set, all precisions and defenses"
+    )
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run an experiment from a TOML/JSON config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dataset", default=None, help="override the config's dataset")
+    p.add_argument("--data-root", default=None, help="override the config's data_root")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="rebuild report.json / report.md / plots from a run folder")
+    p.add_argument("folder")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("train", help="train one (poisoned or --clean) model")
+    _dataset_args(p)
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--attack", default="badnet")
+    p.add_argument("--attack-params", default=None, help="JSON, e.g. '{\"patch_size\": 3}'")
+    p.add_argument("--clean", action="store_true", help="train the clean control instead")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="checkpoint path (.pt)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX with a parity check")
+    _dataset_args(p)
+    p.add_argument("--state", required=True, help="checkpoint from 'blindspots train'")
+    p.add_argument("--opset", type=int, default=21)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="quantize an FP32 ONNX model to one precision")
+    _dataset_args(p)
+    p.add_argument("--model", required=True, help="FP32 ONNX file")
+    p.add_argument("--precision", required=True)
+    p.add_argument("--calibration-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help='JSON recipe overrides, e.g. \'{"calibration_method": "entropy"}\'',
+    )
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("evaluate", help="clean accuracy / ASR (and defenses) of one ONNX model")
+    _dataset_args(p)
+    p.add_argument("--model", required=True, help="ONNX file to audit")
+    p.add_argument("--reference", default=None, help="FP32 ONNX file for top-1 agreement")
+    p.add_argument("--attack", default="badnet")
+    p.add_argument("--attack-params", default=None)
+    p.add_argument("--defenses", nargs="*", default=None)
+    p.add_argument(
+        "--mean", type=float, nargs="+", default=None, help="preprocessing for foreign models"
+    )
+    p.add_argument("--std", type=float, nargs="+", default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("list", help="registered datasets, attacks, models, precisions, defenses")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except BlindspotsError as exc:
+        print(f"blindspots: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("blindspots: interrupted; finished cells are in results.jsonl", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

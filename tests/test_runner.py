@@ -1,0 +1,166 @@
+"""End-to-end runner: report schema, determinism, resume after a crash, plug-in defenses."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from pydantic import BaseModel
+
+from defenses.base import DEFENSES, Defense, DefenseData, Finding, Group, Need
+from harness.config import build_config
+from harness.report import write_report
+from harness.runner import run_experiment
+from harness.store import ResultStore
+
+CONFIG = {
+    "dataset": "digits",
+    "model": "small_cnn",
+    "attack_params": {"patch_size": 3, "poison_rate": 0.1, "target_label": 0},
+    "training": {"epochs": 10, "batch_size": 64},
+    "precisions": ["fp32", "int8-static"],
+    "defenses": ["probe_mean"],
+    "threads": 1,
+}
+
+
+class ProbeParams(BaseModel):
+    fail_on_precision: str | None = None
+
+
+@DEFENSES.register("probe_mean")
+class ProbeMean(Defense):
+    """Test plug-in: mean penultimate activation; proves registration is the only step needed."""
+
+    name = "probe_mean"
+    group = Group.MODEL_INSPECTION
+    needs: ClassVar[frozenset[Need]] = frozenset({Need.ACTIVATIONS})
+    Params = ProbeParams
+    paper = "n/a"
+    interrupt_after: ClassVar[int | None] = None
+    calls: ClassVar[int] = 0
+
+    def _run(self, adapter, data: DefenseData, rng: np.random.Generator) -> Finding:
+        ProbeMean.calls += 1
+        if ProbeMean.interrupt_after is not None and ProbeMean.calls > ProbeMean.interrupt_after:
+            raise KeyboardInterrupt  # a kill mid-run, not a defense failure
+        if adapter.precision == self.params.fail_on_precision:
+            raise RuntimeError("planted failure")
+        mean = float(adapter.activations(data.clean_x[:32], ["penultimate"])["penultimate"].mean())
+        return Finding(detected=False, score=mean, score_name="mean activation")
+
+
+def _table(folder) -> list[tuple]:
+    report = json.loads((folder / "report.json").read_text())
+    return [
+        (
+            r["seed"],
+            r["poisoned"],
+            r["precision"],
+            r["clean_acc"],
+            r["asr"],
+            r["agreement_fp32"],
+            r["defenses"]["probe_mean"]["score"],
+        )
+        for r in report["runs"]
+    ]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_a")
+    run_experiment(build_config(CONFIG), out, log=lambda _: None)
+    write_report(out)
+    return out
+
+
+def test_report_has_every_cell_and_the_documented_fields(first_run):
+    report = json.loads((first_run / "report.json").read_text())
+    assert report["schema_version"] == 1
+    cells = {(r["poisoned"], r["precision"]) for r in report["runs"]}
+    assert cells == {(True, "fp32"), (True, "int8-static"), (False, "fp32"), (False, "int8-static")}
+    for run in report["runs"]:
+        for key in (
+            "dataset",
+            "model",
+            "attack",
+            "seed",
+            "clean_acc",
+            "asr",
+            "agreement_fp32",
+            "artifacts",
+            "timings",
+        ):
+            assert key in run
+        assert run["defenses"]["probe_mean"]["status"] == "ok"
+        assert (first_run / run["arrays"]).is_file() if "arrays" in run else True
+    by_cell = {(r["poisoned"], r["precision"]): r for r in report["runs"]}
+    assert by_cell[(True, "fp32")]["asr"] > 0.9
+    assert by_cell[(False, "fp32")]["asr"] < 0.2
+    assert by_cell[(True, "fp32")]["clean_acc"] > 0.9
+    assert by_cell[(True, "fp32")]["agreement_fp32"] == 1.0
+    assert report["environment"]["onnxruntime"]
+    assert "cpu_isa" in report["environment"]
+    markdown = (first_run / "report.md").read_text()
+    assert "| int8-static | poisoned |" in markdown
+    assert (first_run / "plots" / "accuracy_asr.png").stat().st_size > 1000
+
+
+def test_same_config_and_seed_give_the_same_table(first_run, tmp_path):
+    run_experiment(build_config(CONFIG), tmp_path, log=lambda _: None)
+    write_report(tmp_path)
+    assert _table(tmp_path) == _table(first_run)
+
+
+def test_a_crash_mid_run_loses_no_finished_cell_and_resume_completes(first_run, tmp_path):
+    shutil.copytree(first_run / "artifacts", tmp_path / "artifacts")  # skip retraining
+    ProbeMean.calls, ProbeMean.interrupt_after = 0, 2
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(build_config(CONFIG), tmp_path, log=lambda _: None)
+    finally:
+        ProbeMean.interrupt_after = None
+    assert len(ResultStore(tmp_path).records()) == 2
+    logs: list[str] = []
+    run_experiment(build_config(CONFIG), tmp_path, log=logs.append)
+    assert sum("already in the store" in line for line in logs) == 2
+    write_report(tmp_path)
+    assert sorted(_table(tmp_path)) == sorted(_table(first_run))
+
+
+def test_a_failing_defense_is_reported_as_error_not_as_not_detected(first_run, tmp_path):
+    shutil.copytree(first_run / "artifacts", tmp_path / "artifacts")
+    config = build_config(
+        {**CONFIG, "defense_params": {"probe_mean": {"fail_on_precision": "int8-static"}}}
+    )
+    run_experiment(config, tmp_path, log=lambda _: None)
+    write_report(tmp_path)
+    report = json.loads((tmp_path / "report.json").read_text())
+    for run in report["runs"]:
+        result = run["defenses"]["probe_mean"]
+        if run["precision"] == "int8-static":
+            assert result["status"] == "error"
+            assert result["detected"] is None
+            assert "planted failure" in result["reason"]
+        else:
+            assert result["status"] == "ok"
+    assert "1 error" in (tmp_path / "report.md").read_text()
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    store = ResultStore(tmp_path)
+    record = {
+        "dataset": "d",
+        "model": "m",
+        "attack": "a",
+        "seed": 0,
+        "poisoned": True,
+        "precision": "fp32",
+    }
+    store.append(record)
+    with store.path.open("a") as fh:
+        fh.write('{"dataset": "d", "mod')  # killed while writing
+    assert store.records() == [record]
