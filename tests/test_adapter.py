@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from harness.adapter import RuntimeAdapter, infer_precision
+from harness.adapter import RuntimeAdapter, infer_precision, preprocessing_from_metadata
 from harness.errors import ModelError
 from harness.metrics import batch_dependence
 from harness.preprocessing import Preprocessing
@@ -124,12 +124,13 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, adapters, digits_world):
 
 def test_models_without_metadata_need_explicit_preprocessing(tmp_path, digits_world):
     proto = onnx.load(str(digits_world.poisoned["fp32"]))
+    shipped = preprocessing_from_metadata(proto)
     del proto.metadata_props[:]
     path = tmp_path / "vendor.onnx"
     onnx.save(proto, str(path))
     with pytest.raises(ModelError, match="metadata"):
         RuntimeAdapter.from_path(path)
-    vendor = RuntimeAdapter.from_path(path, preprocessing=Preprocessing((0.3,), (0.4,)))
+    vendor = RuntimeAdapter.from_path(path, preprocessing=Preprocessing(shipped.mean, shipped.std))
     reference = RuntimeAdapter.from_path(digits_world.poisoned["fp32"])
     np.testing.assert_array_equal(
         vendor.logits(digits_world.x_test[:8]), reference.logits(digits_world.x_test[:8])

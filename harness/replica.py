@@ -1,0 +1,352 @@
+"""The gradient oracle: a differentiable torch replica of the ONNX graph under audit.
+
+Gradient-based defenses (Neural Cleanse) need gradients of the *deployed* model. The torch
+training model would be an FP32 surrogate of an INT8/INT4 artifact, and converters such as
+onnx2torch drop the quantized ops, so the replica is built from the very ``ModelProto`` the
+runtime adapter evaluates: an interpreter module that holds the graph's constants as buffers
+and runs its nodes in topological order with the converters of :mod:`harness.replica_ops`.
+Quantize / dequantize / integer ops become fake-quant with straight-through gradients, using the
+graph's own scales and zero points, so the forward pass matches onnxruntime (checked by
+:meth:`GradientOracle.parity`) and the backward pass is the usual STE gradient.
+
+Dynamic quantization: ORT's ``DynamicQuantizeLinear`` takes its scale from the whole batch, and
+the adapter therefore runs such graphs one image at a time. With ``dynamic_per_sample=True``
+(the default) the replica does the same arithmetic on a batch by running the interpreter under
+``torch.func.vmap``: each sample sees the batch-1 graph, so its scale comes from its own values
+while the convolutions stay batched. ``False`` reproduces ORT fed the whole batch at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from pydantic import BaseModel
+from torch import nn
+
+from harness.errors import ModelError
+from harness.replica_ops import OPS, QUANT_RANGES, NodeSpec
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+#: Ops whose output integer type (and so clamp range) comes from a zero-point input.
+QUANT_OUTPUT_ZP = {"QuantizeLinear": 2, "QLinearConv": 7, "QLinearMatMul": 7}
+_NARROW_INTS = {"int4": np.int8, "uint4": np.uint8, "uint16": np.int32, "uint32": np.int64}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One node to interpret: its converter, spec and tensor names ('' = omitted input)."""
+
+    spec: NodeSpec
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+class ReplicaModule(nn.Module):
+    """Interprets a constant-folded ONNX graph: normalised float NCHW input → first output."""
+
+    def __init__(
+        self,
+        steps: list[Step],
+        constants: dict[str, torch.Tensor],
+        input_name: str,
+        output_name: str,
+        dynamic_per_sample: bool,
+    ) -> None:
+        super().__init__()
+        self.steps = steps
+        self.input_name = input_name
+        self.output_name = output_name
+        self.dynamic_per_sample = dynamic_per_sample
+        self.has_dynamic_quant = any(s.spec.op == "DynamicQuantizeLinear" for s in steps)
+        self._constant_names = list(constants)
+        for i, tensor in enumerate(constants.values()):
+            self.register_buffer(f"const_{i}", tensor)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_dynamic_quant and self.dynamic_per_sample and x.shape[0] > 1:
+            return torch.func.vmap(self._run_one)(x)
+        return self._run(x)
+
+    def _run_one(self, sample: torch.Tensor) -> torch.Tensor:
+        return self._run(sample.unsqueeze(0)).squeeze(0)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        env: dict[str, torch.Tensor] = {
+            name: getattr(self, f"const_{i}") for i, name in enumerate(self._constant_names)
+        }
+        env[self.input_name] = x
+        run_steps(self.steps, env, x.dtype)
+        return env[self.output_name]
+
+
+def run_steps(steps: list[Step], env: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Execute ``steps`` in order, writing their outputs into ``env``."""
+    for step in steps:
+        inputs = [env[name] if name else None for name in step.inputs]
+        try:
+            outputs = OPS[step.spec.op](step.spec, inputs, dtype)
+        except ModelError:
+            raise
+        except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(
+                f"replica: ONNX op '{step.spec.op}' (node {step.spec.name}) failed: {first}"
+            ) from exc
+        for name, value in zip(step.outputs, outputs, strict=False):
+            if name:
+                env[name] = value
+
+
+def build_replica(model: onnx.ModelProto, dynamic_per_sample: bool = True) -> ReplicaModule:
+    """Differentiable float32 torch module computing ``model``'s first output from its input.
+
+    Fails at build time with a one-line :class:`ModelError` on any op or attribute the replica
+    cannot reproduce, never by silently computing something else.
+    """
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
+    _refuse_unsupported_ops(graph)
+    constants = {
+        init.name: _to_torch(numpy_helper.to_array(init), init.name) for init in graph.initializer
+    }
+    inputs = [i.name for i in graph.input if i.name not in constants]
+    if len(inputs) != 1:
+        raise ModelError(f"replica: expected a graph with one input, found {inputs}")
+    input_name, output_name = inputs[0], graph.output[0].name
+    types = _elem_types(model)
+
+    steps: list[Step] = []
+    for node in _topological(graph, set(constants) | {input_name}):
+        spec = NodeSpec(node.op_type, node.name or node.output[0], opset, _attributes(node, types))
+        step = Step(spec, tuple(node.input), tuple(node.output))
+        if node.op_type == "Constant":
+            constants[node.output[0]] = _constant_value(node)
+        elif all(name in constants for name in node.input if name):
+            with torch.no_grad():  # fold: weight DequantizeLinear, shape arithmetic, ...
+                run_steps([step], constants, torch.float32)
+        else:
+            steps.append(step)
+
+    used = {name for s in steps for name in s.inputs} | {output_name}
+    replica = ReplicaModule(
+        steps,
+        {k: v for k, v in constants.items() if k in used},
+        input_name,
+        output_name,
+        dynamic_per_sample,
+    )
+    _dry_run(replica, graph.input, input_name)
+    return replica
+
+
+# ---------------------------------------------------------------------------------- build helpers
+def _refuse_unsupported_ops(graph: onnx.GraphProto) -> None:
+    for node in graph.node:
+        default = node.domain in DEFAULT_DOMAINS
+        if default and (node.op_type in OPS or node.op_type == "Constant"):
+            continue
+        op = node.op_type if default else f"{node.domain}.{node.op_type}"
+        raise ModelError(f"replica: unsupported ONNX op '{op}' (node {node.name or '?'})")
+
+
+def _to_torch(array: np.ndarray, name: str) -> torch.Tensor:
+    """Initializer → torch tensor; int4/uint4 widen to int8/uint8, halves widen to float32."""
+    kind = array.dtype.name
+    if kind in _NARROW_INTS:
+        array = array.astype(_NARROW_INTS[kind])
+    elif kind in ("float16", "bfloat16"):
+        array = array.astype(np.float32)
+    elif kind == "uint64":
+        array = array.astype(np.int64)
+    elif array.dtype.kind not in "biuf" or kind.startswith("float8"):
+        raise ModelError(f"replica: tensor {name} has unsupported element type {kind}")
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def _constant_value(node: onnx.NodeProto) -> torch.Tensor:
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        if attr.name == "value":
+            return _to_torch(numpy_helper.to_array(value), node.output[0])
+        if attr.name in ("value_float", "value_floats"):
+            return torch.tensor(value, dtype=torch.float32)
+        if attr.name in ("value_int", "value_ints"):
+            return torch.tensor(value, dtype=torch.int64)
+    raise ModelError(f"replica: Constant node {node.name or node.output[0]} has no numeric value")
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """ONNX element type of every tensor whose type the graph records."""
+    graph = model.graph
+    types = {init.name: init.data_type for init in graph.initializer}
+    for info in [*graph.input, *graph.output, *graph.value_info]:
+        types.setdefault(info.name, info.type.tensor_type.elem_type)
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+    return types
+
+
+def _attributes(node: onnx.NodeProto, types: dict[str, int]) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"_n_outputs": sum(1 for name in node.output if name)}
+    for attr in node.attribute:
+        if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            raise ModelError(f"replica: node {node.name} ({node.op_type}) has a subgraph")
+        value = helper.get_attribute_value(attr)
+        attrs[attr.name] = value.decode() if isinstance(value, bytes) else value
+    if node.op_type in QUANT_OUTPUT_ZP:
+        attrs["_qrange"] = _quant_range(node, attrs, types)
+    return attrs
+
+
+def _quant_range(
+    node: onnx.NodeProto, attrs: dict[str, Any], types: dict[str, int]
+) -> tuple[int, int]:
+    """Clamp range of a quantizing node: ``output_dtype``, else its zero point's type, else uint8."""
+    index = QUANT_OUTPUT_ZP[node.op_type]
+    zp = node.input[index] if len(node.input) > index else ""
+    elem = int(attrs.get("output_dtype", 0)) or (types.get(zp, 0) if zp else onnx.TensorProto.UINT8)
+    if elem not in QUANT_RANGES:
+        kind = onnx.TensorProto.DataType.Name(elem) if elem else f"unknown (zero point {zp!r})"
+        raise ModelError(
+            f"replica: node {node.name} ({node.op_type}) quantizes to unsupported type {kind}"
+        )
+    return QUANT_RANGES[elem]
+
+
+def _topological(graph: onnx.GraphProto, available: set[str]) -> list[onnx.NodeProto]:
+    """Nodes in an order where every input is produced first (Kahn), or a clear error."""
+    known = set(available)
+    waiting = {i: {n for n in node.input if n} - known for i, node in enumerate(graph.node)}
+    readers: dict[str, list[int]] = {}
+    for i, missing in waiting.items():
+        for name in missing:
+            readers.setdefault(name, []).append(i)
+    ready = deque(i for i, missing in waiting.items() if not missing)
+    order: list[onnx.NodeProto] = []
+    while ready:
+        node = graph.node[ready.popleft()]
+        order.append(node)
+        for out in node.output:
+            for i in readers.pop(out, []):
+                waiting[i].discard(out)
+                if not waiting[i]:
+                    ready.append(i)
+    if len(order) != len(graph.node):
+        index, missing = next((i, m) for i, m in waiting.items() if m)
+        stuck = graph.node[index]
+        raise ModelError(
+            f"replica: node {stuck.name} ({stuck.op_type}) reads {sorted(missing)}, "
+            "which no node produces"
+        )
+    return order
+
+
+def _dry_run(replica: ReplicaModule, graph_inputs: Any, input_name: str) -> None:
+    """Run one blank sample when the input shape is static, so attribute errors surface now."""
+    info = next(i for i in graph_inputs if i.name == input_name)
+    dims = [d.dim_value for d in info.type.tensor_type.shape.dim]
+    if not dims or any(d <= 0 for d in dims[1:]):
+        return
+    with torch.no_grad():
+        replica(torch.zeros([1, *dims[1:]], dtype=torch.float32))
+
+
+# ---------------------------------------------------------------------------------- oracle
+class ParityReport(BaseModel):
+    """How closely the replica reproduces onnxruntime on some images."""
+
+    n: int
+    agreement: float  # top-1 agreement with onnxruntime
+    max_abs_logit_diff: float
+    mean_abs_logit_diff: float
+    threshold: float
+    passed: bool
+
+
+class PixelReplica(nn.Module):
+    """NHWC pixels in [0, 255] → logits: the adapter's preprocessing, in torch, then the replica."""
+
+    def __init__(self, replica: ReplicaModule, preprocessing: Any) -> None:
+        super().__init__()
+        self.replica = replica
+        self.channels = preprocessing.channels
+        self.channels_first = preprocessing.layout == "NCHW"
+        # float32 constants and the same operation order as Preprocessing.apply: identical bits
+        self.register_buffer("inv_255", torch.tensor(np.float32(1.0 / 255.0)))
+        self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32))
+        self.eval()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.ndim != 4 or pixels.shape[-1] != self.channels:
+            raise ModelError(
+                f"expected NHWC pixels with {self.channels} channel(s), "
+                f"got shape {tuple(pixels.shape)}"
+            )
+        x = (pixels.to(self.inv_255.dtype) * self.inv_255 - self.mean) / self.std
+        return self.replica(x.permute(0, 3, 1, 2) if self.channels_first else x)
+
+
+class GradientOracle:
+    """Differentiable logits of the adapter's deployed graph, plus a parity check against ORT.
+
+    ``dynamic_per_sample`` defaults to the adapter's batching: per-sample dynamic quantization
+    unless the adapter was told to feed whole batches (``per_sample=False``).
+    """
+
+    def __init__(self, adapter: Any, dynamic_per_sample: bool | None = None) -> None:
+        self.adapter = adapter
+        self.preprocessing = adapter.preprocessing
+        if dynamic_per_sample is None:
+            dynamic_per_sample = adapter.per_sample is not False
+        self.replica = build_replica(adapter.model, dynamic_per_sample=dynamic_per_sample)
+        self.module: nn.Module = PixelReplica(self.replica, self.preprocessing)
+
+    def logits(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Differentiable logits for NHWC pixels (float in [0, 255], or uint8)."""
+        if isinstance(pixels, np.ndarray):
+            pixels = torch.from_numpy(pixels)
+        return self.module(pixels)
+
+    def parity(
+        self, pixels: np.ndarray, threshold: float = 0.995, batch_size: int = 256
+    ) -> ParityReport:
+        """Compare replica and onnxruntime logits on ``pixels`` (queries the adapter once each).
+
+        Batch-wide dynamic quantization (``dynamic_per_sample=False``) depends on batch-mates,
+        so the replica is then fed exactly the adapter's chunks.
+        """
+        if len(pixels) == 0:
+            raise ModelError("parity needs at least one image")
+        reference = self.adapter.logits(pixels)
+        step = batch_size
+        if self.replica.has_dynamic_quant and not self.replica.dynamic_per_sample:
+            step = self.adapter.batch_size
+        with torch.no_grad():
+            ours = np.concatenate(
+                [
+                    self.logits(pixels[i : i + step]).float().numpy()
+                    for i in range(0, len(pixels), step)
+                ]
+            )
+        diff = np.abs(ours.astype(np.float64) - reference)
+        agreement = float(np.mean(ours.argmax(axis=1) == reference.argmax(axis=1)))
+        finite = bool(np.isfinite(diff).all())
+        return ParityReport(
+            n=len(pixels),
+            agreement=agreement,
+            max_abs_logit_diff=float(diff.max()),
+            mean_abs_logit_diff=float(diff.mean()),
+            threshold=threshold,
+            passed=finite and agreement >= threshold,
+        )

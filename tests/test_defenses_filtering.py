@@ -1,0 +1,371 @@
+"""Activation Clustering, Spectral Signatures and STRIP: known answers, contracts, real models.
+
+Known-answer cases use small fake adapters whose "activations" are planted features (the pixel
+array *is* the feature vector) or whose logits react to a trigger patch, so the right answer is
+known by construction. The integration tests run the real digits world at fp32 and int8-static.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from defenses.base import DefenseData, DefenseResult, Status, build_defense
+from defenses.filtering import auroc, input_filter_rates, robust_z, sample_filter_metrics
+from defenses.strip import entropy_bits, superimpose
+from harness.adapter import RuntimeAdapter
+
+TARGET_CLASS = 2
+PATCH_VALUE = 250  # the fake backdoor fires when the bottom-right 2x2 patch is at least this
+
+
+@dataclass
+class Counter:
+    images: int = 0
+
+
+@dataclass
+class FakeAdapter:
+    """Implements the adapter surface the filtering defenses use.
+
+    Activations: the (N, 1, 1, F) pixel array flattened, so tests plant features directly.
+    Logits: a patch-triggered backdoor when ``backdoor`` is on (huge target logit, so the
+    softmax has exact zeros), otherwise weak content-dependent logits (high entropy).
+    """
+
+    backdoor: bool = True
+    fail: bool = False
+    layers: list[str] = field(default_factory=lambda: ["penultimate"])
+    counter: Counter = field(default_factory=Counter)
+
+    def activations(self, pixels: np.ndarray, layers: list[str] | None = None):
+        if self.fail:
+            raise RuntimeError("probe tensor vanished")
+        self.counter.images += len(pixels)
+        return {"penultimate": np.asarray(pixels, np.float32).reshape(len(pixels), -1)}
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        if self.fail:
+            raise RuntimeError("session crashed")
+        self.counter.images += len(pixels)
+        flat = np.asarray(pixels, np.float32).reshape(len(pixels), -1)
+        out = flat[:, :10] / 255.0
+        if self.backdoor:
+            fired = pixels[:, -3:-1, -3:-1, :].reshape(len(pixels), -1).min(axis=1) >= PATCH_VALUE
+            out[fired] = 0.0
+            out[fired, 0] = 1e4
+        return out
+
+
+def planted_data(seed: int, planted: bool, n: int = 200, dim: int = 32, classes: int = 5):
+    """Gaussian classes; optionally 15% of class 2 shifted 8σ along one random direction."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(classes * n, dim)) + np.repeat(rng.normal(0, 5, (classes, dim)), n, 0)
+    y = np.repeat(np.arange(classes), n)
+    mask = np.zeros(len(y), dtype=bool)
+    if planted:
+        chosen = rng.choice(np.flatnonzero(y == TARGET_CLASS), int(0.15 * n), replace=False)
+        direction = rng.normal(size=dim)
+        x[chosen] += 8.0 * direction / np.linalg.norm(direction)
+        mask[chosen] = True
+    return DefenseData(
+        num_classes=classes,
+        clean_x=np.zeros((1, 1, 1, dim), np.float32),
+        clean_y=np.zeros(1, np.int64),
+        train_x=x[:, None, None, :].astype(np.float32),
+        train_y=y,
+        poison_mask=mask if planted else None,
+        target_label=TARGET_CLASS if planted else None,
+        poison_rate=0.15 if planted else None,
+    )
+
+
+def stamp(x: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    out[:, -3:-1, -3:-1, :] = 255
+    return out
+
+
+def strip_data(seed: int = 0) -> DefenseData:
+    """Dark 8x8 images (≤ 99, so a saturated sum of two stays below the patch level)."""
+    rng = np.random.default_rng(seed)
+    clean = rng.integers(0, 100, size=(500, 8, 8, 1), dtype=np.uint8)
+    triggered = stamp(rng.integers(0, 100, size=(80, 8, 8, 1), dtype=np.uint8))
+    return DefenseData(
+        num_classes=10, clean_x=clean, clean_y=np.zeros(500, np.int64), triggered_x=triggered
+    )
+
+
+SMALL_STRIP = {"n_overlays": 20, "n_test": 60}
+
+
+# --------------------------------------------------------------------------- Activation Clustering
+@pytest.mark.parametrize("reduction", ["ica", "pca"])
+def test_ac_flags_exactly_the_planted_class(reduction):
+    data = planted_data(seed=1, planted=True)
+    result = build_defense("activation_clustering", {"reduction": reduction}).run(
+        FakeAdapter(), data, np.random.default_rng(0)
+    )
+    assert result.status == Status.OK
+    assert result.flagged_labels == [TARGET_CLASS]
+    assert result.detected is True
+    assert result.scores[f"relative_size_label_{TARGET_CLASS}"] == pytest.approx(0.15, abs=0.02)
+    filtering = result.details["filtering"]
+    assert filtering["poison_recall"] >= 0.9 and filtering["poison_precision"] >= 0.9
+    flagged = result.per_sample_scores > 0
+    assert np.array_equal(flagged, result.arrays["flagged"])
+    assert result.queries == len(data.train_x)
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_ac_flags_nothing_on_gaussian_classes(seed):
+    result = build_defense("activation_clustering").run(
+        FakeAdapter(), planted_data(seed, planted=False), np.random.default_rng(seed)
+    )
+    assert result.status == Status.OK
+    assert result.flagged_labels == []
+    assert result.detected is False
+    assert not result.per_sample_scores.any()
+
+
+def test_ac_skips_a_class_too_small_to_cluster():
+    data = planted_data(seed=1, planted=True)
+    keep = (data.train_y != 4) | (np.cumsum(data.train_y == 4) <= 6)  # class 4 keeps 6 samples
+    data.train_x, data.train_y, data.poison_mask = (
+        data.train_x[keep],
+        data.train_y[keep],
+        data.poison_mask[keep],
+    )
+    result = build_defense("activation_clustering").run(
+        FakeAdapter(), data, np.random.default_rng(0)
+    )
+    assert result.status == Status.OK
+    assert result.details["skipped_classes"] == [4]
+    assert "6 samples" in result.details["per_class"]["4"]["skipped"]
+    assert result.flagged_labels == [TARGET_CLASS]
+
+
+# --------------------------------------------------------------------------- Spectral Signatures
+def test_ss_removes_the_planted_outliers_and_flags_their_class():
+    data = planted_data(seed=4, planted=True)
+    result = build_defense("spectral_signatures").run(FakeAdapter(), data, np.random.default_rng(0))
+    assert result.status == Status.OK
+    assert result.flagged_labels == [TARGET_CLASS]
+    assert result.detected is True
+    target = result.details["target_class"]
+    assert target["removed_poison_recall"] >= 0.9
+    assert target["removed_poison_fraction"] >= 0.6  # 1.5·ε·n removed: at most 2/3 can be poison
+    removed = result.arrays["removed"]
+    in_target = data.train_y == TARGET_CLASS
+    assert removed[in_target].sum() == round(1.5 * 0.15 * in_target.sum())
+    others = [result.scores[f"tail_ratio_label_{k}"] for k in range(5) if k != TARGET_CLASS]
+    assert result.scores[f"tail_ratio_label_{TARGET_CLASS}"] > max(others)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_ss_flags_nothing_on_gaussian_classes(seed):
+    result = build_defense("spectral_signatures").run(
+        FakeAdapter(), planted_data(seed, planted=False), np.random.default_rng(seed)
+    )
+    assert result.status == Status.OK
+    assert result.flagged_labels == []
+    assert result.detected is False
+    assert result.score < 3.5
+
+
+@pytest.mark.parametrize(
+    ("params", "poison_rate", "expected_eps"),
+    [({"epsilon": 0.1}, 0.3, 0.1), ({}, 0.2, 0.2), ({}, None, 0.05)],
+)
+def test_ss_epsilon_comes_from_param_then_poison_rate_then_default(
+    params, poison_rate, expected_eps
+):
+    data = planted_data(seed=7, planted=False)
+    data.poison_rate = poison_rate
+    result = build_defense("spectral_signatures", params).run(
+        FakeAdapter(), data, np.random.default_rng(0)
+    )
+    assert result.details["epsilon"] == expected_eps
+    assert result.details["per_class"]["0"]["n_removed"] == round(1.5 * expected_eps * 200)
+
+
+# --------------------------------------------------------------------------- STRIP
+def test_strip_catches_every_triggered_input_of_a_backdoored_model():
+    params = SMALL_STRIP | {"n_test": 200}  # 100 clean inputs fit the normal, 100 measure FRR
+    result = build_defense("strip", params).run(
+        FakeAdapter(), strip_data(), np.random.default_rng(0)
+    )
+    assert result.status == Status.OK
+    assert result.scores["tpr"] == 1.0
+    assert result.scores["auroc"] == 1.0
+    assert result.scores["frr"] <= 0.05  # nominal 1%; measured 0-3% over seeds
+    assert result.detected is True
+    triggered_h = result.arrays["triggered_entropy"]
+    assert np.all(np.isfinite(triggered_h)) and triggered_h.max() == pytest.approx(0.0, abs=1e-9)
+    assert result.threshold > triggered_h.max()
+    n_tested = len(result.arrays["clean_entropy"]) + len(triggered_h)
+    assert result.queries == SMALL_STRIP["n_overlays"] * n_tested
+
+
+def test_strip_stays_quiet_on_a_model_without_backdoor():
+    result = build_defense("strip", SMALL_STRIP).run(
+        FakeAdapter(backdoor=False), strip_data(), np.random.default_rng(0)
+    )
+    assert result.status == Status.OK
+    assert result.detected is False
+    assert result.scores["tpr"] < 0.5
+    assert 0.0 <= result.scores["auroc"] <= 1.0
+
+
+def test_strip_average_blend_dilutes_a_saturating_trigger():
+    # Averaging halves the 255 patch below the fake trigger's firing level: the overlay
+    # really is averaged, not added, so STRIP sees no confident inputs.
+    params = SMALL_STRIP | {"blend": "average"}
+    result = build_defense("strip", params).run(
+        FakeAdapter(), strip_data(), np.random.default_rng(0)
+    )
+    assert result.scores["tpr"] < 0.5
+
+
+def test_superimpose_adds_with_saturation_or_averages():
+    x = np.full((1, 2, 2, 1), 200, np.uint8)
+    overlays = np.full((1, 3, 2, 2, 1), 100, np.uint8)
+    added = superimpose(x, overlays, "add")
+    assert added.shape == (3, 2, 2, 1) and np.all(added == 255.0)
+    assert np.all(superimpose(x, overlays, "average") == 150.0)
+
+
+def test_entropy_is_finite_with_exact_zero_probabilities():
+    probs = np.array([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.25] * 4])
+    np.testing.assert_allclose(entropy_bits(probs), [0.0, 1.0, 2.0])
+
+
+# --------------------------------------------------------------------------- shared metrics
+def test_filter_metrics_match_hand_counts():
+    flagged = np.array([1, 1, 1, 0, 0, 0], bool)
+    truth = np.array([1, 1, 0, 1, 0, 0], bool)
+    metrics = sample_filter_metrics(flagged, truth)
+    assert metrics["poison_precision"] == pytest.approx(2 / 3)
+    assert metrics["poison_recall"] == pytest.approx(2 / 3)
+    assert sample_filter_metrics(flagged, None) == {"n_flagged": 3.0}
+    rates = input_filter_rates(np.array([0.1, 2.0, 3.0, 4.0]), np.array([0.0, 0.2, 5.0]), 1.0, True)
+    assert rates == {"tpr": pytest.approx(2 / 3), "frr": 0.25}
+    assert auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 0.0
+    z = robust_z(np.array([1.0, 1.0, 1.0, 2.0]), mad_floor=0.5)
+    assert z[-1] == pytest.approx(1.0 / (1.4826 * 0.5))
+
+
+# --------------------------------------------------------------------------- contracts
+CASES = {
+    "activation_clustering": (lambda: planted_data(1, planted=True), {}),
+    "spectral_signatures": (lambda: planted_data(4, planted=True), {}),
+    "strip": (strip_data, SMALL_STRIP),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_same_seed_gives_identical_results(name):
+    make_data, params = CASES[name]
+
+    def run(seed: int) -> DefenseResult:
+        return build_defense(name, params).run(
+            FakeAdapter(), make_data(), np.random.default_rng(seed)
+        )
+
+    first, second = run(11), run(11)
+    assert first.status == Status.OK
+    assert first.model_dump(exclude={"wall_time_s"}) == second.model_dump(exclude={"wall_time_s"})
+    np.testing.assert_array_equal(first.per_sample_scores, second.per_sample_scores)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_failure_inside_the_method_is_an_error_not_a_verdict(name):
+    make_data, params = CASES[name]
+    result = build_defense(name, params).run(
+        FakeAdapter(fail=True), make_data(), np.random.default_rng(0)
+    )
+    assert result.status == Status.ERROR
+    assert result.detected is None
+    assert "RuntimeError" in result.reason
+    assert "vanished" in result.reason or "crashed" in result.reason
+
+
+@pytest.mark.parametrize("name", ["activation_clustering", "spectral_signatures"])
+def test_data_filters_need_training_data_and_the_layer(name):
+    data = planted_data(1, planted=True)
+    data.train_x = None
+    result = build_defense(name).run(FakeAdapter(), data, np.random.default_rng(0))
+    assert result.status == Status.NOT_APPLICABLE
+    assert "training set" in result.reason
+    no_layer = FakeAdapter(layers=["last_conv"])
+    result = build_defense(name).run(no_layer, planted_data(1, True), np.random.default_rng(0))
+    assert result.status == Status.NOT_APPLICABLE
+    assert "penultimate" in result.reason
+
+
+def test_strip_needs_triggered_inputs_and_enough_clean_images():
+    data = strip_data()
+    data.triggered_x = None
+    result = build_defense("strip").run(FakeAdapter(), data, np.random.default_rng(0))
+    assert result.status == Status.NOT_APPLICABLE
+    assert "triggered" in result.reason
+    data = strip_data()
+    data.clean_x = data.clean_x[:5]
+    result = build_defense("strip").run(FakeAdapter(), data, np.random.default_rng(0))
+    assert result.status == Status.NOT_APPLICABLE
+    assert "clean images" in result.reason
+
+
+# --------------------------------------------------------------------------- real models
+def _world_data(world, poisoned: bool) -> DefenseData:
+    train_y = world.y_train.copy()
+    train_x = world.x_train.copy()
+    if not poisoned:  # the clean control was trained on the unpoisoned images and labels
+        train_x, train_y = world.clean_x_train, world.clean_y_train
+    return DefenseData(
+        num_classes=10,
+        clean_x=world.x_test,
+        clean_y=world.y_test,
+        train_x=train_x,
+        train_y=train_y,
+        poison_mask=world.poison_mask if poisoned else None,
+        triggered_x=world.triggered_x,
+        target_label=world.target if poisoned else None,
+        poison_rate=0.1,
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-static"])
+def test_filtering_defenses_on_the_digits_world(digits_world, precision):
+    results = {}
+    for kind in ("poisoned", "clean"):
+        adapter = RuntimeAdapter.from_path(getattr(digits_world, kind)[precision])
+        data = _world_data(digits_world, kind == "poisoned")
+        for name, params in (
+            ("activation_clustering", {}),
+            ("spectral_signatures", {}),
+            ("strip", {"n_overlays": 30, "n_test": 100}),
+        ):
+            result = build_defense(name, params).run(adapter, data, np.random.default_rng(0))
+            assert result.status == Status.OK, (kind, name, result.reason)
+            results[kind, name] = result
+
+    for kind in ("poisoned", "clean"):
+        for name in ("activation_clustering", "spectral_signatures"):
+            assert results[kind, name].queries == len(digits_world.x_train)
+        strip = results[kind, "strip"]
+        assert strip.queries == 30 * 200
+        assert all(0.0 <= strip.scores[k] <= 1.0 for k in ("tpr", "frr", "auroc"))
+    # Trigger-dominated predictions survive superimposition: robust on this world.
+    assert results["poisoned", "strip"].detected is True
+    assert results["poisoned", "strip"].scores["auroc"] > 0.9
+    assert results["clean", "strip"].detected is False
+    # The target class's smaller activation cluster is the poison (measured ≥ 0.97 at every
+    # precision) even where AC's size rule cannot fire (the class is ~50% poison).
+    target = results["poisoned", "activation_clustering"].details["target_class"]
+    assert target["smaller_cluster_poison_fraction"] >= 0.9
+    ss = results["poisoned", "spectral_signatures"].details["filtering"]
+    assert 0.0 <= ss["poison_precision"] <= 1.0 and 0.0 <= ss["poison_recall"] <= 1.0

@@ -1,0 +1,289 @@
+"""Neural Cleanse and Fine-Pruning on the real BadNet digits world (ORT graphs, every precision).
+
+NC budgets are far below the paper's (100 steps of 64 images instead of 1000 of 1000): enough on
+8×8 digits for the 2×2 trigger's label to stand out, and cheap enough for the suite.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import numpy as np
+import pytest
+
+from defenses.base import DefenseData, build_defense
+from defenses.neural_cleanse import (
+    NeuralCleanseParams,
+    _CostSchedule,
+    flag_small_norm_outliers,
+    mad_anomaly_index,
+    stamp,
+)
+from harness.adapter import RuntimeAdapter
+from harness.errors import BlindspotsError, ModelError
+
+NC_BUDGET = {"steps": 100, "n_samples": 64, "batch_size": 32, "n_eval": 200, "torch_threads": 1}
+
+
+def _data(world, poisoned: bool, retrainer=None) -> DefenseData:
+    return DefenseData(
+        num_classes=10,
+        clean_x=world.x_test,
+        clean_y=world.y_test,
+        triggered_x=world.triggered_x,
+        target_label=world.target if poisoned else None,
+        retrainer=retrainer,
+    )
+
+
+def _run(name, params, world, precision="fp32", poisoned=True, seed=0, adapter=None, **kw):
+    paths = world.poisoned if poisoned else world.clean
+    adapter = adapter or RuntimeAdapter.from_path(paths[precision])
+    defense = build_defense(name, params)
+    return defense.run(adapter, _data(world, poisoned, **kw), np.random.default_rng(seed))
+
+
+# ---------------------------------------------------------------------------- MAD outlier test
+def test_mad_anomaly_index_matches_hand_computation():
+    norms = np.array([10, 10, 12, 8, 11, 9, 1, 30], dtype=float)
+    # median 10; |deviations| 0 0 2 2 1 1 9 20 → median 1.5 → MAD = 1.4826·1.5
+    index, median, mad = mad_anomaly_index(norms)
+    assert median == 10.0
+    assert mad == pytest.approx(1.4826 * 1.5)
+    assert index[6] == pytest.approx(9 / (1.4826 * 1.5))
+    assert index[7] == pytest.approx(20 / (1.4826 * 1.5))
+    # only the small outlier is flagged: a label that is hard to reach is not a backdoor
+    assert flag_small_norm_outliers(norms, 2.0) == [6]
+    assert flag_small_norm_outliers(norms, 5.0) == []
+
+
+def test_mad_of_identical_norms_marks_the_deviant_infinitely_anomalous():
+    index, _, mad = mad_anomaly_index(np.array([5.0, 5.0, 5.0, 5.0, 1.0]))
+    assert mad == 0.0
+    assert np.isinf(index[4]) and (index[:4] == 0).all()
+    assert flag_small_norm_outliers(np.array([5.0, 5.0, 5.0, 5.0, 1.0])) == [4]
+
+
+# ---------------------------------------------------------------------------- cost schedule
+def test_cost_schedule_follows_the_authors_state_machine():
+    params = NeuralCleanseParams(patience=2, init_cost=1e-3, early_stop_patience=3)
+    schedule = _CostSchedule(2, params)
+    active = np.array([True, True])
+    # label 0 succeeds twice, then fails; label 1 never succeeds (no mask found, never stops)
+    plan = [True, True, True, False, False, False]
+    costs, stops = [], []
+    for ok in plan:
+        stop = schedule.update(active, np.array([ok, False]), np.array([10.0, np.inf]))
+        costs.append(schedule.cost.copy())
+        stops.append(stop.copy())
+    c = [row[0] for row in costs]
+    assert c[0] == 0  # cost stays 0 until `patience` successful steps
+    assert c[1] == pytest.approx(1e-3)  # ... then starts at init_cost
+    assert c[2] == pytest.approx(2e-3)  # patience successes at non-zero cost: ×2
+    assert c[4] == pytest.approx(2e-3 / 2**1.5)  # patience failures: ÷ 2**1.5
+    assert not any(s[0] for s in stops[:5])  # no early stop before the cost moved both ways
+    assert stops[5][0]  # norm stalled ≥ 3 steps and cost moved up and down: stop
+    assert all(row[1] == 0 for row in costs) and not any(s[1] for s in stops)
+
+
+# ---------------------------------------------------------------------------- Neural Cleanse
+@pytest.fixture(scope="module")
+def nc_poisoned(digits_world):
+    return _run("neural_cleanse", NC_BUDGET, digits_world)
+
+
+def test_nc_flags_the_backdoor_target(nc_poisoned, digits_world):
+    r = nc_poisoned
+    assert r.status == "ok", r.reason
+    assert digits_world.target in r.flagged_labels
+    assert r.detected is True
+    norms = np.array(r.details["l1_norms"])
+    assert norms.argmin() == digits_world.target
+    assert r.score == pytest.approx(max(r.details["anomaly_indices"][k] for k in r.flagged_labels))
+    assert r.details["gradient_path"] == "onnx_replica"
+    assert r.details["parity"]["passed"] is True
+
+
+def test_nc_arrays_are_valid_triggers_with_the_reported_norms(nc_poisoned):
+    masks, patterns = nc_poisoned.arrays["masks"], nc_poisoned.arrays["patterns"]
+    assert masks.shape == (10, 8, 8) and patterns.shape == (10, 8, 8, 1)
+    assert masks.min() >= 0 and masks.max() <= 1
+    assert patterns.min() >= 0 and patterns.max() <= 255
+    np.testing.assert_allclose(masks.sum(axis=(1, 2)), nc_poisoned.details["l1_norms"], rtol=1e-5)
+    assert nc_poisoned.scores["l1_norm_label_0"] == pytest.approx(
+        nc_poisoned.details["l1_norms"][0]
+    )
+
+
+def test_nc_reversed_trigger_works_on_the_onnxruntime_session(nc_poisoned, digits_world):
+    assert nc_poisoned.details["ort_attack_success"][digits_world.target] >= 0.9
+    # independently: stamp every non-target test image and ask the deployed session
+    adapter = RuntimeAdapter.from_path(digits_world.poisoned["fp32"])
+    t = digits_world.target
+    others = digits_world.x_test[digits_world.y_test != t].astype(np.float32)
+    stamped = stamp(others, nc_poisoned.arrays["masks"][t], nc_poisoned.arrays["patterns"][t])
+    assert (adapter.predict(stamped.astype(np.float32)) == t).mean() >= 0.9
+
+
+def test_nc_does_not_flag_the_clean_control(digits_world):
+    r = _run("neural_cleanse", NC_BUDGET, digits_world, poisoned=False)
+    assert r.status == "ok", r.reason
+    assert r.flagged_labels == [] and r.detected is False
+
+
+def test_nc_is_deterministic_for_a_seed(digits_world):
+    tiny = {**NC_BUDGET, "steps": 3, "n_eval": 20}
+    first = _run("neural_cleanse", tiny, digits_world, seed=7)
+    again = _run("neural_cleanse", tiny, digits_world, seed=7)
+    other = _run("neural_cleanse", tiny, digits_world, seed=8)
+    assert first.details["l1_norms"] == again.details["l1_norms"]
+    np.testing.assert_array_equal(first.arrays["patterns"], again.arrays["patterns"])
+    assert first.details["l1_norms"] != other.details["l1_norms"]
+
+
+def test_nc_refuses_when_the_replica_disagrees_with_onnxruntime(digits_world, monkeypatch):
+    from harness.replica import ParityReport
+
+    adapter = RuntimeAdapter.from_path(digits_world.poisoned["fp32"])
+    oracle = adapter.gradient_oracle()
+    failing = ParityReport(
+        n=256,
+        agreement=0.9,
+        max_abs_logit_diff=3.0,
+        mean_abs_logit_diff=0.5,
+        threshold=0.995,
+        passed=False,
+    )
+    monkeypatch.setattr(oracle, "parity", lambda pixels, threshold=0.995: failing)
+
+    def no_gradients(pixels):
+        raise AssertionError("optimised despite a failed parity gate")
+
+    monkeypatch.setattr(oracle, "logits", no_gradients)
+    r = _run("neural_cleanse", NC_BUDGET, digits_world, adapter=adapter)
+    assert r.status == "not_applicable"
+    assert "parity" in r.reason and "0.9" in r.reason
+    assert r.detected is None
+
+
+def test_nc_failure_is_an_error_never_a_negative(digits_world, monkeypatch):
+    adapter = RuntimeAdapter.from_path(digits_world.poisoned["fp32"])
+    oracle = adapter.gradient_oracle()
+
+    def broken(pixels):
+        raise RuntimeError("replica blew up")
+
+    monkeypatch.setattr(oracle, "logits", broken)
+    r = _run("neural_cleanse", NC_BUDGET, digits_world, adapter=adapter)
+    assert r.status == "error" and r.detected is None
+    assert "replica blew up" in r.reason
+
+
+def test_nc_without_a_replica_for_the_graph_is_not_applicable(digits_world, monkeypatch):
+    adapter = RuntimeAdapter.from_path(digits_world.poisoned["fp32"])
+
+    def unsupported():
+        raise ModelError("replica: unsupported ONNX op 'Einsum' (node n0)")
+
+    monkeypatch.setattr(adapter, "gradient_oracle", unsupported)
+    r = _run("neural_cleanse", NC_BUDGET, digits_world, adapter=adapter)
+    assert r.status == "not_applicable" and "Einsum" in r.reason
+
+
+def test_nc_rejects_unknown_parameters():
+    with pytest.raises(BlindspotsError, match="stpes"):
+        build_defense("neural_cleanse", {"stpes": 10})
+
+
+@pytest.mark.parametrize("precision", ["int8-static", "int4"])
+def test_nc_runs_through_the_quantized_replica(digits_world, precision):
+    r = _run("neural_cleanse", NC_BUDGET, digits_world, precision=precision)
+    assert r.status == "ok", r.reason
+    assert r.details["gradient_path"] == "onnx_replica"
+    assert r.details["parity"]["passed"] and r.details["parity"]["agreement"] >= 0.995
+    # gradients through fake-quant still yield a trigger the quantized ORT graph obeys
+    assert r.details["ort_attack_success"][digits_world.target] >= 0.9
+
+
+# ---------------------------------------------------------------------------- Fine-Pruning
+def _accuracy(adapter, world) -> float:
+    return float((adapter.predict(world.x_test) == world.y_test).mean())
+
+
+def _asr(adapter, world) -> float:
+    return float((adapter.predict(world.triggered_x) == world.target).mean())
+
+
+@pytest.fixture(scope="module")
+def fp_poisoned(digits_world):
+    return _run("fine_pruning", {}, digits_world)
+
+
+def test_fine_pruning_curve_prunes_more_each_point_and_stops_at_the_bound(fp_poisoned):
+    r = fp_poisoned
+    assert r.status == "ok", r.reason
+    curve, base = r.details["curve"], r.details["base_acc"]
+    fractions = [p["fraction"] for p in curve]
+    assert fractions[0] == 0 and all(b > a for a, b in pairwise(fractions))
+    within = [p["acc"] >= base - 0.04 for p in curve]
+    assert all(within[:-1])  # it never prunes past a point that broke the bound ...
+    last_in = max(i for i, ok in enumerate(within) if ok)
+    assert r.details["pruned_acc"] == curve[last_in]["acc"]  # ... and keeps the last good one
+    if not within[-1]:
+        assert len(curve) == last_in + 2
+    assert r.details["fine_tuned"] is False and r.details["fine_tune_skipped_reason"]
+
+
+def test_fine_pruning_metrics_are_those_of_the_masked_deployed_graph(fp_poisoned, digits_world):
+    adapter = RuntimeAdapter.from_path(digits_world.poisoned["fp32"])
+    keep = fp_poisoned.arrays["keep_mask"]
+    act = adapter.activations(digits_world.x_test, ["last_conv"])["last_conv"]
+    means = act.mean(axis=(0, 2, 3))
+    assert (~keep).any()  # this backdoored model does tolerate some pruning
+    assert means[~keep].max() <= means[keep].min()  # exactly the least active channels went
+    masked = adapter.with_channels_masked(keep)
+    assert fp_poisoned.details["pruned_acc"] == _accuracy(masked, digits_world)
+    assert fp_poisoned.details["pruned_asr"] == _asr(masked, digits_world)
+    # without fine-tuning the verdict is the rule applied to the pruned model
+    success = _asr(masked, digits_world) <= 0.2 and (
+        fp_poisoned.details["base_acc"] - _accuracy(masked, digits_world) <= 0.05
+    )
+    assert fp_poisoned.detected is success
+
+
+def test_fine_pruning_reports_the_retrained_artifact(digits_world):
+    repaired = RuntimeAdapter.from_path(digits_world.clean["fp32"])  # stands in for fine-tuning
+    calls = []
+
+    def retrainer(keep):
+        calls.append(keep)
+        return repaired
+
+    r = _run("fine_pruning", {}, digits_world, retrainer=retrainer)
+    assert r.status == "ok", r.reason
+    assert len(calls) == 1
+    np.testing.assert_array_equal(calls[0], r.arrays["keep_mask"])
+    assert r.details["fine_tuned"] is True
+    assert r.details["final_acc"] == _accuracy(repaired, digits_world)
+    assert r.details["final_asr"] == _asr(repaired, digits_world)
+    assert r.detected is (
+        r.details["final_asr"] <= 0.2 and r.details["base_acc"] - r.details["final_acc"] <= 0.05
+    )
+
+
+def test_fine_pruning_on_a_clean_control_reports_no_asr(digits_world):
+    r = _run("fine_pruning", {"step_channels": 4}, digits_world, poisoned=False)
+    assert r.status == "ok", r.reason
+    assert r.details["final_asr"] is None and r.score is None and "final_asr" not in r.scores
+    assert all(p["asr"] is None for p in r.details["curve"])
+    assert all(p["pruned"] % 4 == 0 for p in r.details["curve"])
+    assert r.detected is (r.details["base_acc"] - r.details["final_acc"] <= 0.05)
+
+
+@pytest.mark.parametrize("precision", ["int8-dynamic", "int4"])
+def test_fine_pruning_runs_on_quantized_graphs(digits_world, precision):
+    r = _run("fine_pruning", {}, digits_world, precision=precision)
+    assert r.status == "ok", r.reason
+    adapter = RuntimeAdapter.from_path(digits_world.poisoned[precision])
+    assert r.details["base_acc"] == _accuracy(adapter, digits_world)
+    assert r.details["pruned_acc"] >= r.details["base_acc"] - 0.04
