@@ -82,8 +82,8 @@ class FinePruneRetrainer:
                 model=pruned,
             )
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        fp32 = self.out_dir / "fine_pruned-fp32.onnx"
-        export_onnx(pruned, fp32, self.calibration_images[:64], preprocessing)
+        exported = self.out_dir / f"fine_pruned-{self.precision}-exported.onnx"
+        export_onnx(pruned, exported, self.calibration_images[:64], preprocessing)
         target = self.out_dir / f"fine_pruned-{self.precision}.onnx"
-        artifact = quantize(self.precision, fp32, target, self.calibration_images)
+        artifact = quantize(self.precision, exported, target, self.calibration_images)
         return RuntimeAdapter.from_path(artifact.path, threads=self.threads)
