@@ -57,10 +57,10 @@ from defenses.base import (
     label_verdict,
 )
 from defenses.filtering import (
-    check_labels,
     class_features,
     sample_filter_metrics,
     single_threaded,
+    training_activations,
 )
 
 
@@ -146,11 +146,7 @@ class ActivationClustering(Defense):
 
     def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
         p: ActivationClusteringParams = self.params  # type: ignore[assignment]
-        if p.layer not in adapter.layers:
-            raise NotApplicable(f"the model exposes no '{p.layer}' layer (has {adapter.layers})")
-        assert data.train_x is not None and data.train_y is not None  # guaranteed by the needs
-        labels = check_labels(data.train_y, len(data.train_x), data.num_classes)
-        acts = adapter.activations(data.train_x, [p.layer])[p.layer]
+        acts, labels = training_activations(adapter, data, p.layer)
 
         cluster_of = np.full(len(labels), -1, dtype=np.int8)
         flagged_samples = np.zeros(len(labels), dtype=bool)

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.errors import BlindspotsError
+from harness.errors import BlindspotsError, validation_message
 from harness.registry import Registry
 
 
@@ -150,11 +150,8 @@ class Defense(ABC):
         try:
             self.params = self.Params(**(params or {}))
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise BlindspotsError(
-                f"{self.name}: invalid parameter '{where}': {first['msg']}"
-            ) from exc
+            message = validation_message(exc, f"{self.name} parameter", self.Params.model_fields)
+            raise BlindspotsError(message) from None
 
     def missing_needs(self, adapter: Any, data: DefenseData) -> str | None:
         """Reason this defense cannot run on ``adapter``/``data``, or None if it can."""

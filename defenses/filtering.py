@@ -16,6 +16,7 @@ import numpy as np
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 from threadpoolctl import threadpool_limits
 
+from defenses.base import NotApplicable
 from harness.errors import DataError
 
 MAD_CONSISTENCY = 1.4826
@@ -125,3 +126,17 @@ def robust_z(values: np.ndarray, mad_floor: float = 0.0) -> np.ndarray:
     mad = max(float(np.median(np.abs(values - median))), mad_floor)
     floor = 1e-12 * max(1.0, float(np.max(np.abs(values))) if len(values) else 1.0)
     return (values - median) / max(MAD_CONSISTENCY * mad, floor)
+
+
+def training_activations(adapter: Any, data: Any, layer: str) -> tuple[np.ndarray, np.ndarray]:
+    """Activations of ``layer`` over the training set the model saw, and its checked labels.
+
+    The shared first step of the training-data filters (AC, SS): both analyse per-class
+    representations of exactly the data the (possibly poisoned) model was trained on.
+    """
+    if layer not in adapter.layers:
+        raise NotApplicable(f"the model exposes no '{layer}' layer (has {adapter.layers})")
+    if data.train_x is None or data.train_y is None:
+        raise NotApplicable("needs the training set the model was trained on")
+    labels = check_labels(data.train_y, len(data.train_x), data.num_classes)
+    return adapter.activations(data.train_x, [layer])[layer], labels

@@ -48,11 +48,11 @@ from defenses.base import (
     label_verdict,
 )
 from defenses.filtering import (
-    check_labels,
     class_features,
     robust_z,
     sample_filter_metrics,
     single_threaded,
+    training_activations,
 )
 
 DEFAULT_EPSILON = 0.05
@@ -113,12 +113,8 @@ class SpectralSignatures(Defense):
 
     def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
         p: SpectralSignaturesParams = self.params  # type: ignore[assignment]
-        if p.layer not in adapter.layers:
-            raise NotApplicable(f"the model exposes no '{p.layer}' layer (has {adapter.layers})")
-        assert data.train_x is not None and data.train_y is not None  # guaranteed by the needs
-        labels = check_labels(data.train_y, len(data.train_x), data.num_classes)
+        acts, labels = training_activations(adapter, data, p.layer)
         epsilon, epsilon_source = resolve_epsilon(p.epsilon, data.poison_rate)
-        acts = adapter.activations(data.train_x, [p.layer])[p.layer]
 
         sample_scores = np.full(len(labels), np.nan)
         removed = np.zeros(len(labels), dtype=bool)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from harness.errors import ModelError
+from harness.errors import ModelError, validation_message
 
 DataTypeName = Literal["int8", "uint8", "int4", "uint4", "int16", "uint16"]
 CalibrationName = Literal["minmax", "entropy", "percentile"]
@@ -106,11 +106,10 @@ def resolve_recipe(default: QuantRecipe, overrides: dict[str, Any] | None) -> Qu
     try:
         return QuantRecipe.model_validate({**default.model_dump(), **overrides})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'recipe'}: {err['msg']}"
-            for err in exc.errors()
+        message = validation_message(
+            exc, f"{default.precision} recipe field", QuantRecipe.model_fields
         )
-        raise ModelError(f"invalid {default.precision} recipe override: {problems}") from exc
+        raise ModelError(message) from None
 
 
 def ort_quant_type(name: str) -> QuantType:

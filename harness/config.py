@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from harness.errors import BlindspotsError
+from harness.errors import BlindspotsError, validation_message
 
 ALL_PRECISIONS = ["fp32", "int8-dynamic", "int8-static", "int4"]
 ALL_DEFENSES = [
@@ -104,22 +104,13 @@ class ExperimentConfig(BaseModel):
             DEFENSES.get(name)
 
 
-def validation_line(exc: ValidationError, source: str) -> str:
-    """First pydantic error as one line: ``config.toml: training.epochs: Input should be ...``."""
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown option"
-    return f"{source}: {where}: {msg}"
-
-
 def build_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
     """Validate a raw mapping into an :class:`ExperimentConfig` with a one-line error."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise BlindspotsError(validation_line(exc, source)) from None
+        message = validation_message(exc, "option", ExperimentConfig.model_fields)
+        raise BlindspotsError(f"{source}: {message}") from None
 
 
 def load_config(

@@ -7,6 +7,10 @@ that line and exits non-zero instead of showing a traceback, so a typo never loo
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
 
 class BlindspotsError(Exception):
     """An error caused by input the user controls; its message is shown as-is, on one line."""
@@ -18,3 +22,20 @@ class DataError(BlindspotsError):
 
 class ModelError(BlindspotsError):
     """A model file that cannot be loaded, exported, quantized or queried as asked."""
+
+
+def validation_message(exc: Any, what: str, known: Iterable[str] = ()) -> str:
+    """Condense a pydantic ``ValidationError`` to one line naming the first offending field.
+
+    ``what`` names the kind of field ("badnet parameter", "training option"); ``known`` lists
+    the valid field names so a typo gets a did-you-mean suggestion.
+    """
+    err = exc.errors()[0]
+    field = ".".join(str(part) for part in err["loc"]) or what
+    if err["type"] == "extra_forbidden":
+        known = list(known)
+        close = difflib.get_close_matches(field.split(".")[-1], known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown {what} '{field}'{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"invalid {what} '{field}': {msg} (got {err.get('input')!r})"

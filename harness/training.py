@@ -12,7 +12,6 @@ Checkpoints are plain ``torch.save`` dicts of tensors and JSON-like metadata, re
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness.data.base import validate_split
-from harness.errors import BlindspotsError, ModelError
+from harness.errors import BlindspotsError, ModelError, validation_message
 from harness.models import MODELS, build_model
 from harness.preprocessing import Preprocessing
 
@@ -60,25 +59,15 @@ class TrainConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise BlindspotsError(_config_error(exc)) from None
+            raise BlindspotsError(
+                validation_message(exc, "training option", TrainConfig.model_fields)
+            ) from None
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
         MODELS.get(value)  # raises the registry's did-you-mean error
         return value
-
-
-def _config_error(exc: ValidationError) -> str:
-    """One line naming the first bad training option (pydantic reports are multi-line)."""
-    err = exc.errors()[0]
-    field = ".".join(str(part) for part in err["loc"]) or "config"
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(field, list(TrainConfig.model_fields), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown training option '{field}'{hint}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"invalid training option '{field}': {msg} (got {err.get('input')!r})"
 
 
 @contextmanager

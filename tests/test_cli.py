@@ -57,7 +57,7 @@ def test_config_typos_and_bad_values_are_named(tmp_path, capsys):
     config = tmp_path / "c.toml"
     config.write_text('dataset = "digits"\nprecisons = ["fp32"]\n')
     assert main(["run", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
-    assert "precisons: unknown option" in _error_line(capsys)
+    assert "unknown option 'precisons'; did you mean 'precisions'?" in _error_line(capsys)
     config.write_text('defenses = ["stirp"]\n')
     assert main(["run", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
     assert "unknown defense 'stirp'; did you mean 'strip'?" in _error_line(capsys)

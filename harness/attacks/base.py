@@ -11,7 +11,6 @@ Parameters are pydantic models: a typo or an out-of-range value becomes a one-li
 
 from __future__ import annotations
 
-import difflib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.errors import BlindspotsError, DataError
+from harness.errors import BlindspotsError, DataError, validation_message
 from harness.registry import Registry
 
 
@@ -52,18 +51,6 @@ class PoisonedSet:
         return np.flatnonzero(self.poison_mask)
 
 
-def validation_message(exc: ValidationError, what: str, fields: list[str]) -> str:
-    """Condense pydantic's multi-line report to one line naming the first offending field."""
-    err = exc.errors()[0]
-    field = ".".join(str(part) for part in err["loc"]) or "parameters"
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(field, fields, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(fields)}"
-        return f"unknown {what} parameter '{field}'{hint}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"invalid {what} parameter '{field}': {msg} (got {err.get('input')!r})"
-
-
 def check_images(images: np.ndarray, what: str) -> None:
     """Triggers are defined on uint8 NHWC pixels; anything else would be stamped wrongly."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
@@ -89,7 +76,9 @@ class Attack(ABC):
             self.params = self.Params.model_validate(raw)
         except ValidationError as exc:
             fields = list(self.Params.model_fields)
-            raise BlindspotsError(validation_message(exc, self.name, fields)) from None
+            raise BlindspotsError(
+                validation_message(exc, f"{self.name} parameter", fields)
+            ) from None
 
     @property
     def target_label(self) -> int:
