@@ -146,7 +146,7 @@ class RuntimeAdapter:
         h, w, c = self.input_shape
         return self.preprocessing.apply(np.zeros((1, h, w, c), dtype=np.uint8))
 
-    def _runs_per_sample(self, per_sample: PerSample | None) -> bool:
+    def runs_per_sample(self, per_sample: PerSample | None) -> bool:
         mode = self.per_sample if per_sample is None else per_sample
         return self._has_dynamic_quant if mode == "auto" else bool(mode)
 
@@ -161,21 +161,24 @@ class RuntimeAdapter:
             raise ModelError(f"expected a batch of NHWC images, got shape {pixels.shape}")
         if pixels.dtype != np.uint8 and not np.issubdtype(pixels.dtype, np.floating):
             raise ModelError(f"expected uint8 or float pixels, got dtype {pixels.dtype}")
-        step = 1 if self._runs_per_sample(per_sample) else self.batch_size
+        step = 1 if self.runs_per_sample(per_sample) else self.batch_size
         chunks: list[list[np.ndarray]] = [[] for _ in outputs]
-        for start in range(0, len(pixels), step):
-            feed = self.preprocessing.apply(pixels[start : start + step])
-            results = session.run(outputs, {self._input_name: feed})
-            self.counter.calls += 1
-            for store, value in zip(chunks, results, strict=True):
-                store.append(value)
+        for block in range(0, len(pixels), self.batch_size):
+            # A whole batch is preprocessed at once even in per-sample mode: the per-image runs
+            # then take contiguous views (no numpy calls per image), memory stays one batch.
+            feed = self.preprocessing.apply(pixels[block : block + self.batch_size])
+            for start in range(0, len(feed), step):
+                results = session.run(outputs, {self._input_name: feed[start : start + step]})
+                self.counter.calls += 1
+                for store, value in zip(chunks, results, strict=True):
+                    store.append(value)
         self.counter.images += len(pixels)
-        return [np.concatenate(parts) if parts else np.empty((0,)) for parts in chunks]
+        return [_join(parts) for parts in chunks]
 
     def logits(self, pixels: np.ndarray, per_sample: PerSample | None = None) -> np.ndarray:
         """Float32 logits ``(N, num_classes)`` for NHWC pixel images."""
         return self._forward(self._session, [self._logits_name], pixels, per_sample)[0].astype(
-            np.float32
+            np.float32, copy=False
         )
 
     def predict(self, pixels: np.ndarray, per_sample: PerSample | None = None) -> np.ndarray:
@@ -258,6 +261,13 @@ class RuntimeAdapter:
 
             self._oracle = GradientOracle(self)
         return self._oracle
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    """One array from per-run outputs; a single run's output is returned as is (no copy)."""
+    if not parts:
+        return np.empty((0,))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def preprocessing_from_metadata(model: onnx.ModelProto) -> Preprocessing:

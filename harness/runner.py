@@ -232,7 +232,7 @@ def evaluate_seed(
                 agreement_fp32=agreement(pred, fp32_pred),
                 n_test=len(y_test),
                 n_triggered=len(triggered_x),
-                per_sample_inference=adapter._runs_per_sample(None),
+                per_sample_inference=adapter.runs_per_sample(None),
                 artifacts={
                     "onnx": str(path),
                     "sidecar": str(path.with_name(path.name + ".json")),

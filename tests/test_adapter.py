@@ -84,8 +84,8 @@ def test_queries_are_counted_across_masked_copies(digits_world):
 
 
 def test_dynamic_int8_runs_per_sample_by_default(adapters, digits_world):
-    assert adapters["int8-dynamic"]._runs_per_sample(None)
-    assert not adapters["int8-static"]._runs_per_sample(None)
+    assert adapters["int8-dynamic"].runs_per_sample(None)
+    assert not adapters["int8-static"].runs_per_sample(None)
     # a batch with one saturated outlier changes batch-mates' outputs under dynamic quantization
     x = digits_world.x_test[:32].copy()
     x[0] = 255
