@@ -187,7 +187,12 @@ class _CostSchedule:
 
 
 def _from_tanh(param: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(param) / (2 - TANH_EPSILON) + 0.5
+    """Map unconstrained parameters into [0, 1] (the authors' tanh box constraint).
+
+    In float32, ``tanh = -1`` gives ``-1/(2-ε) + 0.5 ≈ -6e-8``: clamp so masks and patterns are
+    valid images exactly (the clamp is inactive everywhere else and passes gradients there).
+    """
+    return (torch.tanh(param) / (2 - TANH_EPSILON) + 0.5).clamp(0.0, 1.0)
 
 
 def _to_tanh(unit: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from defenses.neural_cleanse import (
 from harness.adapter import RuntimeAdapter
 from harness.errors import BlindspotsError, ModelError
 
-NC_BUDGET = {"steps": 100, "n_samples": 64, "batch_size": 32, "n_eval": 200, "torch_threads": 1}
+NC_BUDGET = {"steps": 200, "n_samples": 128, "batch_size": 32, "n_eval": 200, "torch_threads": 1}
 
 
 def _data(world, poisoned: bool, retrainer=None) -> DefenseData:
