@@ -9,18 +9,25 @@ rates come from ``sklearn.metrics`` so that they mean exactly what the literatur
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from defenses.base import NotApplicable
 from harness.errors import DataError
 
 MAD_CONSISTENCY = 1.4826
 """Scales the median absolute deviation to the standard deviation of a normal distribution."""
+
+
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    """Scanning the loaded BLAS/OpenMP libraries costs ~3 ms: do it once per process."""
+    return ThreadpoolController()
 
 
 def single_threaded() -> AbstractContextManager[Any]:
@@ -30,7 +37,7 @@ def single_threaded() -> AbstractContextManager[Any]:
     columns); thread start-up and spin-waiting cost more than they save, and on a shared or
     busy CPU measured 4-5× slower than one thread.
     """
-    return threadpool_limits(limits=1)
+    return _threadpools().limit(limits=1)
 
 
 def class_features(activations: np.ndarray, labels: np.ndarray, label: int) -> np.ndarray:

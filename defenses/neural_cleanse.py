@@ -186,6 +186,10 @@ class _CostSchedule:
         return stop
 
 
+REPLICA_CHUNK_IMAGES = 128
+"""Images per replica forward/backward; much larger chunks spill the CPU cache (2-3x slower)."""
+
+
 def _from_tanh(param: torch.Tensor) -> torch.Tensor:
     """Map unconstrained parameters into [0, 1] (the authors' tanh box constraint).
 
@@ -245,22 +249,27 @@ def reverse_engineer(
         for start in range(0, n, params.batch_size):
             batch = x_all[order[start : start + params.batch_size]]
             b = len(batch)
-            mask = _from_tanh(mask_param[idx])
-            pattern = _from_tanh(pattern_param[idx]) * 255.0
-            stamped = stamp(batch[None], mask[:, None], pattern[:, None])  # (a, b, H, W, C)
-            logits = logits_fn(stamped.reshape(a * b, h, w, c)).reshape(a, b, -1)
-            targets = idx[:, None].expand(a, b)
-            ce = torch.nn.functional.cross_entropy(
-                logits.reshape(a * b, -1), targets.reshape(-1), reduction="none"
-            ).reshape(a, b)
-            reg = mask.sum(dim=(1, 2))
-            loss = (ce.mean(dim=1) + cost * reg).sum()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # Labels own disjoint rows of the parameters, so their gradients can be accumulated
+            # chunk by chunk: replica activations stay cache-sized (2-2.5x faster per step than
+            # one labels x batch call), and the Adam step is the same single step as before.
+            for part in torch.arange(a).split(max(1, REPLICA_CHUNK_IMAGES // b)):
+                rows = idx[part]
+                k = len(rows)
+                mask = _from_tanh(mask_param[rows])
+                pattern = _from_tanh(pattern_param[rows]) * 255.0
+                stamped = stamp(batch[None], mask[:, None], pattern[:, None])  # (k, b, H, W, C)
+                logits = logits_fn(stamped.reshape(k * b, h, w, c)).reshape(k, b, -1)
+                targets = rows[:, None].expand(k, b)
+                ce = torch.nn.functional.cross_entropy(
+                    logits.reshape(k * b, -1), targets.reshape(-1), reduction="none"
+                ).reshape(k, b)
+                reg = mask.sum(dim=(1, 2))
+                (ce.mean(dim=1) + cost[part] * reg).sum().backward()
+                with torch.no_grad():
+                    hits[part] += (logits.argmax(dim=2) == targets).sum(dim=1).double()
+                    reg_sum[part] += reg.detach().double() * b
             optimizer.step()
-            with torch.no_grad():
-                hits += (logits.argmax(dim=2) == targets).sum(dim=1).double()
-                reg_sum += reg.detach().double() * b
         success_rate = np.zeros(labels)
         avg_reg = np.full(labels, np.inf)
         success_rate[active] = (hits / n).numpy()
