@@ -16,7 +16,7 @@ The setup is the real-data grid (``configs/gtsrb_badnet.toml``): the trained GTS
 the runner's 500 held-out clean images and 500 triggered ones, and a seeded subsample of the
 training set for AC/SS (the grid uses 10 000; 5 000 here keeps a run short). Neural Cleanse runs
 all 43 labels for a few steps; since no label can early-stop that soon, every step costs the
-same and the grid budget (25 steps) is extrapolated as fixed cost + 25 × measured step cost.
+same and the grid budget (configs/gtsrb_badnet.toml) is extrapolated as fixed cost + steps × measured step cost.
 
 Everything is single-threaded (ORT ``threads=1``, torch, BLAS via threadpoolctl): the CPU is
 shared, and ratios measured side by side in one process are what carries over, not seconds.
@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from harness.config import load_config
+
 DEFAULT_ARTIFACTS = Path("runs/gtsrb/artifacts/08b1621f8572/poisoned")
 DEFAULT_DATA = Path("../shared/data/gtsrb32.npz")
 ATTACK = "badnet"
@@ -61,7 +63,16 @@ DEFENSES = (
     "fine_pruning",
     "neural_cleanse",
 )
-GRID_NC = {"steps": 25, "n_samples": 64, "batch_size": 32}  # configs/gtsrb_badnet.toml
+GRID_NC = {
+    key: value
+    for key, value in load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "gtsrb_badnet.toml"
+    )
+    .defense_params["neural_cleanse"]
+    .items()
+    if key in ("steps", "n_samples", "batch_size")
+}
+"""Neural Cleanse budget of the GTSRB grid, read from its config so the two never disagree."""
 TARGET_RATIO = 1.2
 SMALL_BATCH = 32  # ORT's fastest batch here (cache-resident activations); for reference
 REPLICA_CHUNK = 128  # replica batch that stays cache-friendly; for reference

@@ -22,6 +22,7 @@ import numpy as np
 
 from harness.config import ExperimentConfig
 from harness.data.base import ImageDataset, load_dataset
+from harness.errors import BlindspotsError
 from harness.metrics import accuracy, agreement, attack_success_rate
 from harness.preprocessing import Preprocessing
 from harness.store import ResultStore, cell_id
@@ -180,7 +181,7 @@ def evaluate_seed(
     config: ExperimentConfig, models: SeedModels, store: ResultStore, log: Log
 ) -> None:
     """Evaluate every (poisoned/clean × precision) cell not already in the store."""
-    from defenses.base import DefenseData, build_defense
+    from defenses.base import DefenseData
     from harness.adapter import RuntimeAdapter
     from harness.retrain import FinePruneRetrainer
 
@@ -262,19 +263,7 @@ def evaluate_seed(
                     threads=config.threads,
                 ),
             )
-            results: dict[str, Any] = {}
-            arrays: dict[str, np.ndarray] = {}
-            for name in config.defenses:
-                defense = build_defense(name, config.defense_params.get(name))
-                rng = np.random.default_rng(stable_seed("defense", name, models.seed))
-                result = defense.run(adapter, data, rng)
-                results[name] = json.loads(result.model_dump_json())
-                if result.per_sample_scores is not None:
-                    arrays[f"{name}.per_sample_scores"] = np.asarray(result.per_sample_scores)
-                for key, value in result.arrays.items():
-                    arrays[f"{name}.{key}"] = np.asarray(value)
-                verdict = result.status if result.status != "ok" else f"detected={result.detected}"
-                log(f"{cell_id(record)} {name}: {verdict} ({result.wall_time_s:.1f}s)")
+            results, arrays = run_defenses(config, models.seed, adapter, data, cell_id(record), log)
             record["defenses"] = results
             store.append(record, arrays)
             log(
@@ -283,10 +272,45 @@ def evaluate_seed(
             )
 
 
+def run_defenses(
+    config: ExperimentConfig, seed: int, adapter: Any, data: Any, cell: str, log: Log
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Run the configured defenses on one cell: JSON results plus arrays for the store."""
+    from defenses.base import build_defense
+
+    results: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name in config.defenses:
+        defense = build_defense(name, config.defense_params.get(name))
+        rng = np.random.default_rng(stable_seed("defense", name, seed))
+        result = defense.run(adapter, data, rng)
+        results[name] = json.loads(result.model_dump_json())
+        if result.per_sample_scores is not None:
+            arrays[f"{name}.per_sample_scores"] = np.asarray(result.per_sample_scores)
+        for key, value in result.arrays.items():
+            arrays[f"{name}.{key}"] = np.asarray(value)
+        verdict = result.status if result.status != "ok" else f"detected={result.detected}"
+        log(f"{cell} {name}: {verdict} ({result.wall_time_s:.1f}s)")
+    return results, arrays
+
+
+def _check_output_folder(config: ExperimentConfig, out: Path) -> None:
+    """Refuse to mix results of different configs in one store (resume needs the same config)."""
+    previous = out / "config.json"
+    if not previous.is_file() or not (out / "results.jsonl").is_file():
+        return
+    if json.loads(previous.read_text()) != json.loads(config.model_dump_json()):
+        raise BlindspotsError(
+            f"{out} holds results of a different config; use a new --out folder "
+            "(or delete results.jsonl to start over)"
+        )
+
+
 def run_experiment(config: ExperimentConfig, out: str | Path, log: Log = print) -> ResultStore:
     """Run every seed of ``config`` into ``out`` and return the store (report built separately)."""
     out = Path(out)
     config.check_plugins()
+    _check_output_folder(config, out)
     store = ResultStore(out)
     (out / "config.json").write_text(config.model_dump_json(indent=2))
     (out / "environment.json").write_text(json.dumps(environment(), indent=2))

@@ -150,6 +150,14 @@ def test_a_failing_defense_is_reported_as_error_not_as_not_detected(first_run, t
     assert "1 error" in (tmp_path / "report.md").read_text()
 
 
+def test_resuming_with_a_different_config_is_refused(first_run):
+    from harness.errors import BlindspotsError
+
+    changed = build_config({**CONFIG, "precisions": ["fp32"]})
+    with pytest.raises(BlindspotsError, match="holds results of a different config"):
+        run_experiment(changed, first_run, log=lambda _: None)
+
+
 def test_torn_last_line_is_ignored(tmp_path):
     store = ResultStore(tmp_path)
     record = {
