@@ -40,7 +40,11 @@ class PrunedModel(nn.Module):
 
 @dataclass
 class FinePruneRetrainer:
-    """Callable given to Fine-Pruning: ``keep mask → RuntimeAdapter`` of the repaired artifact."""
+    """Callable given to Fine-Pruning: ``keep mask → RuntimeAdapter`` of the repaired artifact.
+
+    ``clean_x``/``clean_y`` are the defender's clean fine-tuning images; they must be disjoint
+    from the images the defense measures accuracy and ASR on.
+    """
 
     state_path: Path
     precision: str

@@ -196,6 +196,15 @@ def evaluate_seed(
     defense_triggered = attack.apply_for_test(
         ds.x_test[rest_nontarget[: config.defense_clean_size]]
     )
+    # Fine-Pruning's fine-tuning set: clean training images the defender holds, disjoint from
+    # the held-out images every defense is measured on (tuning on those would inflate accuracy).
+    tune_rng = np.random.default_rng(stable_seed("finetune", models.seed))
+    clean_train = np.flatnonzero(~models.poison_mask)
+    tune_idx = np.sort(
+        tune_rng.choice(
+            clean_train, min(config.defense_clean_size, len(clean_train)), replace=False
+        )
+    )
     done = store.done()
     for is_poisoned, paths in models.artifacts.items():
         reference = RuntimeAdapter.from_path(paths["fp32-reference"], threads=config.threads)
@@ -254,8 +263,8 @@ def evaluate_seed(
                 retrainer=FinePruneRetrainer(
                     state_path=models.states[is_poisoned],
                     precision=precision,
-                    clean_x=defense_clean_x,
-                    clean_y=defense_clean_y,
+                    clean_x=ds.x_train[tune_idx],
+                    clean_y=ds.y_train[tune_idx],
                     calibration_images=models.calibration,
                     out_dir=path.parent / "fine_pruned",
                     epochs=config.finetune_epochs,

@@ -53,6 +53,22 @@ class ProbeMean(Defense):
         return Finding(detected=False, score=mean, score_name="mean activation")
 
 
+@DEFENSES.register("capture_data")
+class CaptureData(Defense):
+    """Test plug-in: records the DefenseData the runner hands to defenses."""
+
+    name = "capture_data"
+    group = Group.REPAIR
+    needs: ClassVar[frozenset[Need]] = frozenset()
+    Params = ProbeParams
+    paper = "n/a"
+    seen: ClassVar[list[DefenseData]] = []
+
+    def _run(self, adapter, data: DefenseData, rng: np.random.Generator) -> Finding:
+        CaptureData.seen.append(data)
+        return Finding(detected=False)
+
+
 def _table(folder) -> list[tuple]:
     report = json.loads((folder / "report.json").read_text())
     return [
@@ -172,3 +188,22 @@ def test_torn_last_line_is_ignored(tmp_path):
     with store.path.open("a") as fh:
         fh.write('{"dataset": "d", "mod')  # killed while writing
     assert store.records() == [record]
+
+
+def test_fine_pruning_tunes_on_clean_training_images_not_on_the_measured_ones(first_run, tmp_path):
+    shutil.copytree(first_run / "artifacts", tmp_path / "artifacts")
+    CaptureData.seen.clear()
+    config = build_config({**CONFIG, "precisions": ["fp32"], "defenses": ["capture_data"]})
+    run_experiment(config, tmp_path, log=lambda _: None)
+    poisoned_cell = next(d for d in CaptureData.seen if d.target_label is not None)
+    tune_x = poisoned_cell.retrainer.clean_x
+    measured = {row.tobytes() for row in poisoned_cell.clean_x}
+    assert len(tune_x) == len(poisoned_cell.clean_x)
+    assert not any(row.tobytes() in measured for row in tune_x)
+    # no fine-tuning image carries the trigger: they are drawn from the unpoisoned samples
+    train = {row.tobytes(): i for i, row in enumerate(poisoned_cell.train_x)}
+    assert all(
+        not poisoned_cell.poison_mask[train[row.tobytes()]]
+        for row in tune_x
+        if row.tobytes() in train
+    )
