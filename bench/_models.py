@@ -92,7 +92,7 @@ def build_artifacts(
     import torch
 
     from exporters.onnx_export import export_onnx
-    from exporters.quantizers import quantize
+    from exporters.quantizers import quantize_all
     from harness.models import build_model
 
     folder = Path(folder)
@@ -110,13 +110,8 @@ def build_artifacts(
     export_onnx(network, exported, calibration[:64], preprocessing)
     timings["export_s"] = time.perf_counter() - started
 
-    paths: dict[str, Path] = {}
-    for precision in precisions:
-        started = time.perf_counter()
-        target = folder / f"{precision}.onnx"
-        quantize(precision, exported, target, calibration)
-        timings[f"quantize_{precision}_s"] = time.perf_counter() - started
-        paths[precision] = target
+    paths, quantize_timings = quantize_all(exported, folder, precisions, calibration)
+    timings.update(quantize_timings)
     return BenchArtifacts(
         model=model,
         image_shape=image_shape,

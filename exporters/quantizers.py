@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
@@ -337,6 +338,30 @@ def _restore_metadata(dst: Path, source_meta: dict[str, str], notes: list[str]) 
         proto.metadata_props.add(key=key, value=source_meta[key])
     onnx.save(proto, str(dst))
     notes.append(f"restored metadata dropped by the quantizer: {', '.join(missing)}")
+
+
+def quantize_all(
+    exported: str | Path,
+    folder: str | Path,
+    precisions: list[str] | tuple[str, ...],
+    calibration_images: np.ndarray | None,
+    reuse_existing: bool = False,
+) -> tuple[dict[str, Path], dict[str, float]]:
+    """Every precision of one exported model as ``folder/<precision>.onnx``, with timings.
+
+    ``reuse_existing`` keeps artifacts already on disk (the runner's cache: quantization is
+    deterministic, so a rerun would write the same bytes).
+    """
+    paths: dict[str, Path] = {}
+    timings: dict[str, float] = {}
+    for precision in precisions:
+        target = Path(folder) / f"{precision}.onnx"
+        started = time.perf_counter()
+        if not (reuse_existing and target.is_file()):
+            quantize(precision, exported, target, calibration_images)
+        timings[f"quantize_{precision}_s"] = time.perf_counter() - started
+        paths[precision] = target
+    return paths, timings
 
 
 def ort_run_problem(path: str | Path) -> str | None:

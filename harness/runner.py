@@ -79,7 +79,7 @@ def environment() -> dict[str, Any]:
 def prepare_seed(config: ExperimentConfig, seed: int, out: Path, log: Log) -> SeedModels:
     """Poison, train (poisoned + clean control), export and quantize — cached by training key."""
     from exporters.onnx_export import export_onnx
-    from exporters.quantizers import quantize
+    from exporters.quantizers import quantize_all
     from harness.attacks.base import build_attack
     from harness.training import TrainConfig, checkpoint_meta, load_model, save_state, train_model
 
@@ -130,7 +130,6 @@ def prepare_seed(config: ExperimentConfig, seed: int, out: Path, log: Log) -> Se
             )
             save_state(model, state, meta)
         exported = folder / "exported.onnx"  # the torch export every precision is made from
-        paths: dict[str, Path] = {}
         started = time.perf_counter()
         if not exported.is_file():
             report = export_onnx(
@@ -142,13 +141,10 @@ def prepare_seed(config: ExperimentConfig, seed: int, out: Path, log: Log) -> Se
             )
             (folder / "export.json").write_text(report.model_dump_json(indent=2))
         timing["export_s"] = time.perf_counter() - started
-        for precision in config.precisions:
-            target = folder / f"{precision}.onnx"
-            started = time.perf_counter()
-            if not target.is_file():
-                quantize(precision, exported, target, calibration)
-            timing[f"quantize_{precision}_s"] = time.perf_counter() - started
-            paths[precision] = target
+        paths, quantize_timings = quantize_all(
+            exported, folder, config.precisions, calibration, reuse_existing=True
+        )
+        timing.update(quantize_timings)
         paths["fp32-reference"] = exported
         states[is_poisoned], artifacts[is_poisoned], timings[is_poisoned] = state, paths, timing
     return SeedModels(

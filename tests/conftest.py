@@ -49,12 +49,12 @@ def _export_all(
 ) -> dict[str, Path]:
     """The project's own exporter and quantizers, as the runner uses them."""
     from exporters.onnx_export import export_onnx
-    from exporters.quantizers import quantize
+    from exporters.quantizers import quantize_all
 
     folder.mkdir(parents=True, exist_ok=True)
     exported = folder / "exported.onnx"
     export_onnx(model, exported, sample, preprocessing)
-    return {p: Path(quantize(p, exported, folder / f"{p}.onnx", calib).path) for p in PRECISIONS}
+    return quantize_all(exported, folder, PRECISIONS, calib)[0]
 
 
 @pytest.fixture(scope="session")
