@@ -369,3 +369,35 @@ def test_filtering_defenses_on_the_digits_world(digits_world, precision):
     assert target["smaller_cluster_poison_fraction"] >= 0.9
     ss = results["poisoned", "spectral_signatures"].details["filtering"]
     assert 0.0 <= ss["poison_precision"] <= 1.0 and 0.0 <= ss["poison_recall"] <= 1.0
+
+
+def test_strip_normal_threshold_falls_below_zero_on_skewed_entropies_and_empirical_does_not():
+    from defenses.strip import empirical_threshold, normal_threshold
+
+    # most clean inputs confidently classified (entropy ~0), a tail of uncertain ones
+    rng = np.random.default_rng(0)
+    clean = np.r_[np.abs(rng.normal(0, 0.02, 90)), rng.uniform(1.0, 3.0, 30)]
+    normal_thr, _, _ = normal_threshold(clean, 0.01)
+    empirical_thr = empirical_threshold(clean, 0.01)
+    assert normal_thr < 0  # no entropy can fall below it: TPR is 0 by construction
+    assert 0 <= empirical_thr <= np.sort(clean)[2]
+    assert np.mean(clean < empirical_thr) <= 0.01 + 1 / len(clean)
+
+
+def test_strip_threshold_fit_selects_the_threshold_and_reports_the_other():
+    params = SMALL_STRIP | {"n_test": 200}
+    normal = build_defense("strip", params).run(
+        FakeAdapter(), strip_data(), np.random.default_rng(0)
+    )
+    empirical = build_defense("strip", params | {"threshold_fit": "empirical"}).run(
+        FakeAdapter(), strip_data(), np.random.default_rng(0)
+    )
+    thresholds = normal.details["thresholds"]
+    assert normal.threshold == thresholds["normal"]
+    assert (
+        empirical.threshold
+        == thresholds["empirical"]
+        == empirical.details["thresholds"]["empirical"]
+    )
+    assert normal.scores["tpr_empirical_threshold"] == empirical.scores["tpr"]
+    assert empirical.scores["tpr_normal_threshold"] == normal.scores["tpr"]
