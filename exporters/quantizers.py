@@ -357,11 +357,37 @@ def quantize_all(
     for precision in precisions:
         target = Path(folder) / f"{precision}.onnx"
         started = time.perf_counter()
-        if not (reuse_existing and target.is_file()):
+        if not (reuse_existing and _is_current(target, exported, calibration_images)):
             quantize(precision, exported, target, calibration_images)
         timings[f"quantize_{precision}_s"] = time.perf_counter() - started
         paths[precision] = target
     return paths, timings
+
+
+def _is_current(target: Path, source: str | Path, calibration_images: np.ndarray | None) -> bool:
+    """True when ``target`` is intact and was made from this source and these calibration images.
+
+    A cached artifact is reused only under that proof: a half-written file, an edited model, a
+    new export or a changed calibration set all lead to quantizing again.
+    """
+    if not target.is_file():
+        return False
+    try:
+        record = read_sidecar(target, verify=True)
+    except ModelError:
+        return False
+    if record.get("source", {}).get("sha256") != sha256_file(source):
+        return False
+    calibration = record.get("calibration")
+    if calibration is None:
+        return True
+    if calibration_images is None or calibration.get("images_available") != len(calibration_images):
+        return False
+    recipe = record.get("recipe", {})
+    chosen = select_calibration_images(
+        calibration_images, recipe.get("calibration_size"), recipe.get("calibration_seed", 0)
+    )
+    return calibration.get("images_sha256") == images_fingerprint(chosen)
 
 
 def ort_run_problem(path: str | Path) -> str | None:

@@ -168,7 +168,17 @@ class RuntimeAdapter:
             # then take contiguous views (no numpy calls per image), memory stays one batch.
             feed = self.preprocessing.apply(pixels[block : block + self.batch_size])
             for start in range(0, len(feed), step):
-                results = session.run(outputs, {self._input_name: feed[start : start + step]})
+                try:
+                    results = session.run(outputs, {self._input_name: feed[start : start + step]})
+                except Exception as exc:  # onnxruntime's own exception types (bad shapes, ...)
+                    expected = [
+                        d.dim_value or d.dim_param
+                        for d in self.model.graph.input[0].type.tensor_type.shape.dim
+                    ]
+                    raise ModelError(
+                        f"onnxruntime rejected input of shape {list(feed.shape)} "
+                        f"(model expects {expected}): {str(exc).splitlines()[0][:200]}"
+                    ) from exc
                 self.counter.calls += 1
                 for store, value in zip(chunks, results, strict=True):
                     store.append(value)
@@ -295,7 +305,9 @@ def infer_precision(model: onnx.ModelProto) -> str:
 
 
 def _precision_from_sidecar(path: Path) -> str | None:
-    sidecar = path.with_suffix(path.suffix + ".json")
+    from exporters.quantizers import sidecar_path
+
+    sidecar = sidecar_path(path)
     if not sidecar.is_file():
         return None
     import json

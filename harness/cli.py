@@ -39,6 +39,14 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number ≥ 1 (argparse turns the ValueError into a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def _dataset_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset", default="digits", help="registered dataset name (default: digits)"
@@ -148,17 +156,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from exporters.quantizers import quantize
+    from exporters.quantizers import PRECISIONS, quantize
+    from exporters.recipes import resolve_recipe
     from harness.data.base import load_dataset
+    from harness.runner import stable_seed
 
+    overrides = _parse_json(args.recipe, "--recipe")
+    recipe = resolve_recipe(PRECISIONS.get(args.precision).default_recipe, overrides or None)
     calibration = None
-    if args.precision not in ("fp32", "int8-dynamic"):
+    if recipe.needs_calibration:
         x = load_dataset(args.dataset, args.data_root).x_train
-        rng = np.random.default_rng(args.seed)
+        rng = np.random.default_rng(stable_seed("calibration", args.seed))  # as the runner draws
         calibration = x[
             np.sort(rng.choice(len(x), min(args.calibration_size, len(x)), replace=False))
         ]
-    overrides = _parse_json(args.recipe, "--recipe")
     artifact = quantize(args.precision, args.model, args.out, calibration, overrides or None)
     print(artifact.model_dump_json(indent=2))
     return 0
@@ -202,8 +213,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             num_classes=data.num_classes,
             clean_x=data.x_test[:n],
             clean_y=data.y_test[:n],
-            train_x=data.x_train,
-            train_y=data.y_train,
+            # AC / SS analyse the data the model was trained on; only the user knows that it
+            # was this dataset's training split (otherwise they report not_applicable).
+            train_x=data.x_train if args.trained_on_dataset else None,
+            train_y=data.y_train if args.trained_on_dataset else None,
             triggered_x=triggered[n : 2 * n],
             target_label=None,
             poison_rate=attack.poison_rate,
@@ -275,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_args(p)
     p.add_argument("--model", required=True, help="FP32 ONNX file")
     p.add_argument("--precision", required=True)
-    p.add_argument("--calibration-size", type=int, default=512)
+    p.add_argument("--calibration-size", type=_positive_int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--recipe",
@@ -292,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", default="badnet")
     p.add_argument("--attack-params", default=None)
     p.add_argument("--defenses", nargs="*", default=None)
+    p.add_argument(
+        "--trained-on-dataset",
+        action="store_true",
+        help="the model was trained on this dataset's training split (enables AC / SS)",
+    )
     p.add_argument(
         "--mean", type=float, nargs="+", default=None, help="preprocessing for foreign models"
     )

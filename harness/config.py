@@ -101,7 +101,7 @@ class ExperimentConfig(BaseModel):
         for name in self.precisions:
             PRECISIONS.get(name)
         for name in [*self.defenses, *self.defense_params]:
-            DEFENSES.get(name)
+            DEFENSES.get(name)(self.defense_params.get(name))  # validates the parameters too
 
 
 def build_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
@@ -127,5 +127,9 @@ def load_config(
             raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except (ValueError, tomllib.TOMLDecodeError) as exc:
             raise BlindspotsError(f"{path}: cannot parse config: {exc}") from None
+    if not isinstance(raw, dict):
+        raise BlindspotsError(
+            f"{path}: a config must be a table/object of options, got {type(raw).__name__}"
+        )
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return build_config(raw, str(path) if path else "config")

@@ -509,7 +509,10 @@ def _batch_norm(spec, inputs, dtype):
 @register("Flatten")
 def _flatten(spec, inputs, dtype):
     x = inputs[0]
-    axis = int(spec.attrs.get("axis", 1)) % (x.ndim + 1)
+    axis = int(spec.attrs.get("axis", 1))
+    axis = (
+        axis + x.ndim if axis < 0 else axis
+    )  # ONNX: axis in [-r, r], negative counts from the end
     return [x.reshape(math.prod(x.shape[:axis]), -1)]
 
 

@@ -129,7 +129,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Accuracy, attack success and defense verdicts per precision",
         "",
         "Defense cells give *detected / runs that completed* (for Fine-Pruning: *backdoor removed*). "
-        "On clean controls a detection is a false positive. Errors and not-applicable cells are "
+        "On clean controls a detection is a false positive (for Fine-Pruning it only means "
+        "accuracy survived the repair: there is no backdoor to remove). Errors and not-applicable cells are "
         "shown as such, never as 'not detected'.",
         "",
     ]

@@ -56,6 +56,8 @@ class FinePruneRetrainer:
     lr: float = 0.01
     seed: int = 0
     threads: int | None = None
+    source_indices: np.ndarray | None = None
+    """Indices of ``clean_x`` in the training set (provenance; checked by the tests)."""
 
     def __call__(self, keep: np.ndarray):
         from exporters.onnx_export import export_onnx
@@ -75,6 +77,7 @@ class FinePruneRetrainer:
                 lr=self.lr,
                 seed=self.seed,
                 schedule="cosine",
+                num_threads=self.threads,
             )
             pruned = train_model(
                 self.clean_x,

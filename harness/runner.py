@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from exporters.quantizers import sidecar_path
 from harness.config import ExperimentConfig
 from harness.data.base import ImageDataset, load_dataset
 from harness.errors import BlindspotsError
@@ -131,7 +132,7 @@ def prepare_seed(config: ExperimentConfig, seed: int, out: Path, log: Log) -> Se
             save_state(model, state, meta)
         exported = folder / "exported.onnx"  # the torch export every precision is made from
         started = time.perf_counter()
-        if not exported.is_file():
+        if not (exported.is_file() and (folder / "export.json").is_file()):  # parity passed
             report = export_onnx(
                 model,
                 exported,
@@ -203,8 +204,7 @@ def evaluate_seed(
     )
     done = store.done()
     for is_poisoned, paths in models.artifacts.items():
-        reference = RuntimeAdapter.from_path(paths["fp32-reference"], threads=config.threads)
-        fp32_pred = reference.predict(x_test)
+        fp32_pred: np.ndarray | None = None  # computed only if a cell of this model is to run
         train_x, train_y = (
             (models.poisoned_x, models.poisoned_y) if is_poisoned else (ds.x_train, ds.y_train)
         )
@@ -226,6 +226,11 @@ def evaluate_seed(
             if cell_id(record) in done:
                 log(f"skip {cell_id(record)} (already in the store)")
                 continue
+            if fp32_pred is None:
+                reference = RuntimeAdapter.from_path(
+                    paths["fp32-reference"], threads=config.threads
+                )
+                fp32_pred = reference.predict(x_test)
             path = paths[precision]
             started = time.perf_counter()
             adapter = RuntimeAdapter.from_path(path, threads=config.threads)
@@ -241,7 +246,7 @@ def evaluate_seed(
                 per_sample_inference=adapter.runs_per_sample(None),
                 artifacts={
                     "onnx": str(path),
-                    "sidecar": str(path.with_name(path.name + ".json")),
+                    "sidecar": str(sidecar_path(path)),
                     "state": str(models.states[is_poisoned]),
                 },
                 timings={**models.timings[is_poisoned], "evaluate_s": eval_s},
@@ -259,6 +264,7 @@ def evaluate_seed(
                 retrainer=FinePruneRetrainer(
                     state_path=models.states[is_poisoned],
                     precision=precision,
+                    source_indices=tune_idx,
                     clean_x=ds.x_train[tune_idx],
                     clean_y=ds.y_train[tune_idx],
                     calibration_images=models.calibration,

@@ -66,6 +66,34 @@ def test_config_typos_and_bad_values_are_named(tmp_path, capsys):
     assert "training.epochs" in _error_line(capsys)
 
 
+def test_config_problems_are_caught_before_any_training(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text("[1, 2]")
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert "must be a table/object" in _error_line(capsys)
+    config.write_text('{"defense_params": {"strip": {"n_overlay": 5}}}')
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown strip parameter 'n_overlay'; did you mean 'n_overlays'?" in _error_line(capsys)
+    assert not (tmp_path / "o" / "artifacts").exists()  # nothing was trained
+
+
+def test_a_model_of_another_input_shape_gives_a_one_line_error(digits_world, capsys):
+    # the digits model expects 8x8x1; ask it about 32x32x1 images via explicit preprocessing
+    from harness.adapter import RuntimeAdapter
+    from harness.errors import ModelError
+
+    adapter = RuntimeAdapter.from_path(digits_world.poisoned["int8-static"])
+    import numpy as np
+
+    try:
+        adapter.logits(np.zeros((2, 32, 32, 1), np.uint8))
+    except ModelError as exc:
+        assert "rejected input of shape [2, 1, 32, 32]" in str(exc)
+        assert "\n" not in str(exc)
+    else:
+        raise AssertionError("a wrong input shape must raise ModelError")
+
+
 def test_list_names_every_registered_plugin(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out

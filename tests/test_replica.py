@@ -314,3 +314,15 @@ def test_explicit_and_automatic_padding_match_onnxruntime():
         ours = build_replica(model)(torch.from_numpy(x)).numpy()
     assert ours.shape == expected.shape
     np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def test_flatten_with_a_negative_axis_follows_the_onnx_spec():
+    import torch
+    from onnx import TensorProto
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    node = helper.make_node("Flatten", ["x"], ["y"], axis=-1)
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]))
+    out = build_replica(model)(torch.zeros(2, 3, 4, 5))
+    assert tuple(out.shape) == (24, 5)

@@ -112,7 +112,6 @@ def test_report_has_every_cell_and_the_documented_fields(first_run):
         ):
             assert key in run
         assert run["defenses"]["probe_mean"]["status"] == "ok"
-        assert (first_run / run["arrays"]).is_file() if "arrays" in run else True
     by_cell = {(r["poisoned"], r["precision"]): r for r in report["runs"]}
     assert by_cell[(True, "fp32")]["asr"] > 0.9
     assert by_cell[(False, "fp32")]["asr"] < 0.2
@@ -200,10 +199,11 @@ def test_fine_pruning_tunes_on_clean_training_images_not_on_the_measured_ones(fi
     measured = {row.tobytes() for row in poisoned_cell.clean_x}
     assert len(tune_x) == len(poisoned_cell.clean_x)
     assert not any(row.tobytes() in measured for row in tune_x)
-    # no fine-tuning image carries the trigger: they are drawn from the unpoisoned samples
-    train = {row.tobytes(): i for i, row in enumerate(poisoned_cell.train_x)}
-    assert all(
-        not poisoned_cell.poison_mask[train[row.tobytes()]]
-        for row in tune_x
-        if row.tobytes() in train
-    )
+    # every fine-tuning image is an unpoisoned training sample (none carries the trigger)
+    tune_idx = poisoned_cell.retrainer.source_indices
+    assert tune_idx is not None and len(tune_idx) == len(tune_x)
+    from harness.runner import prepare_seed
+
+    models = prepare_seed(build_config(CONFIG), 0, tmp_path, lambda _: None)
+    assert not models.poison_mask[tune_idx].any()
+    np.testing.assert_array_equal(tune_x, models.dataset.x_train[tune_idx])
