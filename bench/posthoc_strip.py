@@ -10,12 +10,12 @@ entropies fits the threshold (as the defense does), the second half measures the
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from defenses.strip import empirical_threshold, normal_threshold
+from harness.store import ResultStore
 
 
 def main() -> None:
@@ -25,12 +25,11 @@ def main() -> None:
     args = parser.parse_args()
     print("| model | precision | normal thr | TPR | empirical thr | TPR | FRR (held-out clean) |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for line in (args.folder / "results.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in ResultStore(args.folder).records():
         if "strip" not in record.get("defenses", {}) or "arrays" not in record:
             continue
-        arrays = np.load(args.folder / record["arrays"])
-        clean, triggered = arrays["strip.clean_entropy"], arrays["strip.triggered_entropy"]
+        with np.load(args.folder / record["arrays"]) as arrays:
+            clean, triggered = arrays["strip.clean_entropy"], arrays["strip.triggered_entropy"]
         n_fit = (len(clean) + 1) // 2
         normal, _, _ = normal_threshold(clean[:n_fit], args.frr)
         empirical = empirical_threshold(clean[:n_fit], args.frr)

@@ -14,7 +14,7 @@ a defense — so a report can be rebuilt at any time, including after a crashed 
          "precision", "clean_acc", "asr", "agreement_fp32", "n_test", "n_triggered",
          "per_sample_inference", "artifacts": {"onnx", "sidecar", "state"},
          "timings": {...seconds},
-         "defenses": {name: {"status", "detected", "score", "score_name", "scores",
+         "defenses": {name: {"defense", "group", "status", "detected", "score", "score_name", "scores",
                              "flagged_labels", "threshold", "queries", "wall_time_s",
                              "params", "details", "reason"}},
          "arrays": "arrays/<cell>.npz"}   # per-sample scores, reversed triggers (optional)
