@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from defenses.base import DEFENSES, Defense, DefenseData, Finding, Group, Need
+from harness import metrics
 from harness.errors import DataError
 
 
@@ -58,14 +59,15 @@ def channel_ranking(adapter: Any, images: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def accuracy(adapter: Any, images: np.ndarray, labels: np.ndarray) -> float:
-    return float((adapter.predict(images) == labels).mean())
+    """Clean top-1 accuracy of ``adapter`` (the harness's own metric)."""
+    return metrics.accuracy(adapter.predict(images), labels)
 
 
 def attack_success(adapter: Any, triggered: np.ndarray, target: int | None) -> float | None:
     """Fraction of triggered inputs sent to the target; ``None`` on clean controls."""
     if target is None:
         return None
-    return float((adapter.predict(triggered) == target).mean())
+    return metrics.attack_success_rate(adapter.predict(triggered), target)
 
 
 @DEFENSES.register("fine_pruning")
