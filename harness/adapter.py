@@ -18,7 +18,6 @@ everything else. The adapter counts every image it forwards, so defenses can rep
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,7 @@ import onnxruntime as ort
 
 from harness.errors import ModelError
 from harness.graph_probe import ProbePoint, add_probe_outputs, discover_layers, mask_channels
+from harness.kernels import DEFAULT_PROFILE, KernelProfile, check_profile, session_options
 from harness.preprocessing import METADATA_KEY, Preprocessing
 
 PerSample = bool | Literal["auto"]
@@ -55,11 +55,13 @@ class RuntimeAdapter:
     batch_size: int = 256
     per_sample: PerSample = "auto"
     threads: int | None = None
+    kernel_profile: KernelProfile = DEFAULT_PROFILE
     source_path: Path | None = None
     counter: QueryCounter = field(default_factory=QueryCounter)
     probes: dict[str, ProbePoint] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_profile(self.kernel_profile)
         if not self.probes:
             self.probes = discover_layers(self.model)
         self._input_name = self.model.graph.input[0].name
@@ -105,15 +107,7 @@ class RuntimeAdapter:
         return cls(model=model, preprocessing=preprocessing, **kwargs)  # type: ignore[arg-type]
 
     def _make_session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        threads = (
-            self.threads
-            if self.threads is not None
-            else int(os.environ.get("BLINDSPOTS_THREADS", "0"))
-        )
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options = session_options(self.kernel_profile, self.threads)
         try:
             return ort.InferenceSession(
                 model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
@@ -259,15 +253,16 @@ class RuntimeAdapter:
             batch_size=self.batch_size,
             per_sample=self.per_sample,
             threads=self.threads,
+            kernel_profile=self.kernel_profile,
             source_path=None,
             counter=self.counter,
             probes=probes,
         )
 
-    def gradient_oracle(self):  # -> harness.replica.GradientOracle (imported lazily: torch)
+    def gradient_oracle(self):  # -> harness.oracle.GradientOracle (imported lazily: torch)
         """Differentiable torch replica of this graph (built once; see :mod:`harness.replica`)."""
         if self._oracle is None:
-            from harness.replica import GradientOracle
+            from harness.oracle import GradientOracle
 
             self._oracle = GradientOracle(self)
         return self._oracle

@@ -142,7 +142,7 @@ def test_nc_is_deterministic_for_a_seed(digits_world):
 
 
 def test_nc_refuses_when_the_replica_disagrees_with_onnxruntime(digits_world, monkeypatch):
-    from harness.replica import ParityReport
+    from harness.oracle import ParityReport
 
     adapter = RuntimeAdapter.from_path(digits_world.poisoned["fp32"])
     oracle = adapter.gradient_oracle()

@@ -16,8 +16,9 @@ from onnx import TensorProto, helper
 from harness.adapter import RuntimeAdapter
 from harness.errors import ModelError
 from harness.models import build_model
+from harness.oracle import GradientOracle
 from harness.preprocessing import METADATA_KEY, Preprocessing
-from harness.replica import GradientOracle, build_replica
+from harness.replica import build_replica
 from tests.conftest import PRECISIONS
 
 
