@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from harness.errors import BlindspotsError, validation_message
+from harness.kernels import DEFAULT_PROFILE, KernelProfile
 
 ALL_PRECISIONS = ["fp32", "int8-dynamic", "int8-static", "int4"]
 ALL_DEFENSES = [
@@ -50,6 +51,7 @@ class ExperimentConfig(BaseModel):
     attack_params: dict[str, Any] = Field(default_factory=lambda: {"patch_size": 2})
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    """Each in 0..2**32-1: numpy, torch and the artifact cache keys all take them."""
     precisions: list[str] = Field(default_factory=lambda: list(ALL_PRECISIONS), min_length=1)
     calibration_size: int = Field(256, ge=1)
     clean_control: bool = True
@@ -63,6 +65,19 @@ class ExperimentConfig(BaseModel):
     """Cap on test images for accuracy / ASR (None: the whole test set)."""
     finetune_epochs: int = Field(2, ge=0)
     threads: int | None = Field(None, ge=1)
+    int8_kernels: KernelProfile = DEFAULT_PROFILE
+    """INT8 kernel profile of every onnxruntime session (see :mod:`harness.kernels`): ``exact``
+    (int32 accumulation, the same numbers on any x86 CPU) or ``host`` (this CPU's defaults)."""
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_in_range(cls, value: list[int]) -> list[int]:
+        bad = [seed for seed in value if not 0 <= seed < 2**32]
+        if bad:
+            raise ValueError(f"seeds must lie in 0..{2**32 - 1}, got {bad}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate seeds in {value}")
+        return value
 
     @field_validator("precisions", "defenses")
     @classmethod

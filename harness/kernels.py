@@ -64,7 +64,9 @@ def session_config_entries(profile: str) -> dict[str, str]:
     return {PRECISION_MODE_KEY: "1"} if check_profile(profile) == "exact" else {}
 
 
-def session_options(profile: str = DEFAULT_PROFILE, threads: int | None = None) -> ort.SessionOptions:
+def session_options(
+    profile: str = DEFAULT_PROFILE, threads: int | None = None
+) -> ort.SessionOptions:
     """Session options for every onnxruntime session the harness builds.
 
     ``threads`` None reads ``BLINDSPOTS_THREADS`` (0 = onnxruntime's default). The graph
@@ -116,7 +118,9 @@ class HostKernels:
         return {**asdict(self), "profiles_differ": self.profiles_differ}
 
 
-def _model(nodes: list[onnx.NodeProto], inputs: list, outputs: list, inits: list) -> onnx.ModelProto:
+def _model(
+    nodes: list[onnx.NodeProto], inputs: list, outputs: list, inits: list
+) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "blindspots_int8_probe", inputs, outputs, inits)
     return helper.make_model(
         graph,
@@ -175,7 +179,10 @@ def _dynamic_probe() -> Probe:
         helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
         helper.make_node("MatMulInteger", ["xq", "w", "xz", "wz"], ["y"]),
     ]
-    inits = [numpy_helper.from_array(np.full((_K, 4), 127, np.int8), "w"), _scalar("wz", 0, np.int8)]
+    inits = [
+        numpy_helper.from_array(np.full((_K, 4), 127, np.int8), "w"),
+        _scalar("wz", 0, np.int8),
+    ]
     model = _model(
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, _K])],

@@ -19,7 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from exporters.onnx_export import export_onnx
+from exporters.quantizers import quantize
+from harness.adapter import RuntimeAdapter
 from harness.errors import ModelError
+from harness.kernels import DEFAULT_PROFILE, KernelProfile
+from harness.preprocessing import Preprocessing
+from harness.training import TrainConfig, load_model, train_model
 
 
 class PrunedModel(nn.Module):
@@ -56,18 +62,13 @@ class FinePruneRetrainer:
     lr: float = 0.01
     seed: int = 0
     threads: int | None = None
+    kernel_profile: KernelProfile = DEFAULT_PROFILE
+    """INT8 kernel profile of the repaired artifact's session: the audited cell's own."""
     source_indices: np.ndarray | None = None
     """Indices of ``clean_x`` in the training set (provenance; checked by the tests)."""
 
-    def __call__(self, keep: np.ndarray):
-        from exporters.onnx_export import export_onnx
-        from exporters.quantizers import quantize
-        from harness.adapter import RuntimeAdapter
-        from harness.training import TrainConfig, load_model, train_model
-
+    def __call__(self, keep: np.ndarray) -> RuntimeAdapter:
         model, meta = load_model(self.state_path)
-        from harness.preprocessing import Preprocessing
-
         preprocessing = Preprocessing.from_json(meta["preprocessing"])
         pruned = PrunedModel(model, keep)
         if self.epochs > 0:
@@ -93,4 +94,6 @@ class FinePruneRetrainer:
         export_onnx(pruned, exported, self.calibration_images[:64], preprocessing)
         target = self.out_dir / f"fine_pruned-{self.precision}.onnx"
         artifact = quantize(self.precision, exported, target, self.calibration_images)
-        return RuntimeAdapter.from_path(artifact.path, threads=self.threads)
+        return RuntimeAdapter.from_path(
+            artifact.path, threads=self.threads, kernel_profile=self.kernel_profile
+        )

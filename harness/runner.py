@@ -14,19 +14,32 @@ import platform
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime
+import sklearn
+import torch
 
-from exporters.quantizers import sidecar_path
+from defenses.base import DefenseData, build_defense
+from exporters.onnx_export import export_onnx
+from exporters.quantizers import cpu_isa_flags, quantize_all, sidecar_path
+from harness import __version__
+from harness.adapter import RuntimeAdapter
+from harness.attacks.base import build_attack
 from harness.config import ExperimentConfig
 from harness.data.base import ImageDataset, load_dataset
+from harness.determinism import float_kernel_record
 from harness.errors import BlindspotsError
+from harness.kernels import other_profile, probe_host, profile_record
 from harness.metrics import accuracy, agreement, attack_success_rate
 from harness.preprocessing import Preprocessing
+from harness.retrain import FinePruneRetrainer
 from harness.store import ResultStore, cell_id
+from harness.training import TrainConfig, checkpoint_meta, load_model, save_state, train_model
 
 Log = Callable[[str], None]
 
@@ -55,13 +68,6 @@ def stable_seed(*parts: object) -> np.random.SeedSequence:
 
 def environment() -> dict[str, Any]:
     """Provenance recorded with every report: versions and the CPU's INT8 instruction sets."""
-    import onnx
-    import onnxruntime
-    import sklearn
-    import torch
-
-    from exporters.quantizers import cpu_isa_flags
-    from harness import __version__
 
     return {
         "blindspots": __version__,
@@ -74,15 +80,13 @@ def environment() -> dict[str, Any]:
         "numpy": np.__version__,
         "scikit_learn": sklearn.__version__,
         "cpu_isa": cpu_isa_flags(),
+        "int8_kernels": probe_host().as_dict(),
+        "float_kernels": float_kernel_record(),
     }
 
 
 def prepare_seed(config: ExperimentConfig, seed: int, out: Path, log: Log) -> SeedModels:
     """Poison, train (poisoned + clean control), export and quantize — cached by training key."""
-    from exporters.onnx_export import export_onnx
-    from exporters.quantizers import quantize_all
-    from harness.attacks.base import build_attack
-    from harness.training import TrainConfig, checkpoint_meta, load_model, save_state, train_model
 
     dataset = load_dataset(config.dataset, config.data_root, **config.dataset_options)
     attack = build_attack(config.attack, config.attack_params)
@@ -178,9 +182,6 @@ def evaluate_seed(
     config: ExperimentConfig, models: SeedModels, store: ResultStore, log: Log
 ) -> None:
     """Evaluate every (poisoned/clean × precision) cell not already in the store."""
-    from defenses.base import DefenseData
-    from harness.adapter import RuntimeAdapter
-    from harness.retrain import FinePruneRetrainer
 
     ds, attack = models.dataset, models.attack
     x_test, y_test = ds.x_test, ds.y_test
@@ -228,22 +229,25 @@ def evaluate_seed(
                 continue
             if fp32_pred is None:
                 reference = RuntimeAdapter.from_path(
-                    paths["fp32-reference"], threads=config.threads
+                    paths["fp32-reference"],
+                    threads=config.threads,
+                    kernel_profile=config.int8_kernels,
                 )
                 fp32_pred = reference.predict(x_test)
             path = paths[precision]
             started = time.perf_counter()
-            adapter = RuntimeAdapter.from_path(path, threads=config.threads)
-            pred = adapter.predict(x_test)
-            trig_pred = adapter.predict(triggered_x)
+            adapter = RuntimeAdapter.from_path(
+                path, threads=config.threads, kernel_profile=config.int8_kernels
+            )
+            record.update(
+                _clean_and_triggered(adapter, x_test, y_test, triggered_x, fp32_pred, attack)
+            )
             eval_s = time.perf_counter() - started
             record.update(
-                clean_acc=accuracy(pred, y_test),
-                asr=attack_success_rate(trig_pred, attack.target_label),
-                agreement_fp32=agreement(pred, fp32_pred),
                 n_test=len(y_test),
                 n_triggered=len(triggered_x),
                 per_sample_inference=adapter.runs_per_sample(None),
+                kernels=profile_record(config.int8_kernels),
                 artifacts={
                     "onnx": str(path),
                     "sidecar": str(sidecar_path(path)),
@@ -272,10 +276,21 @@ def evaluate_seed(
                     epochs=config.finetune_epochs,
                     seed=models.seed,
                     threads=config.threads,
+                    kernel_profile=config.int8_kernels,
                 ),
             )
             results, arrays = run_defenses(config, models.seed, adapter, data, cell_id(record), log)
             record["defenses"] = results
+            if precision != "fp32" and probe_host().profiles_differ:
+                record["kernel_drift"] = _kernel_drift(
+                    config,
+                    models.seed,
+                    path,
+                    (x_test, y_test, triggered_x, fp32_pred),
+                    attack,
+                    data,
+                    log,
+                )
             store.append(record, arrays)
             log(
                 f"{cell_id(record)}: clean_acc={record['clean_acc']:.4f} asr={record['asr']:.4f} "
@@ -283,11 +298,59 @@ def evaluate_seed(
             )
 
 
+def _clean_and_triggered(
+    adapter: Any,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    triggered_x: np.ndarray,
+    fp32_pred: np.ndarray,
+    attack: Any,
+) -> dict[str, float]:
+    """Clean accuracy, attack success and top-1 agreement with FP32 of one adapter."""
+    pred = adapter.predict(x_test)
+    return {
+        "clean_acc": accuracy(pred, y_test),
+        "asr": attack_success_rate(adapter.predict(triggered_x), attack.target_label),
+        "agreement_fp32": agreement(pred, fp32_pred),
+    }
+
+
+def _kernel_drift(
+    config: ExperimentConfig,
+    seed: int,
+    path: Path,
+    test_sets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    attack: Any,
+    data: Any,
+    log: Log,
+) -> dict[str, Any]:
+    """The same cell under the other INT8 kernel profile: what this host's kernels change.
+
+    Only called where the host's default kernels differ from int32-exact arithmetic (measured by
+    :func:`harness.kernels.probe_host`); elsewhere both profiles compute identical numbers.
+    """
+
+    profile = other_profile(config.int8_kernels)
+    adapter = RuntimeAdapter.from_path(path, threads=config.threads, kernel_profile=profile)
+    x_test, y_test, triggered_x, fp32_pred = test_sets
+    drift: dict[str, Any] = {"kernels": profile_record(profile)}
+    drift.update(_clean_and_triggered(adapter, x_test, y_test, triggered_x, fp32_pred, attack))
+    if isinstance(data.retrainer, FinePruneRetrainer):  # the repair ships under this profile too
+        data = replace(data, retrainer=replace(data.retrainer, kernel_profile=profile))
+    results, _ = run_defenses(config, seed, adapter, data, f"{path.name}@{profile}", log)
+    drift["defenses"] = {
+        name: {key: res.get(key) for key in DRIFT_DEFENSE_KEYS} for name, res in results.items()
+    }
+    return drift
+
+
+DRIFT_DEFENSE_KEYS = ("status", "detected", "score", "score_name", "flagged_labels", "reason")
+
+
 def run_defenses(
     config: ExperimentConfig, seed: int, adapter: Any, data: Any, cell: str, log: Log
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Run the configured defenses on one cell: JSON results plus arrays for the store."""
-    from defenses.base import build_defense
 
     results: dict[str, Any] = {}
     arrays: dict[str, np.ndarray] = {}
