@@ -380,10 +380,7 @@ class NeuralCleanse(Defense):
         parity = oracle.parity(parity_images, threshold=p.parity_threshold)
         parity_info = _report_dict(parity)
         if not parity.passed:
-            raise NotApplicable(
-                f"replica parity {parity.agreement:.4f} < {p.parity_threshold} top-1 agreement "
-                f"with onnxruntime on {parity.n} clean images; no faithful gradients for this graph"
-            )
+            raise NotApplicable(f"no faithful gradients for this graph: {parity.summary()}")
 
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         with _torch_threads(p.torch_threads):

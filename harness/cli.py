@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import BlindspotsError
+from harness.kernels import DEFAULT_PROFILE, PROFILES, probe_host, profile_record
 
 DEMO_CONFIG: dict[str, Any] = {
     "dataset": "digits",
@@ -47,6 +48,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _kernel_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_PROFILE) -> None:
+    parser.add_argument(
+        "--int8-kernels",
+        choices=PROFILES,
+        default=default,
+        help="INT8 kernel profile of every onnxruntime session: 'exact' (int32 accumulation, the "
+        "same numbers on any x86 CPU) or 'host' (this CPU's default kernels, which saturate on "
+        "x86 without VNNI)" + ("" if default is None else f"; default: {default}"),
+    )
+
+
 def _dataset_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset", default="digits", help="registered dataset name (default: digits)"
@@ -71,7 +83,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from harness.report import write_report
     from harness.runner import run_experiment
 
-    config = build_config(DEMO_CONFIG, "demo config")
+    config = build_config({**DEMO_CONFIG, "int8_kernels": args.int8_kernels}, "demo config")
     started = time.perf_counter()
     run_experiment(config, args.out, log=_log)
     paths = write_report(args.out)
@@ -86,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from harness.report import write_report
     from harness.runner import run_experiment
 
-    overrides: dict[str, Any] = {"data_root": args.data_root}
+    overrides: dict[str, Any] = {"data_root": args.data_root, "int8_kernels": args.int8_kernels}
     if args.dataset:
         overrides["dataset"] = args.dataset
     config = load_config(args.config, overrides)
@@ -162,6 +174,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from harness.runner import stable_seed
 
     overrides = _parse_json(args.recipe, "--recipe")
+    if args.reduce_range:
+        overrides["reduce_range"] = True
     recipe = resolve_recipe(PRECISIONS.get(args.precision).default_recipe, overrides or None)
     calibration = None
     if recipe.needs_calibration:
@@ -190,7 +204,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise BlindspotsError("--mean and --std must be given together")
         preprocessing = Preprocessing(tuple(args.mean), tuple(args.std))
     data = load_dataset(args.dataset, args.data_root)
-    adapter = RuntimeAdapter.from_path(args.model, preprocessing=preprocessing)
+    adapter = RuntimeAdapter.from_path(
+        args.model, preprocessing=preprocessing, kernel_profile=args.int8_kernels
+    )
     attack = build_attack(args.attack, _parse_json(args.attack_params, "--attack-params"))
     pred = adapter.predict(data.x_test)
     triggered, _ = attack.triggered_test_set(data.x_test, data.y_test)
@@ -200,9 +216,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "clean_acc": accuracy(pred, data.y_test),
         "asr": attack_success_rate(adapter.predict(triggered), attack.target_label),
         "layers": adapter.layers,
+        "kernels": profile_record(args.int8_kernels),
     }
     if args.reference:
-        ref = RuntimeAdapter.from_path(args.reference, preprocessing=preprocessing)
+        ref = RuntimeAdapter.from_path(
+            args.reference, preprocessing=preprocessing, kernel_profile=args.int8_kernels
+        )
         result["agreement_fp32"] = agreement(pred, ref.predict(data.x_test))
     if args.defenses:
         from defenses.base import DefenseData, build_defense
@@ -231,6 +250,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    """What this CPU's INT8 kernels compute, measured (see harness.kernels)."""
+    host = probe_host()
+    print(json.dumps(host.as_dict(), indent=2))
+    if host.profiles_differ:
+        print(
+            "this CPU's default INT8 kernels saturate int16 pair sums: 'host' and 'exact' "
+            "profiles give different numbers; results use 'exact' unless --int8-kernels host",
+            file=sys.stderr,
+        )
+    else:
+        print("this CPU's INT8 kernels are int32-exact: both profiles coincide", file=sys.stderr)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from defenses.base import DEFENSES
     from exporters.quantizers import PRECISIONS
@@ -251,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="whole pipeline on the embedded digits set, all precisions and defenses"
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    _kernel_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run an experiment from a TOML/JSON config")
@@ -258,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dataset", default=None, help="override the config's dataset")
     p.add_argument("--data-root", default=None, help="override the config's data_root")
+    _kernel_args(p, default=None)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="rebuild report.json / report.md / plots from a run folder")
@@ -295,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='JSON recipe overrides, e.g. \'{"calibration_method": "entropy"}\'',
     )
+    p.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="7-bit weights, so u8×s8 pair sums cannot saturate int16 on CPUs without VNNI "
+        "(recorded in the sidecar's recipe)",
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_quantize)
 
@@ -314,7 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--mean", type=float, nargs="+", default=None, help="preprocessing for foreign models"
     )
     p.add_argument("--std", type=float, nargs="+", default=None)
+    _kernel_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "kernels", help="measure whether this CPU's INT8 kernels saturate (host vs exact profile)"
+    )
+    p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("list", help="registered datasets, attacks, models, precisions, defenses")
     p.set_defaults(func=cmd_list)

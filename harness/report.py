@@ -8,11 +8,18 @@ a defense — so a report can be rebuilt at any time, including after a crashed 
     {
       "schema_version": 1,
       "config": {...},            # the ExperimentConfig that produced the runs
-      "environment": {...},       # versions, CPU INT8 instruction sets
+      "environment": {...},       # versions, CPU INT8 instruction sets, the measured host INT8
+                                  # kernel class (int8_kernels) and float kernel settings
       "runs": [                   # one per (seed, poisoned/clean, precision)
         {"dataset", "model", "attack", "attack_params", "seed", "poisoned": bool,
          "precision", "clean_acc", "asr", "agreement_fp32", "n_test", "n_triggered",
          "per_sample_inference", "artifacts": {"onnx", "sidecar", "state"},
+         "kernels": {"profile", "host_kernel_class", "profiles_differ_on_host",
+                     "exact_profile_verified", "session_config_entries"},
+         "kernel_drift": {...}    # only where host != exact: the cell under the other profile:
+                                  # kernels, clean_acc, asr, agreement_fp32,
+                                  # defenses{name: {status, detected, score, score_name,
+                                  #                 flagged_labels, reason}}
          "timings": {...seconds},
          "defenses": {name: {"defense", "group", "status", "detected", "score", "score_name", "scores",
                              "flagged_labels", "threshold", "queries", "wall_time_s",
@@ -168,6 +175,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{status} | {res.get('detected')} | {score} | {res.get('flagged_labels')} | "
                 f"{res.get('wall_time_s', 0):.1f} | {res.get('queries', 0)} |"
             )
+    lines += render_kernel_drift(report)
     env = report.get("environment", {})
     if env:
         isa = ", ".join(k for k, v in env.get("cpu_isa", {}).items() if v) or "none"
@@ -178,7 +186,68 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"onnxruntime {env.get('onnxruntime')}, onnx {env.get('onnx')}, torch {env.get('torch')}, "
             f"python {env.get('python')}; CPU INT8 instruction sets: {isa}.",
         ]
+        kernels = env.get("int8_kernels") or {}
+        if kernels:
+            lines.append(
+                f"INT8 kernel profile of every session: `{config.get('int8_kernels', 'exact')}`; "
+                f"this host's default INT8 kernels measured as `{kernels.get('kernel_class')}` "
+                f"(exact profile verified: {kernels.get('exact_verified')})."
+            )
     return "\n".join(lines) + "\n"
+
+
+def _verdict(res: dict[str, Any] | None) -> str:
+    if not res:
+        return "—"
+    if res.get("status") != "ok":
+        return str(res.get("status"))
+    return "detected" if res.get("detected") else "not detected"
+
+
+def render_kernel_drift(report: dict[str, Any]) -> list[str]:
+    """The "host vs exact INT8 kernels" section: what this CPU's default kernels change.
+
+    Cells carry ``kernel_drift`` (the same cell under the other profile) only where the host's
+    kernels differ from int32-exact arithmetic; elsewhere the section says the profiles coincide.
+    """
+    kernels = report.get("environment", {}).get("int8_kernels") or {}
+    drifted = [run for run in report["runs"] if run.get("kernel_drift")]
+    lines = ["", "## Host vs exact INT8 kernels", ""]
+    if not drifted:
+        if kernels.get("profiles_differ") is False:
+            lines.append(
+                "This host's default INT8 kernels accumulate exactly in int32 "
+                f"(`{kernels.get('kernel_class')}`, measured): the `host` and `exact` profiles "
+                "coincide, so every INT8 number above holds for both."
+            )
+        else:
+            lines.append("No cell was measured under both profiles.")
+        return lines
+    profile = report.get("config", {}).get("int8_kernels", "exact")
+    other = drifted[0]["kernel_drift"].get("kernels", {}).get("profile", "host")
+    lines += [
+        f"This host's default INT8 kernels are `{kernels.get('kernel_class')}` (measured), so "
+        f"every quantized cell was also run under the `{other}` profile. Each pair is "
+        f"`{profile}` → `{other}`.",
+        "",
+        "| seed | model | precision | clean acc | ASR | agree FP32 | verdicts that change |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in drifted:
+        drift = run["kernel_drift"]
+        changed = [
+            f"{name}: {_verdict(res)} → {_verdict(drift.get('defenses', {}).get(name))}"
+            for name, res in run.get("defenses", {}).items()
+            if _verdict(res) != _verdict(drift.get("defenses", {}).get(name))
+        ]
+        lines.append(
+            f"| {run['seed']} | {'poisoned' if run['poisoned'] else 'clean'} | {run['precision']} | "
+            f"{run['clean_acc']:.4f} → {drift['clean_acc']:.4f} | "
+            f"{run['asr']:.4f} → {drift['asr']:.4f} | "
+            f"{run['agreement_fp32']:.4f} → {drift['agreement_fp32']:.4f} | "
+            f"{'; '.join(changed) or 'none'} |"
+        )
+    return lines
 
 
 def plot_report(report: dict[str, Any], folder: Path) -> list[Path]:

@@ -32,6 +32,9 @@ from harness.preprocessing import Preprocessing
 REQUIRED_META = ("model", "num_classes", "in_channels", "preprocessing")
 
 
+MIN_ONECYCLE_STEPS = 8
+
+
 class TrainConfig(BaseModel):
     """Training hyper-parameters; defaults train the small CNNs to convergence in a few epochs.
 
@@ -161,7 +164,9 @@ def train_model(
         )
         total = config.epochs * steps_per_epoch
         scheduler: torch.optim.lr_scheduler.LRScheduler
-        if config.schedule == "onecycle":
+        # One-cycle needs >= 2 warm-up steps (torch divides by the phase length): a run of fewer
+        # than 8 batches in total anneals with cosine instead of crashing.
+        if config.schedule == "onecycle" and total >= MIN_ONECYCLE_STEPS:
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=config.lr, total_steps=total, pct_start=0.25
             )

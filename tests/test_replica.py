@@ -31,10 +31,11 @@ def _pixel_grad(oracle: GradientOracle, pixels: torch.Tensor, weights: torch.Ten
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_replica_matches_onnxruntime_on_every_precision(digits_world, precision):
     adapter = RuntimeAdapter.from_path(digits_world.poisoned[precision])
-    report = adapter.gradient_oracle().parity(digits_world.x_test)
+    report = adapter.gradient_oracle().parity(digits_world.x_test, stamped=digits_world.triggered_x)
     print(f"{precision}: {report}")
-    assert report.n == len(digits_world.x_test)
-    assert report.passed and report.agreement >= 0.995
+    assert [s.name for s in report.sets] == ["clean", "stamped"]
+    assert report.n == len(digits_world.x_test) + len(digits_world.triggered_x)
+    assert report.passed and report.agreement >= 0.995, report.failures
     if precision == "fp32":
         assert report.max_abs_logit_diff < 1e-4
     else:  # rare off-by-one-quantum roundings only, never a systematic offset
@@ -188,7 +189,9 @@ def _assert_close_to_ort(path, images: np.ndarray, rel: float) -> None:
     report = adapter.gradient_oracle().parity(images)
     spread = float(reference.max() - reference.min())
     print(f"{path.name}: {report} (logit spread {spread:.3g})")
-    assert report.agreement >= 0.85  # one near-tie may flip under other CPUs' int8 kernels
+    # The exact INT8 kernel profile (the adapter's default) computes the same numbers on every
+    # x86 CPU, so the full gate holds everywhere: no allowance for "other CPUs" is needed.
+    assert report.passed, report.failures
     assert report.max_abs_logit_diff <= rel * spread
 
 
