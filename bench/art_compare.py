@@ -160,7 +160,7 @@ def filter_quality(flagged: np.ndarray, poison_mask: np.ndarray) -> dict[str, fl
 def ours(name: str, params: dict[str, Any], adapter: Any, data: Any) -> Side:
     """Our defense, seeded as the runner seeds it."""
     from defenses.base import build_defense
-    from harness.runner import stable_seed
+    from harness.sampling import stable_seed
 
     defense = build_defense(name, params)
 
@@ -210,7 +210,7 @@ def strip_split(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The clean-fit, clean-eval and triggered inputs our STRIP tests, drawn as it draws them
     (``Strip._run``'s first two draws from the same seeded generator)."""
-    from harness.runner import stable_seed
+    from harness.sampling import stable_seed
 
     rng = np.random.default_rng(stable_seed(*seed_parts))
     n_clean = min(n_test, len(data.clean_x) // 2)

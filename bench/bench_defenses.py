@@ -118,7 +118,7 @@ def gtsrb_defense_data(data_path: Path, train_size: int, seed: int = SEED):
     from defenses.base import DefenseData
     from harness.attacks.base import build_attack
     from harness.data.base import load_dataset
-    from harness.runner import stable_seed
+    from harness.sampling import stable_seed
 
     dataset = load_dataset("npz", str(data_path))
     attack = build_attack(ATTACK, ATTACK_PARAMS)
@@ -411,7 +411,7 @@ def run_defense(
     """Run one defense (seeded as the runner seeds it); return (result, ORT seconds, replica
     work, cProfile top-N text when ``profile``)."""
     from defenses.base import build_defense
-    from harness.runner import stable_seed
+    from harness.sampling import stable_seed
 
     defense = build_defense(name, params)
     rng = np.random.default_rng(stable_seed("defense", name, SEED))

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from exporters.calibration import check_pixel_images
 from harness.errors import ModelError
+from harness.kernels import session_options
 from harness.preprocessing import METADATA_KEY, Preprocessing
 
 if TYPE_CHECKING:  # torch is imported inside the export functions: reading metadata stays cheap
@@ -172,7 +173,9 @@ def _torch_logits(model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
 
 def onnx_logits_for(path: str | Path, inputs: np.ndarray) -> np.ndarray:
     """Logits of the ONNX model at ``path`` on already-preprocessed float ``inputs`` (CPU)."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(path), sess_options=session_options(), providers=["CPUExecutionProvider"]
+    )
     name = session.get_inputs()[0].name
     chunks = [
         session.run(None, {name: inputs[start : start + _PARITY_BATCH]})[0]

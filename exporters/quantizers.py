@@ -2,10 +2,17 @@
 
 Precisions are plug-ins in ``PRECISIONS``: a quantizer is a class with a default recipe and a
 ``run`` method wrapping one onnxruntime quantizer. ``quantize`` does the rest the same way for
-all of them: validation, optional ``quant_pre_process``, calibration from pixel images,
-preserving the model metadata (the preprocessing!), a smoke run in onnxruntime, and the sidecar
-``<artifact>.json`` recording every argument, library version, file hash and the CPU's INT8
-instruction sets (the same QDQ file runs different kernels on VNNI / AMX machines).
+all of them: validation, a self-contained working copy of the source (external weights pulled
+in, opset converted when the precision needs newer operators), optional ``quant_pre_process``,
+calibration from pixel images, the preprocessing written into the model metadata, a smoke run in
+onnxruntime, and the sidecar ``<artifact>.json`` recording every argument, library version, file
+hash and the CPU's INT8 instruction sets (the same QDQ file runs different kernels on VNNI / AMX
+machines).
+
+Vendor files come in every state, so the source file is only ever read, every failure is one
+``ModelError`` line naming the precision and the cause, and the artifact and its sidecar appear
+at the destination together — moved into place only after onnxruntime ran the quantized model —
+or not at all.
 
 Quantization here is deterministic: identical fp32 model, images and recipe give a
 byte-identical artifact and an identical sidecar apart from paths (checked in the tests).
@@ -13,22 +20,25 @@ byte-identical artifact and an identical sidecar apart from paths (checked in th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import external_data_helper, helper, version_converter
 from onnxruntime.quantization import quantize_dynamic, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from exporters.calibration import (
     PixelBatchReader,
@@ -37,7 +47,7 @@ from exporters.calibration import (
     select_calibration_images,
     write_calibration_cache,
 )
-from exporters.onnx_export import one_line, read_metadata, read_preprocessing
+from exporters.onnx_export import one_line
 from exporters.recipes import (
     QuantRecipe,
     calibrator_options,
@@ -46,14 +56,26 @@ from exporters.recipes import (
     resolve_recipe,
     static_kwargs,
 )
-from harness.errors import BlindspotsError, ModelError
+from harness.errors import BlindspotsError, ModelError, validation_message
+from harness.kernels import DEFAULT_PROFILE, session_options
+from harness.preprocessing import METADATA_KEY, Preprocessing
 from harness.registry import Registry
+from harness.sidecar import read_sidecar, sha256_file, sidecar_path
 
 logger = logging.getLogger(__name__)
 
 SIDECAR_VERSION = 1
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
+#: ONNX's native 4-bit and 16-bit Q/DQ types exist from opset 21 on.
 INT4_MIN_OPSET = 21
+#: DequantizeLinear's ``axis`` (per-channel weights) exists from opset 13 on.
+PER_CHANNEL_MIN_OPSET = 13
+#: DynamicQuantizeLinear, and onnxruntime's QDQ fusions, need opset 11.
+QUANTIZED_MIN_OPSET = 11
+_OPSET21_TYPES = {"int4", "uint4", "int16", "uint16"}
+#: A protobuf message cannot exceed 2 GiB; larger models only exist with external data.
+MAX_MODEL_BYTES = 2**31 - 1
+PREPROCESSING_FLAGS = "--mean/--std (and --scale/--layout where they differ from the defaults)"
 # Symbolic shape inference is skipped: it is meant for transformer graphs, and plain ONNX
 # shape inference already resolves every shape of these CNNs.
 PRE_PROCESS_ARGUMENTS = {"skip_symbolic_shape": True}
@@ -79,9 +101,6 @@ class Quantizer:
     """
 
     default_recipe: ClassVar[QuantRecipe]
-
-    def check_source(self, proto: onnx.ModelProto, src: Path) -> None:
-        """Refuse source models this precision cannot handle; default: anything goes."""
 
     def run(
         self,
@@ -183,7 +202,8 @@ class Int8Static(_StaticQDQ):
 
 @PRECISIONS.register("int4")
 class Int4Static(_StaticQDQ):
-    """W4A8: per-channel INT4 weights, uint8 activations; needs ONNX's native INT4 (opset 21)."""
+    """W4A8: per-channel INT4 weights, uint8 activations in ONNX's native INT4 (opset 21; older
+    sources are converted first)."""
 
     default_recipe = QuantRecipe(
         precision="int4",
@@ -195,13 +215,15 @@ class Int4Static(_StaticQDQ):
         preprocess=True,
     )
 
-    def check_source(self, proto: onnx.ModelProto, src: Path) -> None:
-        opset = model_opset(proto)
-        if opset < INT4_MIN_OPSET:
-            raise ModelError(
-                f"int4 needs ONNX opset ≥ {INT4_MIN_OPSET} (native INT4 tensors) but {src} has "
-                f"opset {opset}; re-export with opset={INT4_MIN_OPSET}"
-            )
+
+@dataclass(frozen=True)
+class _Source:
+    """The source model as read once: the self-contained graph and what it says about itself."""
+
+    path: Path
+    proto: onnx.ModelProto
+    metadata: dict[str, str]
+    external_files: tuple[str, ...]
 
 
 def quantize(
@@ -210,75 +232,246 @@ def quantize(
     out_path: str | Path,
     calibration_images: np.ndarray | None = None,
     recipe_overrides: dict[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> QuantizedArtifact:
-    """Quantize the exported fp32 model at ``fp32_path`` to ``precision``, writing ``out_path``.
+    """Quantize the fp32 model at ``fp32_path`` to ``precision``, writing ``out_path``.
 
     ``calibration_images`` are uint8 NHWC pixels (clean training images), required by the
-    calibrated precisions; they are normalised with the preprocessing stored in the model.
-    ``recipe_overrides`` replace fields of the precision's default recipe.
+    calibrated precisions; they are normalised with ``preprocessing``, or with the preprocessing
+    stored in the model's metadata when none is given. An explicit ``preprocessing`` is also
+    written into the artifact's metadata, so a vendor model quantized here carries what it was
+    calibrated with. ``recipe_overrides`` replace fields of the precision's default recipe.
+    The source file is never modified; on failure nothing new is left at ``out_path``.
     """
     quantizer = PRECISIONS.get(precision)()
     recipe = resolve_recipe(quantizer.default_recipe, recipe_overrides)
-    src = Path(fp32_path)
-    dst = Path(out_path)
-    if src.resolve() == dst.resolve():
-        raise ModelError(f"quantized output {dst} would overwrite its source model")
-    source_meta = read_metadata(src)
-    quantizer.check_source(onnx.load(str(src), load_external_data=False), src)
+    src, dst = Path(fp32_path), Path(out_path)
+    try:
+        return _quantize(quantizer, recipe, src, dst, calibration_images, preprocessing)
+    except BlindspotsError:
+        raise
+    except Exception as exc:  # numpy, pydantic, onnx and onnxruntime (pybind) errors alike
+        raise ModelError(f"cannot quantize {src} to {precision}: {_cause(exc)}") from exc
 
-    reader, calibration_record = _calibration(src, recipe, calibration_images)
+
+def _quantize(
+    quantizer: Quantizer,
+    recipe: QuantRecipe,
+    src: Path,
+    dst: Path,
+    calibration_images: np.ndarray | None,
+    explicit: Preprocessing | None,
+) -> QuantizedArtifact:
+    """``quantize`` without the error wrapping: read, convert, quantize, check, publish."""
+    precision = recipe.precision
+    _check_destination(src, dst)
+    source = _read_source(src)
+    preprocessing = _resolve_preprocessing(source, explicit, recipe)
+    if preprocessing is not None:
+        _check_image_input(source, preprocessing, recipe)
+    reader, calibration_record = _calibration(source, recipe, preprocessing, calibration_images)
     notes: list[str] = []
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # A sidecar left by an earlier run must not vouch for whatever this run writes.
-    sidecar_path(dst).unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="blindspots-quant-") as tmp:
         work_dir = Path(tmp)
-        model_in = src
-        try:
-            if recipe.preprocess:
-                model_in = work_dir / "preprocessed.onnx"
-                quant_pre_process(str(src), str(model_in), **PRE_PROCESS_ARGUMENTS)
-            applied = quantizer.run(model_in, dst, recipe, reader, work_dir, notes)
-        except BlindspotsError:
-            raise
-        except Exception as exc:  # onnx / onnxruntime raise unrelated (pybind) exception types
+        model_in, conversion = _working_copy(source, recipe, work_dir, notes)
+        if recipe.preprocess:
+            preprocessed = work_dir / "preprocessed.onnx"
+            quant_pre_process(str(model_in), str(preprocessed), **PRE_PROCESS_ARGUMENTS)
+            model_in = preprocessed
+        work_out = work_dir / "quantized.onnx"
+        applied = quantizer.run(model_in, work_out, recipe, reader, work_dir, notes)
+        _finish_metadata(work_out, source.metadata, explicit, notes)
+        problem = ort_run_problem(work_out)
+        if problem is not None:
             raise ModelError(
-                f"onnxruntime could not quantize {src} to {precision}: {one_line(exc)}"
-            ) from exc
+                f"onnxruntime cannot run the quantized {precision} model made from {src} "
+                f"(the quantizer produced a graph this onnxruntime does not execute): {problem}"
+            )
+        digest = sha256_file(work_out)
+        artifact = QuantizedArtifact(
+            precision=precision,
+            path=str(dst),
+            sidecar_path=str(sidecar_path(dst)),
+            sha256=digest,
+            recipe=applied,
+            notes=notes,
+        )
+        sidecar = {
+            "sidecar_version": SIDECAR_VERSION,
+            "precision": precision,
+            "artifact": {"path": str(dst), "sha256": digest, "bytes": work_out.stat().st_size},
+            "source": _source_record(source),
+            "opset_conversion": conversion,
+            "preprocessing": _preprocessing_record(preprocessing, explicit),
+            "recipe": applied.model_dump(mode="json"),
+            "onnxruntime_arguments": _ort_arguments(applied),
+            "calibration": calibration_record,
+            "graph": describe_quantization(work_out),
+            "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
+            "cpu_isa_flags": cpu_isa_flags(),
+            "notes": notes,
+        }
+        _publish(work_out, dst, sidecar)
+    return artifact
 
-    _restore_metadata(dst, source_meta, notes)
-    problem = ort_run_problem(dst)
-    if problem is not None:
-        raise ModelError(f"onnxruntime cannot run the {precision} model {dst}: {problem}")
 
-    digest = sha256_file(dst)
-    sidecar = {
-        "sidecar_version": SIDECAR_VERSION,
-        "precision": precision,
-        "artifact": {"path": str(dst), "sha256": digest, "bytes": dst.stat().st_size},
-        "source": {"path": str(src), "sha256": sha256_file(src)},
-        "recipe": applied.model_dump(mode="json"),
-        "onnxruntime_arguments": _ort_arguments(applied),
-        "calibration": calibration_record,
-        "graph": describe_quantization(dst),
-        "versions": {"onnxruntime": ort.__version__, "onnx": onnx.__version__},
-        "cpu_isa_flags": cpu_isa_flags(),
-        "notes": notes,
+def _cause(exc: Exception) -> str:
+    """One line saying what went wrong inside a library call."""
+    if isinstance(exc, ValidationError):
+        return validation_message(exc, "field")
+    return f"{type(exc).__name__}: {one_line(exc)}"
+
+
+def _check_destination(src: Path, dst: Path) -> None:
+    if not src.is_file():
+        raise ModelError(f"ONNX model not found: {src}")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ModelError(f"quantized output {dst} would overwrite its source model")
+    if dst.is_dir():
+        raise ModelError(f"quantized output {dst} is a directory; name the .onnx file to write")
+
+
+def _read_source(src: Path) -> _Source:
+    """Load the source with any external weights from its own folder (onnx refuses locations
+    that leave it), so everything downstream works on one self-contained graph."""
+    try:
+        proto = onnx.load(str(src), load_external_data=False)
+        external_files = sorted(
+            {
+                external_data_helper.ExternalDataInfo(init).location
+                for init in proto.graph.initializer
+                if external_data_helper.uses_external_data(init)
+            }
+        )
+        external_data_helper.load_external_data_for_model(proto, str(src.parent))
+    except Exception as exc:  # DecodeError, OSError, onnx's own ValidationError ...
+        raise ModelError(f"cannot read ONNX model {src}: {_cause(exc)}") from exc
+    if proto.ByteSize() > MAX_MODEL_BYTES:
+        raise ModelError(
+            f"ONNX model {src} holds more than 2 GiB of weights; quantizing models beyond "
+            "protobuf's 2 GiB limit is not supported"
+        )
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    return _Source(path=src, proto=proto, metadata=metadata, external_files=tuple(external_files))
+
+
+def _source_record(source: _Source) -> dict[str, Any]:
+    """Identity of the source: the model file and, for external weights, each weights file
+    (a cached artifact must be rebuilt when only the weights changed)."""
+    return {
+        "path": str(source.path),
+        "sha256": sha256_file(source.path),
+        "external_data": {
+            name: sha256_file(source.path.parent / name) for name in source.external_files
+        },
     }
-    side_path = sidecar_path(dst)
-    side_path.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-    return QuantizedArtifact(
-        precision=precision,
-        path=str(dst),
-        sidecar_path=str(side_path),
-        sha256=digest,
-        recipe=applied,
-        notes=notes,
+
+
+def _resolve_preprocessing(
+    source: _Source, explicit: Preprocessing | None, recipe: QuantRecipe
+) -> Preprocessing | None:
+    """The explicit preprocessing, else the one stored in the model; a calibrated precision
+    cannot do without one (its images must be normalised exactly as the model expects)."""
+    if explicit is not None:
+        return explicit
+    if METADATA_KEY in source.metadata:
+        return Preprocessing.from_json(source.metadata[METADATA_KEY])
+    if recipe.needs_calibration:
+        raise ModelError(
+            f"ONNX model {source.path} carries no '{METADATA_KEY}' metadata, and "
+            f"'{recipe.precision}' calibrates on images: give its preprocessing with "
+            f"{PREPROCESSING_FLAGS}"
+        )
+    return None
+
+
+def _image_input(source: _Source) -> onnx.ValueInfoProto:
+    """The model's one data input (older IRs also list initializers as inputs)."""
+    initializers = {init.name for init in source.proto.graph.initializer}
+    inputs = [i for i in source.proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ModelError(
+            f"expected one image input in {source.path}, found {[i.name for i in inputs]}"
+        )
+    return inputs[0]
+
+
+def _check_image_input(source: _Source, preprocessing: Preprocessing, recipe: QuantRecipe) -> None:
+    """Refuse a preprocessing the model's input contradicts (channel count at the layout's
+    channel axis), and calibration of a model that does not take float32 images."""
+    image = _image_input(source)
+    tensor = image.type.tensor_type
+    if recipe.needs_calibration and tensor.elem_type != onnx.TensorProto.FLOAT:
+        kind = onnx.TensorProto.DataType.Name(tensor.elem_type).lower()
+        raise ModelError(
+            f"'{recipe.precision}' calibrates with float32 images but input '{image.name}' of "
+            f"{source.path} takes {kind}"
+        )
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    if not tensor.HasField("shape") or len(dims) != 4:
+        return
+    channels = dims[1 if preprocessing.layout == "NCHW" else 3]
+    if channels is not None and channels != preprocessing.channels:
+        raise ModelError(
+            f"input '{image.name}' of {source.path} has shape {dims}: {channels} channel(s) in "
+            f"{preprocessing.layout} layout, but the preprocessing has {preprocessing.channels}; "
+            "check --layout and the length of --mean/--std"
+        )
+
+
+def required_opset(recipe: QuantRecipe) -> int | None:
+    """The lowest ai.onnx opset whose operators express ``recipe`` (None: a plain copy)."""
+    if recipe.format == "none":
+        return None
+    if {recipe.weight_type, recipe.activation_type} & _OPSET21_TYPES:
+        return INT4_MIN_OPSET
+    if recipe.per_channel:
+        return PER_CHANNEL_MIN_OPSET
+    return QUANTIZED_MIN_OPSET
+
+
+def _working_copy(
+    source: _Source, recipe: QuantRecipe, work_dir: Path, notes: list[str]
+) -> tuple[Path, dict[str, int] | None]:
+    """The file the quantizer reads and the opset conversion applied to make it.
+
+    The source path itself when it is already self-contained and new enough (so the fp32 copy
+    stays byte-identical); otherwise a single-file copy in ``work_dir``, converted with onnx's
+    version converter when the precision needs a newer opset. onnxruntime would bump the
+    declared opset of an old file without converting every operator it touches, which is how
+    opset 9/11 sources turned into graphs with a DequantizeLinear ``axis`` their opset lacks.
+    """
+    opset = model_opset(source.proto)
+    needed = required_opset(recipe)
+    if needed is None or opset >= needed:
+        if not source.external_files:
+            return source.path, None
+        copy = work_dir / "source.onnx"
+        onnx.save(source.proto, str(copy))
+        notes.append("external weights of the source were embedded into one file")
+        return copy, None
+    try:
+        converted = version_converter.convert_version(source.proto, needed)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # the converter raises RuntimeError / onnx ValidationError
+        raise ModelError(
+            f"'{recipe.precision}' needs ONNX opset ≥ {needed} but {source.path} has opset "
+            f"{opset}, and converting it failed: {_cause(exc)}"
+        ) from exc
+    copy = work_dir / "source.onnx"
+    onnx.save(converted, str(copy))
+    notes.append(
+        f"converted a copy of the source from opset {opset} to {needed} (needed by "
+        f"'{recipe.precision}'); the source file is unchanged"
     )
+    return copy, {"from": opset, "to": needed}
 
 
 def _calibration(
-    src: Path, recipe: QuantRecipe, images: np.ndarray | None
+    source: _Source,
+    recipe: QuantRecipe,
+    preprocessing: Preprocessing | None,
+    images: np.ndarray | None,
 ) -> tuple[PixelBatchReader | None, dict[str, Any] | None]:
     """The calibration reader for a calibrated recipe, and what the sidecar says about it."""
     if not recipe.needs_calibration:
@@ -288,11 +481,12 @@ def _calibration(
             f"precision '{recipe.precision}' is calibrated: pass calibration_images "
             "(uint8 NHWC clean training images)"
         )
-    preprocessing = read_preprocessing(src)
+    if preprocessing is None:  # _resolve_preprocessing refuses this case already
+        raise ModelError(f"precision '{recipe.precision}' needs the model's preprocessing")
     check_pixel_images(images, preprocessing.channels)
     chosen = select_calibration_images(images, recipe.calibration_size, recipe.calibration_seed)
     reader = PixelBatchReader(
-        chosen, preprocessing, _input_name(src), recipe.calibration_batch_size
+        chosen, preprocessing, _image_input(source).name, recipe.calibration_batch_size
     )
     record = {
         "method": recipe.calibration_method,
@@ -318,26 +512,69 @@ def _ort_arguments(recipe: QuantRecipe) -> dict[str, Any] | None:
     return {"quant_pre_process": pre_process, **call}
 
 
-def _input_name(path: Path) -> str:
-    proto = onnx.load(str(path), load_external_data=False)
-    initializers = {init.name for init in proto.graph.initializer}
-    names = [i.name for i in proto.graph.input if i.name not in initializers]
-    if len(names) != 1:
-        raise ModelError(f"expected one image input in {path}, found {names}")
-    return names[0]
+def _preprocessing_record(
+    preprocessing: Preprocessing | None, explicit: Preprocessing | None
+) -> dict[str, Any] | None:
+    """The preprocessing used, and whether it came from the caller or the model's metadata."""
+    if preprocessing is None:
+        return None
+    origin = "argument" if explicit is not None else "metadata"
+    return {"origin": origin, **json.loads(preprocessing.to_json())}
 
 
-def _restore_metadata(dst: Path, source_meta: dict[str, str], notes: list[str]) -> None:
-    """Copy source metadata_props the quantizer dropped (onnxruntime 1.31 keeps them)."""
-    proto = onnx.load(str(dst))
-    present = {p.key for p in proto.metadata_props}
-    missing = sorted(key for key in source_meta if key not in present)
-    if not missing:
+def _finish_metadata(
+    path: Path, source_metadata: dict[str, str], explicit: Preprocessing | None, notes: list[str]
+) -> None:
+    """Give the artifact the source's metadata_props — restoring any the quantizer dropped
+    (onnxruntime 1.31 keeps them) — and write an explicitly given preprocessing into it."""
+    proto = onnx.load(str(path))
+    present = {p.key: p.value for p in proto.metadata_props}
+    wanted = dict(source_metadata)
+    if explicit is not None:
+        wanted[METADATA_KEY] = explicit.to_json()
+    if all(present.get(key) == value for key, value in wanted.items()):
         return
-    for key in missing:
-        proto.metadata_props.add(key=key, value=source_meta[key])
-    onnx.save(proto, str(dst))
-    notes.append(f"restored metadata dropped by the quantizer: {', '.join(missing)}")
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key not in wanted]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *sorted(wanted.items())]:
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+    dropped = sorted(key for key in source_metadata if key not in present)
+    if dropped:
+        notes.append(f"restored metadata dropped by the quantizer: {', '.join(dropped)}")
+    if explicit is not None and source_metadata.get(METADATA_KEY) != explicit.to_json():
+        notes.append(f"wrote the given preprocessing into the model metadata '{METADATA_KEY}'")
+
+
+def _publish(artifact: Path, dst: Path, sidecar: dict[str, Any]) -> None:
+    """Move the artifact and its sidecar into place together.
+
+    Both are first written to temporary files in the destination folder (same filesystem, so
+    ``os.replace`` is atomic); the model is replaced before its sidecar, and a sidecar that cannot
+    follow takes the new model away again, so no model is ever left without its own sidecar.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    side = sidecar_path(dst)
+    model_tmp, side_tmp = _temp_beside(dst), _temp_beside(side)
+    try:
+        shutil.copyfile(artifact, model_tmp)
+        side_tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+        os.replace(model_tmp, dst)
+        try:
+            os.replace(side_tmp, side)
+        except OSError:
+            dst.unlink(missing_ok=True)
+            raise
+    finally:
+        model_tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+
+
+def _temp_beside(path: Path) -> Path:
+    """A new, hidden temporary file next to ``path``."""
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(handle)
+    return Path(name)
 
 
 def quantize_all(
@@ -390,18 +627,42 @@ def _is_current(target: Path, source: str | Path, calibration_images: np.ndarray
     return calibration.get("images_sha256") == images_fingerprint(chosen)
 
 
-def ort_run_problem(path: str | Path) -> str | None:
-    """None if onnxruntime CPU loads the model and runs one all-zero input, else why not."""
+def ort_run_problem(path: str | Path, profile: str = DEFAULT_PROFILE) -> str | None:
+    """None if onnxruntime CPU loads the model and runs it once, else why not.
+
+    The session is built like every other harness session (kernel ``profile``), and each input
+    gets zeros of its declared element type and shape, symbolic dimensions set to 1, so a model
+    with a fixed batch or a non-float input is judged on what it really accepts.
+    """
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feeds = {}
-        for arg in session.get_inputs():
-            shape = [dim if isinstance(dim, int) and dim > 0 else 1 for dim in arg.shape]
-            feeds[arg.name] = np.zeros(shape, dtype=np.float32)
+        session = ort.InferenceSession(
+            str(path),
+            sess_options=session_options(profile, threads=1),
+            providers=["CPUExecutionProvider"],
+        )
+        feeds = {
+            arg.name: np.zeros(_smoke_shape(arg.shape), dtype=_numpy_dtype(arg.type))
+            for arg in session.get_inputs()
+        }
         session.run(None, feeds)
     except Exception as exc:  # onnxruntime's pybind errors share no public base class
         return one_line(exc)
     return None
+
+
+def _smoke_shape(shape: list[int | str | None]) -> list[int]:
+    """Fixed dimensions as declared; symbolic or unknown ones as 1."""
+    return [dim if isinstance(dim, int) and dim > 0 else 1 for dim in shape]
+
+
+def _numpy_dtype(ort_type: str) -> np.dtype:
+    """numpy dtype of an onnxruntime input type such as ``tensor(uint8)``."""
+    match = re.fullmatch(r"tensor\((\w+)\)", ort_type)
+    if match is None:
+        raise ModelError(f"model input of type {ort_type} is not a tensor")
+    name = match.group(1).upper()
+    elem_type = onnx.TensorProto.DataType.Value("FLOAT" if name == "FLOAT32" else name)
+    return helper.tensor_dtype_to_np_dtype(elem_type)
 
 
 def model_opset(proto: onnx.ModelProto) -> int:
@@ -449,43 +710,3 @@ def cpu_isa_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, bool | Non
     else:
         return dict.fromkeys(ISA_FLAGS)
     return {flag: flag in flags for flag in ISA_FLAGS}
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sidecar_path(onnx_path: str | Path) -> Path:
-    """``<artifact>.json`` next to the artifact (``model.onnx`` → ``model.onnx.json``)."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(onnx_path.name + ".json")
-
-
-def read_sidecar(path: str | Path, verify: bool = True) -> dict[str, Any]:
-    """The sidecar of an artifact (pass the ``.onnx`` or the ``.json`` path).
-
-    With ``verify`` the artifact's current sha256 must match the recorded one, so a model
-    edited after quantization is never reported under its old recipe.
-    """
-    path = Path(path)
-    side = path if path.suffix == ".json" else sidecar_path(path)
-    try:
-        record = json.loads(side.read_text())
-    except FileNotFoundError as exc:
-        raise ModelError(f"no quantization sidecar at {side}") from exc
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"unreadable quantization sidecar {side}: {exc}") from exc
-    if not isinstance(record, dict) or "artifact" not in record:
-        raise ModelError(f"{side} is not a quantization sidecar (no 'artifact' entry)")
-    if verify:
-        artifact = side.with_name(side.name.removesuffix(".json"))
-        if not artifact.is_file():
-            raise ModelError(f"sidecar {side} describes a missing model {artifact}")
-        if sha256_file(artifact) != record["artifact"]["sha256"]:
-            raise ModelError(f"model {artifact} changed after quantization (sha256 mismatch)")
-    return record

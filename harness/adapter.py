@@ -30,6 +30,7 @@ from harness.errors import ModelError
 from harness.graph_probe import ProbePoint, add_probe_outputs, discover_layers, mask_channels
 from harness.kernels import DEFAULT_PROFILE, KernelProfile, check_profile, session_options
 from harness.preprocessing import METADATA_KEY, Preprocessing
+from harness.sidecar import sidecar_precision
 
 PerSample = bool | Literal["auto"]
 
@@ -62,6 +63,7 @@ class RuntimeAdapter:
 
     def __post_init__(self) -> None:
         check_profile(self.kernel_profile)
+        self.kernel_note: str | None = None
         if not self.probes:
             self.probes = discover_layers(self.model)
         self._input_name = self.model.graph.input[0].name
@@ -91,7 +93,7 @@ class RuntimeAdapter:
         except Exception as exc:  # onnx raises DecodeError, OSError, ...
             raise ModelError(f"cannot read ONNX model {path}: {exc}") from exc
         if precision is None:
-            precision = _precision_from_sidecar(path) or infer_precision(model)
+            precision = sidecar_precision(path) or infer_precision(model)
         return cls.from_model(model, preprocessing, precision=precision, source_path=path, **kwargs)
 
     @classmethod
@@ -107,15 +109,27 @@ class RuntimeAdapter:
         return cls(model=model, preprocessing=preprocessing, **kwargs)  # type: ignore[arg-type]
 
     def _make_session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        options = session_options(self.kernel_profile, self.threads)
+        data = model.SerializeToString()
         try:
-            return ort.InferenceSession(
-                model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
-            )
+            return _session(data, self.kernel_profile, self.threads)
         except Exception as exc:  # ORT raises its own exception types
-            raise ModelError(
-                f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}"
-            ) from exc
+            first = str(exc).splitlines()[0]
+        # onnxruntime's exact path rewrites s8 weights for u8 kernels; QOperator graphs with s8
+        # *activations* (QLinearConv/QLinearMatMul s8×s8) have no such kernel and fail to load.
+        # Their s8×s8 kernels accumulate in int32 on every x86 CPU (no vpmaddubsw), so the
+        # default kernels are already exact for them: use those, and say so.
+        if self.kernel_profile == "exact" and "NOT_IMPLEMENTED" in first:
+            try:
+                session = _session(data, "host", self.threads)
+            except Exception:
+                session = None
+            if session is not None:
+                self.kernel_note = (
+                    "exact profile unavailable for this graph's s8×s8 integer ops; "
+                    "onnxruntime's default int32 kernels run them"
+                )
+                return session
+        raise ModelError(f"onnxruntime cannot load the model: {first}")
 
     # ------------------------------------------------------------------ queries
     @property
@@ -124,9 +138,18 @@ class RuntimeAdapter:
         dims = self.model.graph.output[0].type.tensor_type.shape.dim
         if dims and dims[-1].dim_value > 0:
             return int(dims[-1].dim_value)
-        return int(
-            self._session.run([self._logits_name], {self._input_name: self._blank()})[0].shape[-1]
-        )
+        h, w, c = self.input_shape
+        blank = np.zeros((1, h, w, c), dtype=np.uint8)
+        return int(self._forward(self._session, [self._logits_name], blank, None)[0].shape[-1])
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """Batch size the graph declares for its input, when it fixes one (vendor exports often
+        say 1 or 16); such graphs are fed exactly that many images per call, the last padded."""
+        dims = self.model.graph.input[0].type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return int(dims[0].dim_value)
+        return None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -135,10 +158,6 @@ class RuntimeAdapter:
         if self.preprocessing.layout == "NCHW" and len(dims) == 4:
             return (dims[2], dims[3], dims[1])
         return tuple(dims[1:])
-
-    def _blank(self) -> np.ndarray:
-        h, w, c = self.input_shape
-        return self.preprocessing.apply(np.zeros((1, h, w, c), dtype=np.uint8))
 
     def runs_per_sample(self, per_sample: PerSample | None) -> bool:
         mode = self.per_sample if per_sample is None else per_sample
@@ -155,15 +174,22 @@ class RuntimeAdapter:
             raise ModelError(f"expected a batch of NHWC images, got shape {pixels.shape}")
         if pixels.dtype != np.uint8 and not np.issubdtype(pixels.dtype, np.floating):
             raise ModelError(f"expected uint8 or float pixels, got dtype {pixels.dtype}")
-        step = 1 if self.runs_per_sample(per_sample) else self.batch_size
+        fixed = self.fixed_batch
+        step = fixed or (1 if self.runs_per_sample(per_sample) else self.batch_size)
+        block_size = max(step, self.batch_size - self.batch_size % step)
         chunks: list[list[np.ndarray]] = [[] for _ in outputs]
-        for block in range(0, len(pixels), self.batch_size):
+        for block in range(0, len(pixels), block_size):
             # A whole batch is preprocessed at once even in per-sample mode: the per-image runs
             # then take contiguous views (no numpy calls per image), memory stays one batch.
-            feed = self.preprocessing.apply(pixels[block : block + self.batch_size])
+            feed = self.preprocessing.apply(pixels[block : block + block_size])
             for start in range(0, len(feed), step):
+                part = feed[start : start + step]
+                real = len(part)
+                if fixed and real < fixed:  # a graph with a fixed batch: pad the last call
+                    padding = np.zeros((fixed - real, *part.shape[1:]), dtype=part.dtype)
+                    part = np.concatenate([part, padding])
                 try:
-                    results = session.run(outputs, {self._input_name: feed[start : start + step]})
+                    results = session.run(outputs, {self._input_name: part})
                 except Exception as exc:  # onnxruntime's own exception types (bad shapes, ...)
                     expected = [
                         d.dim_value or d.dim_param
@@ -175,7 +201,7 @@ class RuntimeAdapter:
                     ) from exc
                 self.counter.calls += 1
                 for store, value in zip(chunks, results, strict=True):
-                    store.append(value)
+                    store.append(value[:real] if fixed else value)
         self.counter.images += len(pixels)
         return [_join(parts) for parts in chunks]
 
@@ -268,6 +294,12 @@ class RuntimeAdapter:
         return self._oracle
 
 
+def _session(data: bytes, profile: str, threads: int | None) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        data, sess_options=session_options(profile, threads), providers=["CPUExecutionProvider"]
+    )
+
+
 def _join(parts: list[np.ndarray]) -> np.ndarray:
     """One array from per-run outputs; a single run's output is returned as is (no copy)."""
     if not parts:
@@ -297,17 +329,3 @@ def infer_precision(model: onnx.ModelProto) -> str:
     if "DequantizeLinear" in ops or "QLinearConv" in ops:
         return "int8-static"
     return "fp32"
-
-
-def _precision_from_sidecar(path: Path) -> str | None:
-    from exporters.quantizers import sidecar_path
-
-    sidecar = sidecar_path(path)
-    if not sidecar.is_file():
-        return None
-    import json
-
-    try:
-        return str(json.loads(sidecar.read_text())["precision"])
-    except (ValueError, KeyError, TypeError):
-        return None

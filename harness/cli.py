@@ -10,11 +10,44 @@ import argparse
 import json
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from defenses.base import DEFENSES, DefenseData, build_defense
+from exporters.onnx_export import export_onnx
+from exporters.quantizers import PRECISIONS, quantize
+from exporters.recipes import resolve_recipe
+from harness.attacks.base import ATTACKS, build_attack
+from harness.audit import (
+    PUBLISHED,
+    AuditRequest,
+    open_vendor_model,
+    run_audit,
+    vendor_adapter,
+    verdict_rows,
+)
+from harness.config import build_config, load_config
+from harness.data.base import DATASETS, load_dataset
 from harness.errors import BlindspotsError
+from harness.intake import IntakeOverrides, check_num_classes
 from harness.kernels import DEFAULT_PROFILE, PROFILES, probe_host, profile_record
+from harness.metrics import accuracy, agreement, attack_success_rate
+from harness.models import MODELS
+from harness.preprocessing import Preprocessing
+from harness.report import write_report
+from harness.runner import run_experiment
+from harness.sampling import stable_seed
+from harness.sanity import check_outputs, raise_on_errors
+from harness.training import (
+    TrainConfig,
+    checkpoint_meta,
+    load_model,
+    save_state,
+    train_model,
+)
 
 DEMO_CONFIG: dict[str, Any] = {
     "dataset": "digits",
@@ -79,10 +112,6 @@ def _parse_json(text: str | None, what: str) -> dict[str, Any]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from harness.config import build_config
-    from harness.report import write_report
-    from harness.runner import run_experiment
-
     config = build_config({**DEMO_CONFIG, "int8_kernels": args.int8_kernels}, "demo config")
     started = time.perf_counter()
     run_experiment(config, args.out, log=_log)
@@ -94,10 +123,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from harness.config import load_config
-    from harness.report import write_report
-    from harness.runner import run_experiment
-
     overrides: dict[str, Any] = {"data_root": args.data_root, "int8_kernels": args.int8_kernels}
     if args.dataset:
         overrides["dataset"] = args.dataset
@@ -109,8 +134,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from harness.report import write_report
-
     folder = Path(args.folder)
     if not (folder / "results.jsonl").is_file():
         raise BlindspotsError(f"no results.jsonl in {folder}: nothing to report")
@@ -120,13 +143,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from harness.attacks.base import build_attack
-    from harness.data.base import load_dataset
-    from harness.preprocessing import Preprocessing
-    from harness.runner import stable_seed
-    from harness.training import TrainConfig, checkpoint_meta, save_state, train_model
 
     data = load_dataset(args.dataset, args.data_root)
     config = TrainConfig(
@@ -152,11 +168,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from exporters.onnx_export import export_onnx
-    from harness.data.base import load_dataset
-    from harness.preprocessing import Preprocessing
-    from harness.training import load_model
-
     model, meta = load_model(args.state)
     preprocessing = Preprocessing.from_json(meta["preprocessing"])
     sample = load_dataset(args.dataset, args.data_root).x_test[:256]
@@ -166,12 +177,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from exporters.quantizers import PRECISIONS, quantize
-    from exporters.recipes import resolve_recipe
-    from harness.data.base import load_dataset
-    from harness.runner import stable_seed
 
     overrides = _parse_json(args.recipe, "--recipe")
     if args.reduce_range:
@@ -190,23 +195,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
 
-    from harness.adapter import RuntimeAdapter
-    from harness.attacks.base import build_attack
-    from harness.data.base import load_dataset
-    from harness.metrics import accuracy, agreement, attack_success_rate
-    from harness.preprocessing import Preprocessing
-
-    preprocessing = None
-    if args.mean is not None or args.std is not None:
-        if args.mean is None or args.std is None:
-            raise BlindspotsError("--mean and --std must be given together")
-        preprocessing = Preprocessing(tuple(args.mean), tuple(args.std))
+    overrides = _intake_overrides(args)
     data = load_dataset(args.dataset, args.data_root)
-    adapter = RuntimeAdapter.from_path(
-        args.model, preprocessing=preprocessing, kernel_profile=args.int8_kernels
-    )
+    vendor = open_vendor_model(args.model, overrides)
+    check_num_classes(vendor.intake, data.num_classes)
+    adapter = vendor_adapter(vendor, args.int8_kernels)
+    raise_on_errors(check_outputs(adapter.logits(data.x_test), data.y_test))
     attack = build_attack(args.attack, _parse_json(args.attack_params, "--attack-params"))
     pred = adapter.predict(data.x_test)
     triggered, _ = attack.triggered_test_set(data.x_test, data.y_test)
@@ -219,14 +214,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "kernels": profile_record(args.int8_kernels),
     }
     if args.reference:
-        ref = RuntimeAdapter.from_path(
-            args.reference, preprocessing=preprocessing, kernel_profile=args.int8_kernels
-        )
+        ref = vendor_adapter(open_vendor_model(args.reference, overrides), args.int8_kernels)
         result["agreement_fp32"] = agreement(pred, ref.predict(data.x_test))
     if args.defenses:
-        from defenses.base import DefenseData, build_defense
-        from harness.runner import stable_seed
-
         n = min(200, len(data.x_test) // 2)
         data_for_defenses = DefenseData(
             num_classes=data.num_classes,
@@ -265,13 +255,74 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from defenses.base import DEFENSES
-    from exporters.quantizers import PRECISIONS
-    from harness.attacks.base import ATTACKS
-    from harness.data.base import DATASETS
-    from harness.models import MODELS
+def _intake_overrides(args: argparse.Namespace) -> Any:
+    """What the auditor states about the model's input, from the preprocessing flags."""
+    given = {
+        "mean": args.mean,
+        "std": args.std,
+        "scale": args.scale,
+        "layout": args.layout,
+        "channel_order": args.channel_order,
+    }
+    return IntakeOverrides(**{k: v for k, v in given.items() if v is not None})
 
+
+def _read_params_file(path: str | None) -> dict[str, Any]:
+    """``--defense-params FILE``: a JSON or TOML table of per-defense parameter tables."""
+    if path is None:
+        return {}
+
+    file = Path(path)
+    if not file.is_file():
+        raise BlindspotsError(f"--defense-params file not found: {file}")
+    try:
+        text = file.read_text()
+        value = json.loads(text) if file.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise BlindspotsError(f"{file}: cannot parse defense parameters: {exc}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise BlindspotsError(
+            f"{file}: expected a table of tables, e.g. [neural_cleanse] steps=200"
+        )
+    return value
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    request = AuditRequest(
+        model=Path(args.model),
+        dataset=args.dataset,
+        data_root=args.data_root,
+        out=Path(args.out),
+        defenses=args.defenses or AuditRequest.model_fields["defenses"].default_factory(),
+        defense_params=_read_params_file(args.defense_params),
+        precisions=[p.strip() for p in args.precisions.split(",") if p.strip()] or [PUBLISHED],
+        trained_on_dataset=args.trained_on_dataset,
+        sample_size=args.sample_size,
+        seed=args.seed,
+        int8_kernels=args.int8_kernels,
+        overrides=_intake_overrides(args),
+    )
+    report = run_audit(request, log=_log)
+    print("| artifact | clean acc | agreement | defense | verdict | suspected | rests on |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(verdict_rows(report)))
+    print(f"wrote {request.out / 'audit.json'} and {request.out / 'audit.md'}")
+    return 0
+
+
+def _preprocessing_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mean", type=float, nargs="+", default=None, help="per-channel mean (after --scale)"
+    )
+    parser.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std")
+    parser.add_argument(
+        "--scale", type=float, default=None, help="pixel multiplier (default 1/255; 1 for 0..255)"
+    )
+    parser.add_argument("--layout", choices=("NCHW", "NHWC"), default=None)
+    parser.add_argument("--channel-order", choices=("RGB", "BGR"), default=None)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
     for registry in (DATASETS, ATTACKS, MODELS, PRECISIONS, DEFENSES):
         print(f"{registry.kind}s: {', '.join(registry.names())}")
     return 0
@@ -352,12 +403,34 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the model was trained on this dataset's training split (enables AC / SS)",
     )
-    p.add_argument(
-        "--mean", type=float, nargs="+", default=None, help="preprocessing for foreign models"
-    )
-    p.add_argument("--std", type=float, nargs="+", default=None)
+    _preprocessing_flags(p)
     _kernel_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "audit", help="audit a vendor's ONNX classifier as published (and its quantized copies)"
+    )
+    p.add_argument("model", help="the ONNX file to audit (read as untrusted, never modified)")
+    _dataset_args(p)
+    p.add_argument("--defenses", nargs="*", default=None, help="default: NC, AC, SS, STRIP")
+    p.add_argument("--defense-params", default=None, help="JSON/TOML file of per-defense tables")
+    p.add_argument(
+        "--precisions",
+        default="published",
+        help="comma list: 'published' and/or precisions to build from a float model "
+        "(e.g. published,int8-static,int4)",
+    )
+    p.add_argument(
+        "--trained-on-dataset",
+        action="store_true",
+        help="the model was trained on this dataset's training split (enables AC / SS)",
+    )
+    p.add_argument("--sample-size", type=_positive_int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/audit")
+    _preprocessing_flags(p)
+    _kernel_args(p)
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser(
         "kernels", help="measure whether this CPU's INT8 kernels saturate (host vs exact profile)"

@@ -9,6 +9,11 @@ Quantize / dequantize / integer ops become fake-quant with straight-through grad
 graph's own scales and zero points, so the forward pass matches onnxruntime (checked by
 :meth:`harness.oracle.GradientOracle.parity`) and the backward pass is the usual STE gradient.
 
+Custom domains: onnxruntime's QOperator contrib ops (``com.microsoft`` QLinearAdd, QLinearMul,
+QLinearAveragePool, QLinearGlobalAveragePool, QLinearConcat, QLinearSigmoid, QLinearLeakyRelu, as
+``quantize_static(..., quant_format=QuantFormat.QOperator)`` writes them) are interpreted with
+onnxruntime's own integer rounding; any other op of a non-default domain is refused at build time.
+
 Dynamic quantization: ORT's ``DynamicQuantizeLinear`` takes its scale from the whole batch, and
 the adapter therefore runs such graphs one image at a time. With ``dynamic_per_sample=True``
 (the default) the replica does the same arithmetic on a batch by running the interpreter under
@@ -29,11 +34,27 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from harness.errors import ModelError
-from harness.replica_ops import OPS, QUANT_RANGES, NodeSpec
+from harness.replica_ops import MS, OPS, QUANT_RANGES, NodeSpec
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
-#: Ops whose output integer type (and so clamp range) comes from a zero-point input.
-QUANT_OUTPUT_ZP = {"QuantizeLinear": 2, "QLinearConv": 7, "QLinearMatMul": 7}
+#: Custom domains whose ops the replica may interpret: only those :data:`OPS` registers under
+#: ``"<domain>.<op>"`` (onnxruntime's QOperator contrib ops); any other op there is refused.
+CUSTOM_DOMAINS = ("com.microsoft",)
+#: Quantizing ops: inputs whose element type gives the output integer type (and so the clamp
+#: range), first recorded one wins: the output zero point, then (for onnxruntime's contrib ops,
+#: whose output type is the input's type) the input zero point(s) and the quantized input.
+QUANT_OUTPUT_ZP: dict[str, tuple[int, ...]] = {
+    "QuantizeLinear": (2,),
+    "QLinearConv": (7,),
+    "QLinearMatMul": (7,),
+    MS + "QLinearAdd": (7, 2, 5, 0, 3),
+    MS + "QLinearMul": (7, 2, 5, 0, 3),
+    MS + "QLinearAveragePool": (4, 2, 0),
+    MS + "QLinearGlobalAveragePool": (4, 2, 0),
+    MS + "QLinearSigmoid": (4, 2, 0),
+    MS + "QLinearLeakyRelu": (4, 2, 0),
+    MS + "QLinearConcat": (1, 4, 2),
+}
 _NARROW_INTS = {"int4": np.int8, "uint4": np.uint8, "uint16": np.int32, "uint32": np.int64}
 
 
@@ -123,7 +144,8 @@ def build_replica(model: onnx.ModelProto, dynamic_per_sample: bool = True) -> Re
 
     steps: list[Step] = []
     for node in _topological(graph, set(constants) | {input_name}):
-        spec = NodeSpec(node.op_type, node.name or node.output[0], opset, _attributes(node, types))
+        key = _op_key(node)
+        spec = NodeSpec(key, node.name or node.output[0], opset, _attributes(node, key, types))
         step = Step(spec, tuple(node.input), tuple(node.output))
         if node.op_type == "Constant":
             constants[node.output[0]] = _constant_value(node)
@@ -146,13 +168,20 @@ def build_replica(model: onnx.ModelProto, dynamic_per_sample: bool = True) -> Re
 
 
 # ---------------------------------------------------------------------------------- build helpers
+def _op_key(node: onnx.NodeProto) -> str:
+    """The :data:`OPS` key of a node: its op type, qualified by its domain unless default."""
+    return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"
+
+
 def _refuse_unsupported_ops(graph: onnx.GraphProto) -> None:
     for node in graph.node:
+        key = _op_key(node)
         default = node.domain in DEFAULT_DOMAINS
-        if default and (node.op_type in OPS or node.op_type == "Constant"):
+        if default and (key in OPS or key == "Constant"):
             continue
-        op = node.op_type if default else f"{node.domain}.{node.op_type}"
-        raise ModelError(f"replica: unsupported ONNX op '{op}' (node {node.name or '?'})")
+        if node.domain in CUSTOM_DOMAINS and key in OPS:
+            continue
+        raise ModelError(f"replica: unsupported ONNX op '{key}' (node {node.name or '?'})")
 
 
 def _to_torch(array: np.ndarray, name: str) -> torch.Tensor:
@@ -195,25 +224,33 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _attributes(node: onnx.NodeProto, types: dict[str, int]) -> dict[str, Any]:
+def _attributes(node: onnx.NodeProto, key: str, types: dict[str, int]) -> dict[str, Any]:
     attrs: dict[str, Any] = {"_n_outputs": sum(1 for name in node.output if name)}
     for attr in node.attribute:
         if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
             raise ModelError(f"replica: node {node.name} ({node.op_type}) has a subgraph")
         value = helper.get_attribute_value(attr)
         attrs[attr.name] = value.decode() if isinstance(value, bytes) else value
-    if node.op_type in QUANT_OUTPUT_ZP:
-        attrs["_qrange"] = _quant_range(node, attrs, types)
+    if key in QUANT_OUTPUT_ZP:
+        attrs["_qrange"] = _quant_range(node, key, attrs, types)
     return attrs
 
 
 def _quant_range(
-    node: onnx.NodeProto, attrs: dict[str, Any], types: dict[str, int]
+    node: onnx.NodeProto, key: str, attrs: dict[str, Any], types: dict[str, int]
 ) -> tuple[int, int]:
-    """Clamp range of a quantizing node: ``output_dtype``, else its zero point's type, else uint8."""
-    index = QUANT_OUTPUT_ZP[node.op_type]
-    zp = node.input[index] if len(node.input) > index else ""
-    elem = int(attrs.get("output_dtype", 0)) or (types.get(zp, 0) if zp else onnx.TensorProto.UINT8)
+    """Clamp range of a quantizing node: ``output_dtype``, else the type of its first present
+    type-giving input (:data:`QUANT_OUTPUT_ZP`), else uint8 (the ONNX default without one)."""
+    names = [node.input[i] for i in QUANT_OUTPUT_ZP[key] if i < len(node.input)]
+    present = [name for name in names if name]
+    zp = present[0] if present else ""
+    elem = int(attrs.get("output_dtype", 0))
+    if not elem:
+        recorded = [types[name] for name in present if types.get(name, 0)]
+        if recorded:
+            elem = recorded[0]
+        elif not zp:
+            elem = onnx.TensorProto.UINT8
     if elem not in QUANT_RANGES:
         kind = onnx.TensorProto.DataType.Name(elem) if elem else f"unknown (zero point {zp!r})"
         raise ModelError(
@@ -257,4 +294,5 @@ def _dry_run(replica: ReplicaModule, graph_inputs: Any, input_name: str) -> None
     if not dims or any(d <= 0 for d in dims[1:]):
         return
     with torch.no_grad():
-        replica(torch.zeros([1, *dims[1:]], dtype=torch.float32))
+        # a graph that fixes its batch (vendor exports: 1 or 16) may hard-code it in Reshapes
+        replica(torch.zeros([max(dims[0], 1), *dims[1:]], dtype=torch.float32))

@@ -14,7 +14,16 @@ reproduce the *deployed* model, not an idealised one:
   ORT does, and treats them as constants for the gradient (they depend on one extreme element;
   differentiating through them adds noise, not signal);
 - integer ops (ConvInteger, MatMulInteger, QLinear*) run as float conv / matmul on the
-  zero-point-centred integers, exact in float32 while accumulators stay below 2**24.
+  zero-point-centred integers, exact in float32 while accumulators stay below 2**24; QLinearConv
+  and QLinearMatMul requantize as MLAS does, ``round(acc * (x_scale * w_scale / y_scale))``;
+- onnxruntime's QOperator contrib ops (domain ``com.microsoft``, registered as
+  ``"com.microsoft.<op>"``) follow onnxruntime's x86-64 CPU kernels (AVX2 and newer) step by step
+  in float32, including where the zero point is added before or after rounding, so codes match
+  exactly: QLinearAdd dequantizes, adds and divides by the output scale; QLinearMul multiplies
+  the centred integers and scales by ``a_scale * b_scale / c_scale``; QLinearAveragePool sums the
+  dequantized window in row-major order; QLinearGlobalAveragePool (and QLinearAveragePool over
+  the whole image) sums integers and requantizes with ``x_scale / (y_scale * size)``;
+  QLinearSigmoid uses MLAS's rational logistic approximation forward (true sigmoid backward).
 
 Converters never use data-dependent Python control flow on activations, so the whole
 interpreter can run under ``torch.func.vmap`` (per-sample dynamic quantization).
@@ -27,9 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from harness.errors import ModelError
 
@@ -129,6 +139,36 @@ def quantize(x: Tensor, scale: Tensor, zp: MaybeTensor, qrange: tuple[int, int])
     return torch.clamp(q, qrange[0], qrange[1])
 
 
+def to_code(
+    value: Tensor, zp: MaybeTensor, qrange: tuple[int, int], zp_first: bool = False
+) -> Tensor:
+    """``clamp(round(value) + zp)``, STE gradient; ``zp_first``: ``clamp(round(value + zp))``.
+
+    Kernels that round with ``nearbyintf(value + zero_point)`` add first; the two differ when the
+    float32 sum rounds onto a half.
+    """
+    if zp is None:
+        q = round_ste(value)
+    elif zp_first:
+        q = round_ste(value + zp.to(value.dtype))
+    else:
+        q = round_ste(value) + zp.to(value.dtype)
+    return torch.clamp(q, qrange[0], qrange[1])
+
+
+def requantize(
+    acc: Tensor, scale: Tensor, zp: MaybeTensor, qrange: tuple[int, int], zp_first: bool = False
+) -> Tensor:
+    """MLAS requantization of an accumulator: ``clamp(round(acc * scale) + zp)`` (multiplied by
+    the combined scale, where :func:`quantize` divides by the output scale)."""
+    return to_code(acc * scale.to(acc.dtype), zp, qrange, zp_first)
+
+
+def optional(inputs: list[MaybeTensor], count: int) -> list[MaybeTensor]:
+    """``inputs`` padded with ``None`` to ``count`` entries (trailing optional inputs omitted)."""
+    return [*inputs[:count], *([None] * (count - len(inputs)))]
+
+
 def channel_param(param: MaybeTensor, ndim: int) -> MaybeTensor:
     """A per-output-channel weight parameter ``(M,)`` reshaped to ``(M, 1, ...)``."""
     if param is None or param.ndim == 0 or param.numel() == 1:
@@ -209,6 +249,37 @@ def _relu(spec, inputs, dtype):
 @register("LeakyRelu")
 def _leaky_relu(spec, inputs, dtype):
     return [F.leaky_relu(inputs[0], float(spec.attrs.get("alpha", 0.01)))]
+
+
+@register("PRelu")
+def _prelu(spec, inputs, dtype):
+    x, slope = inputs
+    return [torch.where(x >= 0, x, x * slope.to(x.dtype))]  # slope broadcasts to x (ONNX)
+
+
+@register("Elu")
+def _elu(spec, inputs, dtype):
+    return [F.elu(inputs[0], float(spec.attrs.get("alpha", 1.0)))]
+
+
+@register("Selu")
+def _selu(spec, inputs, dtype):
+    x = inputs[0]
+    alpha = float(spec.attrs.get("alpha", 1.67326319217681884765625))
+    gamma = float(spec.attrs.get("gamma", 1.05070102214813232421875))
+    return [gamma * torch.where(x > 0, x, alpha * torch.expm1(torch.clamp(x, max=0.0)))]
+
+
+@register("HardSigmoid")
+def _hard_sigmoid(spec, inputs, dtype):
+    alpha, beta = float(spec.attrs.get("alpha", 0.2)), float(spec.attrs.get("beta", 0.5))
+    return [torch.clamp(inputs[0] * alpha + beta, 0.0, 1.0)]
+
+
+@register("HardSwish")
+def _hard_swish(spec, inputs, dtype):
+    x = inputs[0]  # ONNX: x * HardSigmoid(x) with alpha 1/6, beta 0.5
+    return [x * torch.clamp(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)]
 
 
 @register("Sigmoid")
@@ -323,8 +394,14 @@ def _qlinear_conv(spec, inputs, dtype):
     )
     if bias is not None:
         acc = acc + along_axis(bias.to(dtype), 1, acc.ndim, acc.shape[1])
-    real = acc * along_axis(xs.to(dtype) * ws.to(dtype), 1, acc.ndim, acc.shape[1])
-    return [quantize(real, ys, yzp, spec.attrs["_qrange"])]
+    scale = along_axis(_output_scale(xs, ws, ys), 1, acc.ndim, acc.shape[1])
+    return [requantize(acc, scale, yzp, spec.attrs["_qrange"])]
+
+
+def _output_scale(x_scale: Tensor, w_scale: Tensor, y_scale: Tensor) -> Tensor:
+    """MLAS's requantization multiplier ``x_scale * w_scale / y_scale``, in float32 as ORT."""
+    f32 = torch.float32
+    return x_scale.to(f32) * w_scale.to(f32) / y_scale.to(f32)
 
 
 @register("Gemm")
@@ -365,7 +442,7 @@ def _matmul_integer(spec, inputs, dtype):
 def _qlinear_matmul(spec, inputs, dtype):
     a, a_s, a_zp, b, b_s, b_zp, ys, yzp = inputs
     acc = torch.matmul(centred(a, _row_zp(a_zp), dtype), centred(b, b_zp, dtype))
-    return [quantize(acc * (a_s.to(dtype) * b_s.to(dtype)), ys, yzp, spec.attrs["_qrange"])]
+    return [requantize(acc, _output_scale(a_s, b_s, ys), yzp, spec.attrs["_qrange"])]
 
 
 # ---------------------------------------------------------------------------------- quantization
@@ -539,6 +616,21 @@ def _concat(spec, inputs, dtype):
     return [torch.cat(parts, dim=int(spec.attrs["axis"]))]
 
 
+@register("ConstantOfShape")
+def _constant_of_shape(spec, inputs, dtype):
+    """torch's exporter builds Pad's ``pads`` with it; folded at build time like the rest."""
+    value = spec.attrs.get("value")
+    array = numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
+    if array.size != 1:
+        raise spec.fail(f"has a value with {array.size} elements (must be one)")
+    if array.dtype.kind not in "biuf":
+        raise spec.fail(f"has a value of unsupported type {array.dtype}")
+    fill = torch.from_numpy(np.array(array.reshape(()), dtype=array.dtype, copy=True))
+    if fill.is_floating_point():
+        fill = fill.to(dtype)
+    return [fill.expand(ints(inputs[0].tolist())).clone()]
+
+
 @register("Shape")
 def _shape(spec, inputs, dtype):
     dims = list(inputs[0].shape)
@@ -605,3 +697,240 @@ def _slice(spec, inputs, dtype):
         index = torch.arange(start, end, step, dtype=torch.int64)
         x = torch.index_select(x, axis % x.ndim, index)
     return [x]
+
+
+@register("Pad")
+def _pad(spec, inputs, dtype):
+    """constant / reflect / edge / wrap padding; pads as attribute (opset < 11) or input, with
+    optional ``axes`` (opset 18). Negative pads crop first, as onnxruntime does."""
+    x = inputs[0]
+    mode = spec.attrs.get("mode", "constant")
+    if spec.opset < 11:
+        pads = ints(spec.attrs.get("pads", spec.attrs.get("paddings", [])))
+        value: float | MaybeTensor = float(spec.attrs.get("value", 0.0))
+        axes = None
+    else:
+        pads = ints(inputs[1].tolist())
+        value = inputs[2] if len(inputs) > 2 else None
+        axes = inputs[3].tolist() if len(inputs) > 3 and inputs[3] is not None else None
+    axes = [a % x.ndim for a in ints(axes)] if axes is not None else list(range(x.ndim))
+    if len(pads) != 2 * len(axes):
+        raise spec.fail(f"has {len(pads)} pads for {len(axes)} axes")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        raise spec.fail(f"has unknown mode {mode!r}")
+    n = len(axes)
+    for axis, begin, end in zip(axes, pads[:n], pads[n:], strict=True):
+        if begin < 0 or end < 0:
+            cut_begin, cut_end = max(-begin, 0), max(-end, 0)
+            x = x.narrow(axis, cut_begin, x.shape[axis] - cut_begin - cut_end)
+    if mode == "constant":
+        if isinstance(value, Tensor):
+            value = float(value.reshape(-1)[0]) if value.numel() else 0.0
+        torch_pads = [0] * (2 * x.ndim)
+        for axis, begin, end in zip(axes, pads[:n], pads[n:], strict=True):
+            torch_pads[2 * (x.ndim - 1 - axis)] = max(begin, 0)
+            torch_pads[2 * (x.ndim - 1 - axis) + 1] = max(end, 0)
+        return [F.pad(x, torch_pads, value=0.0 if value is None else value)]
+    for axis, begin, end in zip(axes, pads[:n], pads[n:], strict=True):
+        begin, end, size = max(begin, 0), max(end, 0), x.shape[axis]
+        if begin == 0 and end == 0:
+            continue
+        if mode == "reflect" and max(begin, end) >= size:
+            raise spec.fail(f"reflects {max(begin, end)} elements of an axis of length {size}")
+        index = [_pad_source(i, size, mode) for i in range(-begin, size + end)]
+        x = torch.index_select(x, axis, torch.tensor(index, dtype=torch.int64))
+    return [x]
+
+
+def _pad_source(i: int, size: int, mode: str) -> int:
+    """Which input element padded position ``i`` (may lie outside ``[0, size)``) copies."""
+    if mode == "edge":
+        return min(max(i, 0), size - 1)
+    if mode == "wrap":
+        return i % size
+    return -i if i < 0 else (2 * (size - 1) - i if i >= size else i)  # reflect
+
+
+# ---------------------------------------------------------------------------------- QOperator
+#: Domain prefix of onnxruntime's contrib ops in :data:`OPS` (``"com.microsoft.QLinearAdd"``).
+MS = "com.microsoft."
+
+
+@register(MS + "QLinearAdd")
+def _qlinear_add(spec, inputs, dtype):
+    """``round((sa*(a-za) + sb*(b-zb)) / sc + zc)``: the zero point enters before rounding, as in
+    MLAS's AVX2 kernel (folded into its constant term) and its portable kernel. The AVX2 kernel
+    orders the float32 operations differently (ratios ``sa/sc``, ``sb/sc`` and fused
+    multiply-adds), which can move a value across a rounding boundary by an ulp: a one-code
+    difference, never seen in the parity tests."""
+    a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp = optional(inputs, 8)
+    total = centred(a, a_zp, dtype) * a_s.to(dtype) + centred(b, b_zp, dtype) * b_s.to(dtype)
+    return [to_code(total / c_s.to(dtype), c_zp, spec.attrs["_qrange"], zp_first=True)]
+
+
+@register(MS + "QLinearMul")
+def _qlinear_mul(spec, inputs, dtype):
+    """MLAS: ``round(float((a-za)*(b-zb)) * (sa*sb/sc) + zc)``, the zero point added first."""
+    a, a_s, a_zp, b, b_s, b_zp, c_s, c_zp = optional(inputs, 8)
+    product = centred(a, a_zp, dtype) * centred(b, b_zp, dtype)  # exact: |product| <= 2**16
+    ratio = _output_scale(a_s, b_s, c_s)
+    return [requantize(product, ratio, c_zp, spec.attrs["_qrange"], zp_first=True)]
+
+
+def _channels_first(spec: NodeSpec, x: Tensor) -> tuple[Tensor, bool]:
+    """NHWC input (``channels_last=1``) → NCHW view, and whether to permute the result back."""
+    if int(spec.attrs.get("channels_last", 0)):
+        return x.permute(0, x.ndim - 1, *range(1, x.ndim - 1)), True
+    return x, False
+
+
+def _channels_back(y: Tensor, last: bool) -> Tensor:
+    return y.permute(0, *range(2, y.ndim), 1) if last else y
+
+
+def _qlinear_global_pool(
+    x: Tensor, xs: Tensor, xzp: MaybeTensor, ys: Tensor, yzp: MaybeTensor, qrange, dtype
+) -> Tensor:
+    """MLAS QLinearGlobalAveragePool: integer sum, then ``round(sum * xs / (ys * size)) + zp``."""
+    size = math.prod(x.shape[2:])
+    total = centred(x, xzp, dtype).sum(dim=tuple(range(2, x.ndim)), keepdim=True)
+    f32 = torch.float32
+    scale = xs.to(f32) / (ys.to(f32) * torch.tensor(float(size), dtype=f32))
+    return requantize(total, scale, yzp, qrange)
+
+
+@register(MS + "QLinearGlobalAveragePool")
+def _qlinear_global_average_pool(spec, inputs, dtype):
+    x, xs, xzp, ys, yzp = optional(inputs, 5)
+    x, last = _channels_first(spec, x)
+    y = _qlinear_global_pool(x, xs, xzp, ys, yzp, spec.attrs["_qrange"], dtype)
+    return [_channels_back(y, last)]
+
+
+def _pool_output_size(size: int, kernel: int, stride: int, pads: int, begin: int, ceil: bool):
+    span = size + pads - kernel
+    out = (-(-span // stride) if ceil else span // stride) + 1
+    if ceil and (out - 1) * stride >= size + begin:  # a last window starting in the end padding
+        out -= 1
+    return out
+
+
+@register(MS + "QLinearAveragePool")
+def _qlinear_average_pool(spec, inputs, dtype):
+    """onnxruntime's kernel: dequantize, sum each window in row-major order in float32, divide by
+    the count, ``round(avg / y_scale + y_zero_point)``. A window covering the whole unpadded image
+    falls back to the global-pool kernel (integer sum), as onnxruntime does."""
+    x, xs, xzp, ys, yzp = optional(inputs, 5)
+    qrange = spec.attrs["_qrange"]
+    x, last = _channels_first(spec, x)
+    kernel, strides, dilations, pads = _pool_geometry(spec, x)
+    if any(d != 1 for d in dilations):
+        raise spec.fail("uses dilations, which onnxruntime's QLinearAveragePool ignores")
+    n = len(kernel)
+    if list(x.shape[2:]) == kernel and not any(pads):
+        return [_channels_back(_qlinear_global_pool(x, xs, xzp, ys, yzp, qrange, dtype), last)]
+    ceil = bool(spec.attrs.get("ceil_mode", 0))
+    sizes = list(x.shape[2:])
+    outs = [
+        _pool_output_size(sizes[i], kernel[i], strides[i], pads[i] + pads[i + n], pads[i], ceil)
+        for i in range(n)
+    ]
+    ends = [(outs[i] - 1) * strides[i] + kernel[i] - sizes[i] - pads[i] for i in range(n)]
+    geometry = torch_pad_order(pads[:n] + ends)
+
+    def windows(t: Tensor) -> Tensor:  # (N, C, *outs, prod(kernel)), window in row-major order
+        t = F.pad(t, geometry)
+        for i in range(n):
+            t = t.unfold(2 + i, kernel[i], strides[i])
+        return t.reshape(*t.shape[: 2 + n], -1)
+
+    parts = windows(centred(x, xzp, dtype) * xs.to(dtype))
+    total = parts[..., 0]
+    for i in range(1, parts.shape[-1]):
+        total = total + parts[..., i]
+    if int(spec.attrs.get("count_include_pad", 0)):
+        count = torch.tensor(float(math.prod(kernel)), dtype=dtype)
+    else:
+        count = windows(torch.ones([1, 1, *sizes], dtype=dtype)).sum(dim=-1)
+    y = to_code(total / count / ys.to(dtype), yzp, qrange, zp_first=True)
+    return [_channels_back(y, last)]
+
+
+@register(MS + "QLinearConcat")
+def _qlinear_concat(spec, inputs, dtype):
+    """Each input requantized to the output's scale / zero point (onnxruntime's lookup table:
+    ``round(x_scale * (x - x_zp) / y_scale) + y_zp``; an exact copy when the parameters match)."""
+    ys, yzp, rest = inputs[0], inputs[1], inputs[2:]
+    if len(rest) % 3:
+        raise spec.fail("needs (tensor, scale, zero point) triples after the output parameters")
+    qrange = spec.attrs["_qrange"]
+    parts = [
+        quantize(centred(rest[i], rest[i + 2], dtype) * rest[i + 1].to(dtype), ys, yzp, qrange)
+        for i in range(0, len(rest), 3)
+    ]
+    return [torch.cat(parts, dim=int(spec.attrs["axis"]))]
+
+
+def _lookup(spec: NodeSpec, inputs: list[MaybeTensor], dtype, fn: Callable) -> list[Tensor]:
+    """onnxruntime's 256-entry lookup ops: ``quantize(fn(x_scale * (x - x_zp)))`` per code."""
+    x, xs, xzp, ys, yzp = optional(inputs, 5)
+    return [quantize(fn(centred(x, xzp, dtype) * xs.to(dtype)), ys, yzp, spec.attrs["_qrange"])]
+
+
+@register(MS + "QLinearLeakyRelu")
+def _qlinear_leaky_relu(spec, inputs, dtype):
+    alpha = torch.tensor(float(spec.attrs.get("alpha", 0.01)), dtype=torch.float32)
+    return _lookup(spec, inputs, dtype, lambda v: torch.where(v >= 0, v, alpha.to(v.dtype) * v))
+
+
+@register(MS + "QLinearSigmoid")
+def _qlinear_sigmoid(spec, inputs, dtype):
+    def fn(v: Tensor) -> Tensor:
+        exact = torch.sigmoid(v)
+        return exact + (mlas_logistic(v).to(v.dtype) - exact).detach()
+
+    return _lookup(spec, inputs, dtype, fn)
+
+
+#: MLAS's logistic constants (Eigen's rational approximation): clamp range, the numerator's odd
+#: coefficients alpha_9 ... alpha_1, the denominator's even coefficients beta_10 ... beta_0.
+_LOGISTIC_RANGE = 18.0
+_LOGISTIC_ALPHA = (
+    4.37031012579801e-11,
+    1.15627324459942e-07,
+    6.08574864600143e-05,
+    8.51377133304701e-03,
+    2.48287947061529e-01,
+)
+_LOGISTIC_BETA = (
+    6.10247389755681e-13,
+    5.76102136993427e-09,
+    6.29106785017040e-06,
+    1.70198817374094e-03,
+    1.16817656904453e-01,
+    9.93151921023180e-01,
+)
+
+
+def _fma32(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """float32 fused multiply-add: the float32 product is exact in float64, one rounding after."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def mlas_logistic(v: Tensor) -> Tensor:
+    """onnxruntime's float32 sigmoid (MLAS FMA3 kernel: Horner steps as fused multiply-adds,
+    ``p / q + 0.5`` clamped at 0), so quantized sigmoid tables round exactly as onnxruntime's."""
+    with torch.no_grad():
+        x = torch.clamp(v.detach().float(), -_LOGISTIC_RANGE, _LOGISTIC_RANGE)
+        x2 = x * x
+
+        def horner(coefficients: tuple[float, ...]) -> Tensor:
+            c = [torch.tensor(k, dtype=torch.float32) for k in coefficients]
+            acc = _fma32(x2, c[0], c[1])
+            for k in c[2:]:
+                acc = _fma32(x2, acc, k)
+            return acc
+
+        p = x * horner(_LOGISTIC_ALPHA)
+        q = horner(_LOGISTIC_BETA)
+        return torch.clamp(p / q + 0.5, min=0.0)

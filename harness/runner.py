@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from harness.kernels import other_profile, probe_host, profile_record
 from harness.metrics import accuracy, agreement, attack_success_rate
 from harness.preprocessing import Preprocessing
 from harness.retrain import FinePruneRetrainer
+from harness.sampling import stable_seed
 from harness.store import ResultStore, cell_id
 from harness.training import TrainConfig, checkpoint_meta, load_model, save_state, train_model
 
@@ -59,11 +59,6 @@ class SeedModels:
     states: dict[bool, Path]
     artifacts: dict[bool, dict[str, Path]]
     timings: dict[bool, dict[str, float]]
-
-
-def stable_seed(*parts: object) -> np.random.SeedSequence:
-    """Seed sequence from names and numbers, identical across processes (no ``hash()``)."""
-    return np.random.SeedSequence([zlib.crc32(str(p).encode()) for p in parts])
 
 
 def environment() -> dict[str, Any]:

@@ -34,7 +34,7 @@ def _error_line(capsys) -> str:
         ),
         (["train", "--epochs", "0", "--out", "x.pt"], "epochs"),
         (["run", "--config", "missing.toml", "--out", "o"], "config file not found: missing.toml"),
-        (["evaluate", "--model", "missing.onnx"], "model file not found: missing.onnx"),
+        (["evaluate", "--model", "missing.onnx"], "missing.onnx: model file not found"),
         (["report", "empty"], "no results.jsonl in empty"),
         (
             ["export", "--state", "missing.pt", "--out", "m.onnx"],

@@ -254,6 +254,8 @@ def test_sidecar_records_recipe_versions_and_hashes(artifacts, exported, data):
     assert sidecar["onnxruntime_arguments"]["weight_type"] == "QInt8"
     assert sidecar["onnxruntime_arguments"]["quant_pre_process"] == {"skip_symbolic_shape": True}
     assert sidecar["calibration"]["images"] == len(data["x_train"])
+    assert sidecar["opset_conversion"] is None
+    assert sidecar["preprocessing"]["origin"] == "metadata"
     assert sidecar["versions"]["onnxruntime"] and sidecar["versions"]["onnx"]
     assert set(sidecar["cpu_isa_flags"]) >= {"avx2", "avx512f", "avx512_vnni", "avx_vnni"}
     # fp32 is a byte copy of the export, yet still documented by a sidecar.
@@ -363,11 +365,18 @@ def test_unknown_precision_suggests_the_closest(exported, tmp_path):
         quantize("int8-statc", exported[0], tmp_path / "x.onnx")
 
 
-def test_int4_refuses_opset_below_21(model, data, preprocessing, tmp_path):
+def test_int4_converts_a_copy_of_an_older_opset(model, data, preprocessing, exported, tmp_path):
     old = tmp_path / "opset17.onnx"
     export_onnx(model, old, data["x_test"][:32], preprocessing, opset=17)
-    with pytest.raises(ModelError, match="opset"):
-        quantize("int4", old, tmp_path / "int4.onnx", data["x_train"])
+    before = sha256_file(old)
+    artifact = quantize("int4", old, tmp_path / "int4.onnx", data["x_train"])
+    assert sha256_file(old) == before
+    sidecar = read_sidecar(artifact.path)
+    assert sidecar["opset_conversion"] == {"from": 17, "to": 21}
+    assert sidecar["graph"]["opset"] == 21
+    assert _weight_elements(artifact.path, onnx.TensorProto.INT4) == _weight_elements(old)
+    reference = _predict(exported[0], data["x_test"]).argmax(axis=1)
+    assert np.mean(_predict(artifact.path, data["x_test"]).argmax(axis=1) == reference) >= 0.75
 
 
 def test_static_quantization_requires_valid_calibration_images(exported, data, tmp_path):
