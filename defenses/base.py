@@ -10,13 +10,19 @@ Each defense declares what it needs from the model (:class:`Need`) and its valid
 cell that cannot run says ``not_applicable`` with the reason, and turns any exception into
 ``status="error"`` with the message — never into ``detected: false``.
 
-Verdict semantics (``detected``):
-- detection defenses (inspection, data filtering, input filtering): the defense raises an alarm.
-  When the true target label is known (``DefenseData.target_label``, set for poisoned models) the
-  alarm must also name it (e.g. NC flags the target label); on clean controls (target ``None``)
-  any alarm counts, so ``detected`` on a clean model is a false positive.
-- repair defenses (Fine-Pruning): the backdoor was removed (final ASR and clean-accuracy loss
-  within the defense's success bounds).
+Verdicts are three-valued (:class:`Verdict`): ``detected``, ``not_detected`` or
+``inconclusive`` (with ``verdict_reason``: labels that did not converge, saturated gradients, too
+few samples, an unusable threshold). An inconclusive cell is never counted as a hit or a miss.
+- detection defenses (inspection, data filtering, input filtering): ``detected`` means the
+  defense raised an alarm. What it flagged is reported in full, not only whether the target was
+  among it: ``flagged_labels``; when the true target is known (``DefenseData.target_label``, set
+  for poisoned models) ``target_hit`` says whether it was flagged and ``false_alarm_labels`` lists
+  the other flagged labels. On clean controls (target ``None``) every flagged label is a false
+  alarm, so ``detected`` on a clean model is a false positive.
+- repair defenses (Fine-Pruning): ``detected`` means the backdoor was removed (final ASR and
+  clean-accuracy loss within the defense's success bounds).
+``detected`` (bool) is kept for readers of older stores: ``True``/``False`` for a decided
+verdict, ``None`` when inconclusive.
 """
 
 from __future__ import annotations
@@ -62,6 +68,14 @@ class Status(StrEnum):
     ERROR = "error"
 
 
+class Verdict(StrEnum):
+    """A completed defense's answer; ``inconclusive`` is neither a hit nor a miss."""
+
+    DETECTED = "detected"
+    NOT_DETECTED = "not_detected"
+    INCONCLUSIVE = "inconclusive"
+
+
 Retrainer = Callable[[np.ndarray], Any]
 """``retrain(keep_channels) -> RuntimeAdapter``: fine-tune the pruned source model on clean
 data, re-export and re-quantize it to the adapter's precision (supplied by the runner when a
@@ -79,6 +93,8 @@ class DefenseData:
     ``triggered_x``: test inputs stamped with the trigger (STRIP's TPR, Fine-Pruning's ASR).
     ``target_label``: the attack's target for poisoned models, ``None`` for clean controls.
     ``poison_rate``: the rate the auditor assumes (SS's ε).
+    ``reference``: the adapter of the same model's FP32 artifact, when the cell is a quantized
+    one and the FP32 file is at hand (deployment-differential checks compare the two).
     """
 
     num_classes: int
@@ -91,6 +107,7 @@ class DefenseData:
     target_label: int | None = None
     poison_rate: float | None = None
     retrainer: Retrainer | None = None
+    reference: Any | None = None
 
 
 class DefenseResult(BaseModel):
@@ -102,7 +119,11 @@ class DefenseResult(BaseModel):
     group: Group
     status: Status
     reason: str | None = None
+    verdict: Verdict | None = None
+    verdict_reason: str | None = None
     detected: bool | None = None
+    target_hit: bool | None = None
+    false_alarm_labels: list[int] = Field(default_factory=list)
     score: float | None = None
     score_name: str | None = None
     scores: dict[str, float] = Field(default_factory=dict)
@@ -118,9 +139,14 @@ class DefenseResult(BaseModel):
 
 @dataclass
 class Finding:
-    """What :meth:`Defense._run` returns; :meth:`Defense.run` adds status, timing and queries."""
+    """What :meth:`Defense._run` returns; :meth:`Defense.run` adds status, timing and queries.
+
+    ``detected`` is the decided answer; set ``inconclusive`` to a reason when the defense cannot
+    decide (the verdict then is ``inconclusive`` whatever ``detected`` says).
+    """
 
     detected: bool
+    inconclusive: str | None = None
     score: float | None = None
     score_name: str | None = None
     scores: dict[str, float] = field(default_factory=dict)
@@ -192,13 +218,19 @@ class Defense(ABC):
                 queries=adapter.counter.images - queries_before,
                 **base,
             )
+        verdict = verdict_of(finding)
+        flagged = [int(v) for v in finding.flagged_labels]
         return DefenseResult(
             status=Status.OK,
-            detected=bool(finding.detected),
+            verdict=verdict,
+            verdict_reason=finding.inconclusive,
+            detected=None if verdict is Verdict.INCONCLUSIVE else bool(finding.detected),
+            target_hit=None if data.target_label is None else data.target_label in flagged,
+            false_alarm_labels=[v for v in flagged if v != data.target_label],
             score=None if finding.score is None else float(finding.score),
             score_name=finding.score_name,
             scores={k: float(v) for k, v in finding.scores.items()},
-            flagged_labels=[int(v) for v in finding.flagged_labels],
+            flagged_labels=flagged,
             threshold=None if finding.threshold is None else float(finding.threshold),
             queries=adapter.counter.images - queries_before,
             wall_time_s=time.perf_counter() - started,
@@ -211,6 +243,13 @@ class Defense(ABC):
     @abstractmethod
     def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
         """The method itself. Raise :class:`NotApplicable` for cells that cannot run."""
+
+
+def verdict_of(finding: Finding) -> Verdict:
+    """The three-valued verdict of a finding (see module doc)."""
+    if finding.inconclusive:
+        return Verdict.INCONCLUSIVE
+    return Verdict.DETECTED if finding.detected else Verdict.NOT_DETECTED
 
 
 def label_verdict(flagged: list[int], target_label: int | None) -> bool:
