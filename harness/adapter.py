@@ -29,6 +29,7 @@ import onnxruntime as ort
 from harness.errors import ModelError
 from harness.graph_probe import ProbePoint, add_probe_outputs, discover_layers, mask_channels
 from harness.kernels import DEFAULT_PROFILE, KernelProfile, check_profile, session_options
+from harness.model_safety import load_untrusted
 from harness.preprocessing import METADATA_KEY, Preprocessing
 from harness.sidecar import sidecar_precision
 
@@ -66,7 +67,7 @@ class RuntimeAdapter:
         self.kernel_note: str | None = None
         if not self.probes:
             self.probes = discover_layers(self.model)
-        self._input_name = self.model.graph.input[0].name
+        self._input_name = image_input(self.model).name
         self._logits_name = self.model.graph.output[0].name
         self._session = self._make_session(self.model)
         self._probe_session: ort.InferenceSession | None = None
@@ -84,14 +85,14 @@ class RuntimeAdapter:
         precision: str | None = None,
         **kwargs: object,
     ) -> RuntimeAdapter:
-        """Load an ONNX file; preprocessing comes from its metadata unless given explicitly."""
+        """Load an ONNX file; preprocessing comes from its metadata unless given explicitly.
+
+        Every file is read as untrusted (:func:`harness.model_safety.load_untrusted`): the
+        runner's own artifacts pass its checks, and a file from anywhere else is refused in one
+        line before onnxruntime parses it.
+        """
         path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"model file not found: {path}")
-        try:
-            model = onnx.load(str(path))
-        except Exception as exc:  # onnx raises DecodeError, OSError, ...
-            raise ModelError(f"cannot read ONNX model {path}: {exc}") from exc
+        model = load_untrusted(path)
         if precision is None:
             precision = sidecar_precision(path) or infer_precision(model)
         return cls.from_model(model, preprocessing, precision=precision, source_path=path, **kwargs)
@@ -103,9 +104,9 @@ class RuntimeAdapter:
         """Wrap an in-memory ONNX model."""
         if preprocessing is None:
             preprocessing = preprocessing_from_metadata(model)
-        if len(model.graph.input) != 1:
-            names = [i.name for i in model.graph.input]
-            raise ModelError(f"expected a model with one image input, found inputs {names}")
+        inputs = [value.name for value in _data_inputs(model)]
+        if len(inputs) != 1:
+            raise ModelError(f"expected a model with one image input, found inputs {inputs}")
         return cls(model=model, preprocessing=preprocessing, **kwargs)  # type: ignore[arg-type]
 
     def _make_session(self, model: onnx.ModelProto) -> ort.InferenceSession:
@@ -146,7 +147,7 @@ class RuntimeAdapter:
     def fixed_batch(self) -> int | None:
         """Batch size the graph declares for its input, when it fixes one (vendor exports often
         say 1 or 16); such graphs are fed exactly that many images per call, the last padded."""
-        dims = self.model.graph.input[0].type.tensor_type.shape.dim
+        dims = image_input(self.model).type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
             return int(dims[0].dim_value)
         return None
@@ -154,7 +155,7 @@ class RuntimeAdapter:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Static (H, W, C) expected by the model, where the graph declares it."""
-        dims = [d.dim_value for d in self.model.graph.input[0].type.tensor_type.shape.dim]
+        dims = [d.dim_value for d in image_input(self.model).type.tensor_type.shape.dim]
         if self.preprocessing.layout == "NCHW" and len(dims) == 4:
             return (dims[2], dims[3], dims[1])
         return tuple(dims[1:])
@@ -193,7 +194,7 @@ class RuntimeAdapter:
                 except Exception as exc:  # onnxruntime's own exception types (bad shapes, ...)
                     expected = [
                         d.dim_value or d.dim_param
-                        for d in self.model.graph.input[0].type.tensor_type.shape.dim
+                        for d in image_input(self.model).type.tensor_type.shape.dim
                     ]
                     raise ModelError(
                         f"onnxruntime rejected input of shape {list(feed.shape)} "
@@ -329,3 +330,14 @@ def infer_precision(model: onnx.ModelProto) -> str:
     if "DequantizeLinear" in ops or "QLinearConv" in ops:
         return "int8-static"
     return "fp32"
+
+
+def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Graph inputs that are not weights (IR < 4 files list every initializer as an input)."""
+    weights = {init.name for init in model.graph.initializer}
+    return [value for value in model.graph.input if value.name not in weights]
+
+
+def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    """The model's one image input (checked when the adapter is built)."""
+    return _data_inputs(model)[0]

@@ -3,7 +3,7 @@
 The auditor has a file, a dataset and no training code, trigger or promise about the export. The
 audit therefore:
 
-1. reads the file as untrusted (:func:`harness.model_safety.load_untrusted`: no code runs, nothing
+1. reads the file as untrusted (:func:`harness.model_safety.load_untrusted_hashed`: no code runs, nothing
    outside the model's folder is opened) and turns a copy into the harness's contract
    (:func:`harness.intake.intake`), recording every change;
 2. optionally builds the quantized copies an integrator would ship from a float file
@@ -22,7 +22,6 @@ model or data (the reason says why); ``error`` — it failed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from harness.errors import BlindspotsError, ModelError
 from harness.intake import IntakeOverrides, IntakeResult, check_num_classes, intake
 from harness.kernels import DEFAULT_PROFILE, KernelProfile, profile_record
 from harness.metrics import accuracy, agreement
-from harness.model_safety import load_untrusted
+from harness.model_safety import load_untrusted_hashed
 from harness.sampling import stable_seed, stratified_sample
 from harness.sanity import check_labels, check_outputs, raise_on_errors
 
@@ -97,9 +96,8 @@ class Artifact:
 def open_vendor_model(path: str | Path, overrides: IntakeOverrides | None = None) -> AuditedModel:
     """Read an untrusted ONNX classifier and bring a copy into the harness's contract."""
     path = Path(path)
-    proto = load_untrusted(path)
+    proto, digest = load_untrusted_hashed(path)
     result = intake(proto, overrides)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return AuditedModel(path, digest, result, infer_precision(proto))
 
 

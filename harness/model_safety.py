@@ -32,6 +32,7 @@ outside the folder is touched before the declarations that would cause it are ve
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import math
 import os
@@ -115,8 +116,28 @@ def load_untrusted(
     :class:`ModelError` (one line, starting with the file name) for every refusal; see the
     module docstring for the checks and their order.
     """
+    model, _ = load_untrusted_hashed(
+        path, max_bytes=max_bytes, max_external_bytes=max_external_bytes
+    )
+    return model
+
+
+def load_untrusted_hashed(
+    path: str | Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_external_bytes: int = DEFAULT_MAX_EXTERNAL_BYTES,
+) -> tuple[onnx.ModelProto, str]:
+    """:func:`load_untrusted` plus the SHA-256 of the very bytes that were checked and parsed.
+
+    An audit records the hash of the file it audited; hashing the bytes already read (not the
+    file a second time) means the hash cannot describe a file swapped in between.
+    """
     path = Path(path)
-    model = _parse(path, _read_bounded(path, max_bytes))
+    data = _read_bounded(path, max_bytes)
+    digest = hashlib.sha256(data).hexdigest()
+    model = _parse(path, data)
+    del data
     _check_versions(path, model)
     _check_constructs(path, model)
     image_input = _check_inputs_and_outputs(path, model.graph)
@@ -128,7 +149,7 @@ def load_untrusted(
     _load_external_data(path, model)
     _check_inferred_shapes(path, _run_checker(path, model))
     _check_finite(path, tensors)
-    return model
+    return model, digest
 
 
 @functools.cache

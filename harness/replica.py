@@ -54,6 +54,7 @@ QUANT_OUTPUT_ZP: dict[str, tuple[int, ...]] = {
     MS + "QLinearSigmoid": (4, 2, 0),
     MS + "QLinearLeakyRelu": (4, 2, 0),
     MS + "QLinearConcat": (1, 4, 2),
+    MS + "QGemm": (8, 2),
 }
 _NARROW_INTS = {"int4": np.int8, "uint4": np.uint8, "uint16": np.int32, "uint32": np.int64}
 

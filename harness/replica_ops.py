@@ -699,6 +699,33 @@ def _slice(spec, inputs, dtype):
     return [x]
 
 
+@register("Upsample")
+def _upsample(spec, inputs, dtype):
+    """Opset 7-9 Upsample (kept by old exporters), nearest mode: output index ``i`` reads input
+    ``floor(i / scale)`` along each axis. Linear mode is refused: its coordinate convention
+    differs between onnxruntime versions, so a replica could not promise the same numbers."""
+    x = inputs[0]
+    scales = spec.attrs.get("scales") if len(inputs) < 2 else inputs[1].tolist()
+    if scales is None or len(scales) != x.ndim:
+        raise spec.fail(f"needs one scale per axis of its {x.ndim}-d input")
+    mode = spec.attrs.get("mode", "nearest")
+    if mode != "nearest":
+        raise spec.fail(f"mode {mode!r} is not supported by the replica (only 'nearest')")
+    y = x
+    for axis, scale in enumerate(scales):
+        if float(scale) == 1.0:
+            continue
+        size = math.floor(x.shape[axis] * float(scale))
+        if size < 1:
+            raise spec.fail(f"scale {scale} shrinks axis {axis} of size {x.shape[axis]} to nothing")
+        index = torch.clamp(
+            torch.floor(torch.arange(size, dtype=torch.float64) / float(scale)).long(),
+            max=x.shape[axis] - 1,
+        )
+        y = torch.index_select(y, axis, index)
+    return [y]
+
+
 @register("Pad")
 def _pad(spec, inputs, dtype):
     """constant / reflect / edge / wrap padding; pads as attribute (opset < 11) or input, with
@@ -869,6 +896,29 @@ def _qlinear_concat(spec, inputs, dtype):
         for i in range(0, len(rest), 3)
     ]
     return [torch.cat(parts, dim=int(spec.attrs["axis"]))]
+
+
+@register(MS + "QGemm")
+def _qgemm(spec, inputs, dtype):
+    """onnxruntime's quantized Gemm (what ``QuantFormat.QOperator`` makes of a Gemm): the integer
+    product of the centred codes plus the int32 bias ``C``, times ``alpha * a_scale * b_scale``
+    (per output column when ``b_scale`` is), divided by ``y_scale`` and requantized when the
+    output is quantized (``y_zero_point`` given), else returned as float."""
+    a, a_s, a_zp, b, b_s, b_zp, c, y_s, y_zp = optional(inputs, 9)
+    if int(spec.attrs.get("transA", 0)):
+        a = a.transpose(0, 1)
+    if int(spec.attrs.get("transB", 0)):
+        b = b.transpose(0, 1)
+    acc = torch.matmul(centred(a, a_zp, dtype), centred(b, b_zp, dtype))
+    if c is not None:
+        acc = acc + c.to(dtype)
+    f32 = torch.float32
+    scale = float(spec.attrs.get("alpha", 1.0)) * a_s.to(f32) * b_s.to(f32)
+    if y_s is not None:
+        scale = scale / y_s.to(f32)
+    if y_zp is None:
+        return [acc * scale.to(dtype)]
+    return [requantize(acc, scale, y_zp, spec.attrs["_qrange"])]
 
 
 def _lookup(spec: NodeSpec, inputs: list[MaybeTensor], dtype, fn: Callable) -> list[Tensor]:

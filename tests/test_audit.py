@@ -65,8 +65,6 @@ COLLAPSED = {
     "in_graph_preprocessing_bgr",
     "softmax_scaled",
 }
-#: Ops the gradient oracle does not reproduce yet: NC must say so, never guess.
-UNSUPPORTED = {"opset9_upsample_softmax_flatten": "Upsample"}
 
 
 @pytest.mark.parametrize("case", foreign_corpus(), ids=lambda c: c.name)
@@ -109,10 +107,6 @@ def test_every_foreign_export_style_is_audited_end_to_end(case, tmp_path, rgb_np
     assert 0.0 <= published["clean_acc"] <= 1.0
     nc = published["defenses"]["neural_cleanse"]
     assert nc["verdict"] in VERDICTS, nc
-    if case.name in UNSUPPORTED:
-        assert nc["verdict"] == "not applicable"
-        assert f"unsupported ONNX op '{UNSUPPORTED[case.name]}'" in nc["reason"]
-        return
     # NC needs the gradient oracle: every other op of every export style is reproduced
     assert nc["verdict"] != "not applicable", nc.get("reason")
     assert nc["result"]["details"]["parity"]["passed"] is True

@@ -8,6 +8,7 @@ it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from harness.adapter import RuntimeAdapter
@@ -30,7 +32,9 @@ from harness.kernels import (
     profile_record,
     session_config_entries,
 )
+from harness.preprocessing import METADATA_KEY, Preprocessing
 from harness.report import render_kernel_drift
+from tests.test_replica_coverage import _qoperator_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QEMU = shutil.which("qemu-x86_64")
@@ -217,8 +221,6 @@ def test_exact_profile_gives_the_same_int8_numbers_on_an_avx2_cpu(digits_world, 
     model = str(digits_world.poisoned["int8-static"])
     emulated = _emulated("logits", model, str(pixels))
     native = RuntimeAdapter.from_path(model, kernel_profile="exact").logits(images)
-    import hashlib
-
     assert emulated["exact"]["sha256"] == hashlib.sha256(native.tobytes()).hexdigest()
     assert emulated["exact"]["parity_passed"] is True
     assert emulated["host"]["sha256"] != emulated["exact"]["sha256"]
@@ -241,3 +243,31 @@ def test_training_gives_the_same_weights_on_an_avx2_cpu():
     assert (
         _emulated("train")["sha256"] == json.loads(here.stdout.strip().splitlines()[-1])["sha256"]
     )
+
+
+def test_exact_profile_falls_back_to_int32_kernels_for_s8_activation_qoperator_graphs(tmp_path):
+    """onnxruntime's exact path has no s8×s8 QLinearConv/QLinearMatMul kernel (NOT_IMPLEMENTED at
+    load). The adapter then runs the default kernels and says so; those accumulate s8×s8
+    products in int32 on every x86 CPU, so the numbers are the same here and, under emulation,
+    on an AVX2-only CPU whose u8×s8 kernels saturate."""
+    model, _ = _qoperator_model(tmp_path, "s8")
+    model.metadata_props.add(
+        key=METADATA_KEY, value=Preprocessing(mean=(0.5,) * 3, std=(0.25,) * 3).to_json()
+    )
+    path = tmp_path / "vendor-s8.onnx"
+    onnx.save(model, str(path))
+    images = np.random.default_rng(3).integers(0, 256, (48, 8, 8, 3), dtype=np.uint8)
+    exact = RuntimeAdapter.from_path(path, kernel_profile="exact")
+    host = RuntimeAdapter.from_path(path, kernel_profile="host")
+    assert exact.kernel_note is not None and "s8×s8" in exact.kernel_note
+    assert host.kernel_note is None
+    native = exact.logits(images)
+    np.testing.assert_array_equal(native, host.logits(images))
+    assert np.ptp(native) > 0
+    if QEMU is None:
+        pytest.skip("qemu-user not installed: the AVX2 half of this check needs it")
+    pixels = tmp_path / "pixels.npy"
+    np.save(pixels, images)
+    emulated = _emulated("logits", str(path), str(pixels))
+    assert emulated["exact"]["sha256"] == hashlib.sha256(native.tobytes()).hexdigest()
+    assert emulated["host"]["sha256"] == emulated["exact"]["sha256"]

@@ -131,6 +131,12 @@ FLOAT_CASES = [
     ("averagepool", [_node("AveragePool", ["x"], kernel_shape=[3, 2], strides=[2, 1],
                            pads=[1, 0, 1, 1], count_include_pad=1)], [], [2, 3, 7, 7], 13),
     ("globalaveragepool", [_node("GlobalAveragePool", ["x"])], [], [2, 3, 7, 7], 13),
+    ("upsample-nearest-input", [_node("Upsample", ["x", "s"], mode="nearest")],
+     [_t("s", [1, 1, 2, 3])], [2, 3, 4, 5], 9),
+    ("upsample-nearest-fractional", [_node("Upsample", ["x", "s"])],
+     [_t("s", [1, 1, 1.5, 2.5])], [2, 3, 4, 5], 9),
+    ("upsample-nearest-attr", [_node("Upsample", ["x"], scales=[1.0, 1.0, 2.0, 2.0])],
+     [], [2, 3, 4, 5], 7),
     ("batchnorm-inference", [_node("BatchNormalization", ["x", "g", "b", "m", "v"], epsilon=1e-3)],
      [_t("g", RNG.uniform(0.5, 2, 3)), _t("b", RNG.normal(size=3)), _t("m", RNG.normal(size=3)),
       _t("v", RNG.uniform(0.5, 2, 3))], [2, 3, 4, 4], 13),
@@ -318,6 +324,51 @@ def test_whole_image_average_adds_the_zero_point_after_rounding(op):
         expected = _ort(windowed, image)
         assert expected.ravel().tolist() == [104, 103]  # round(103.5), round(101 + 2.1875)
         np.testing.assert_array_equal(_ours(windowed, image), expected)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("output", ["quantized", "float"])
+@pytest.mark.parametrize("per_column", [False, True], ids=["per-tensor", "per-column"])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_qgemm_matches_onnxruntime(signed, output, per_column, trans_b):
+    """com.microsoft.QGemm, what QOperator quantization makes of a Gemm (a vendor file's
+    classifier head): int32 bias, per-column weight scales, float or requantized output."""
+    rng = np.random.default_rng(zlib.crc32(f"qgemm{signed}{output}{per_column}{trans_b}".encode()))
+    qtype, np_type = _qtype(signed)
+    k, n = 24, 7
+    w = rng.integers(-128, 128, (n, k) if trans_b else (k, n)).astype(np.int8)
+    b_scale = rng.uniform(0.002, 0.02, n if per_column else ()).astype(np.float32)
+    inits = [
+        _t("sa", rng.uniform(0.01, 0.05)),
+        _t("za", rng.integers(-10, 10) if signed else rng.integers(100, 150), np_type),
+        numpy_helper.from_array(w, "w"),
+        _t("sb", b_scale),
+        _t("zb", np.zeros(n if per_column else (), np.int8), np.int8),
+        _t("c", rng.integers(-5000, 5000, n), np.int32),
+    ]
+    names = ["x", "sa", "za", "w", "sb", "zb", "c"]
+    if output == "quantized":
+        inits += [_t("sy", 0.37), _t("zy", 3 if signed else 131, np_type)]
+        names += ["sy", "zy"]
+    node = _node("QGemm", names, domain=MS_DOMAIN, transB=trans_b, alpha=1.0)
+    y_type = qtype if output == "quantized" else TensorProto.FLOAT
+    model = _model([node], [None, k], inits, x_type=qtype, y_type=y_type)
+    x = _codes((9, k), signed, rng)
+    expected = _ort(model, x, _profile(signed))
+    ours = _ours(model, x)
+    if output == "quantized":
+        np.testing.assert_array_equal(ours, expected.astype(np.float32))
+    else:  # float output: the same int32 accumulator times the same float32 scale
+        np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)
+    assert len(np.unique(expected)) > 10  # not a saturated constant
+
+
+def test_upsample_linear_is_refused_in_one_line():
+    model = _model([_node("Upsample", ["x", "s"], mode="linear")], [None, 3, 4, 4],
+                   [_t("s", [1, 1, 2, 2])], opset=9)  # fmt: skip
+    with pytest.raises(ModelError, match="mode 'linear' is not supported") as err:
+        build_replica(model)
+    assert "\n" not in str(err.value)
 
 
 def test_qlinear_conv_requantizes_with_mlas_combined_scale():
