@@ -485,19 +485,38 @@ def _calibration(
         raise ModelError(f"precision '{recipe.precision}' needs the model's preprocessing")
     check_pixel_images(images, preprocessing.channels)
     chosen = select_calibration_images(images, recipe.calibration_size, recipe.calibration_seed)
-    reader = PixelBatchReader(
-        chosen, preprocessing, _image_input(source).name, recipe.calibration_batch_size
-    )
+    image_input = _image_input(source)
+    fixed = _fixed_batch(image_input)
+    batch_size = recipe.calibration_batch_size
+    if fixed is not None:
+        # A graph that declares batch B accepts exactly B images per call: calibrate in batches
+        # of B over whole batches only (repeating images would weight them twice in histograms).
+        if len(chosen) < fixed:
+            raise ModelError(
+                f"{source.path} declares a fixed batch of {fixed}; calibration needs at least "
+                f"{fixed} images, got {len(chosen)}"
+            )
+        chosen, batch_size = chosen[: len(chosen) - len(chosen) % fixed], fixed
+    reader = PixelBatchReader(chosen, preprocessing, image_input.name, batch_size)
     record = {
         "method": recipe.calibration_method,
         "images": len(chosen),
         "images_available": len(images),
         "images_sha256": images_fingerprint(chosen),
         "seed": recipe.calibration_seed,
-        "batch_size": recipe.calibration_batch_size,
+        "batch_size": batch_size,
+        "fixed_batch": fixed,
         "calibrator_options": calibrator_options(recipe),
     }
     return reader, record
+
+
+def _fixed_batch(image_input: onnx.ValueInfoProto) -> int | None:
+    """The batch size the graph's input declares, when it declares a number (vendor exports)."""
+    dims = image_input.type.tensor_type.shape.dim
+    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+        return int(dims[0].dim_value)
+    return None
 
 
 def _ort_arguments(recipe: QuantRecipe) -> dict[str, Any] | None:

@@ -35,6 +35,7 @@ from harness.errors import BlindspotsError
 from harness.intake import IntakeOverrides, check_num_classes
 from harness.kernels import DEFAULT_PROFILE, PROFILES, probe_host, profile_record
 from harness.metrics import accuracy, agreement, attack_success_rate
+from harness.model_safety import load_untrusted
 from harness.models import MODELS
 from harness.preprocessing import Preprocessing
 from harness.report import write_report
@@ -177,11 +178,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-
+    """Quantize one ONNX file as an integrator would: the file is read as untrusted first, and a
+    vendor model without blindspots metadata gets its preprocessing from the flags."""
     overrides = _parse_json(args.recipe, "--recipe")
     if args.reduce_range:
         overrides["reduce_range"] = True
     recipe = resolve_recipe(PRECISIONS.get(args.precision).default_recipe, overrides or None)
+    stated = _intake_overrides(args)
+    explicit = None
+    if recipe.needs_calibration or stated != IntakeOverrides():  # preprocessing matters
+        vendor = open_vendor_model(args.model, stated)  # also refuses hostile files in one line
+        explicit = vendor.intake.preprocessing if stated != IntakeOverrides() else None
+    else:
+        load_untrusted(args.model)
     calibration = None
     if recipe.needs_calibration:
         x = load_dataset(args.dataset, args.data_root).x_train
@@ -189,7 +198,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calibration = x[
             np.sort(rng.choice(len(x), min(args.calibration_size, len(x)), replace=False))
         ]
-    artifact = quantize(args.precision, args.model, args.out, calibration, overrides or None)
+    artifact = quantize(
+        args.precision, args.model, args.out, calibration, overrides or None, explicit
+    )
     print(artifact.model_dump_json(indent=2))
     return 0
 
@@ -388,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="7-bit weights, so u8×s8 pair sums cannot saturate int16 on CPUs without VNNI "
         "(recorded in the sidecar's recipe)",
     )
+    _preprocessing_flags(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_quantize)
 

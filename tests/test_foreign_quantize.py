@@ -22,10 +22,12 @@ from exporters import quantizers
 from exporters.onnx_export import read_preprocessing
 from exporters.quantizers import ort_run_problem, quantize
 from exporters.recipes import QuantRecipe
+from harness.cli import main
 from harness.errors import ModelError
 from harness.kernels import DEFAULT_PROFILE, session_options
 from harness.preprocessing import METADATA_KEY, Preprocessing
 from harness.sidecar import read_sidecar, sha256_file, sidecar_precision
+from tests.foreign_models import foreign_corpus
 
 PRE = Preprocessing(mean=(0.5,), std=(0.25,))
 IR_FOR_OPSET = {9: 4, 11: 6, 13: 7, 21: 10}
@@ -414,3 +416,76 @@ def test_sidecar_precision_only_vouches_for_its_own_model(tmp_path, images):
     for text in ("{not json", json.dumps({"artifact": "x", "precision": "fp32"}), "[]"):
         (tmp_path / "odd.onnx.json").write_text(text)
         assert sidecar_precision(tmp_path / "odd.onnx") is None
+
+
+# ------------------------------------------------------------------------ the export-style corpus
+def _corpus_flags(overrides) -> list[str]:
+    if overrides is None:
+        return []
+    values = overrides.model_dump(exclude_none=True)
+    flags: list[str] = []
+    for key in ("mean", "std"):
+        if key in values:
+            flags += [f"--{key}", *map(str, values[key])]
+    for key in ("scale", "layout", "channel_order"):
+        if key in values:
+            flags += [f"--{key.replace('_', '-')}", str(values[key])]
+    return flags
+
+
+@pytest.fixture(scope="module")
+def corpus_data(tmp_path_factory) -> dict[int, list[str]]:
+    """Dataset flags per channel count: digits for grey models, a tiny 8×8 RGB npz otherwise."""
+    rng = np.random.default_rng(1)
+    path = tmp_path_factory.mktemp("rgb") / "rgb8.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8),
+        y_train=np.arange(64) % 10,
+        x_test=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8),
+        y_test=np.arange(20) % 10,
+    )
+    return {1: ["--dataset", "digits"], 3: ["--dataset", "npz", "--data-root", str(path)]}
+
+
+@pytest.mark.parametrize("precision", ["int8-dynamic", "int8-static", "int4"])
+@pytest.mark.parametrize("case", foreign_corpus(), ids=lambda c: c.name)
+def test_every_export_style_quantizes_from_the_command_line(
+    case, precision, tmp_path, corpus_data, capsys
+):
+    """Each vendor export style, as published (fixed batch 1 or 16, NHWC, IR-3 initializer
+    inputs, Softmax heads, opsets 9-13, in-graph preprocessing) quantizes with the preprocessing
+    given as flags, and the artifact runs in onnxruntime on the model's own input batch."""
+    source = _save(case.model, tmp_path / "vendor" / f"{case.name}.onnx")
+    out = tmp_path / f"{case.name}-{precision}.onnx"
+    code = main(
+        [
+            "quantize",
+            "--model",
+            str(source),
+            "--precision",
+            precision,
+            "--calibration-size",
+            "48",
+            *corpus_data[case.channels],
+            *_corpus_flags(case.overrides),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert sidecar_precision(out) == precision
+    batch = case.input_batch(np.random.default_rng(0))
+    session = ort.InferenceSession(
+        str(out), session_options(DEFAULT_PROFILE, 1), providers=["CPUExecutionProvider"]
+    )
+    expected = ort.InferenceSession(
+        str(source), session_options(DEFAULT_PROFILE, 1), providers=["CPUExecutionProvider"]
+    ).run(None, {session.get_inputs()[0].name: batch})
+    got = session.run(None, {session.get_inputs()[0].name: batch})
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    assert all(np.isfinite(g).all() for g in got)
+    if precision == "int8-static" and case.fixed_batch:
+        calibration = read_sidecar(out)["calibration"]
+        assert calibration["fixed_batch"] == case.fixed_batch
+        assert calibration["images"] % case.fixed_batch == 0
