@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from bench._models import (
     ALL_PRECISIONS,
@@ -53,6 +54,7 @@ from bench._models import (
 )
 from harness.adapter import RuntimeAdapter
 from harness.errors import DataError, ModelError
+from harness.kernels import cpu_isa_flags
 from harness.metrics import batch_dependence
 from harness.preprocessing import Preprocessing
 
@@ -414,13 +416,9 @@ def dynamic_quant_costs(
 
 # ---------------------------------------------------------------------------- report
 def environment(threads: int) -> dict[str, Any]:
-    import onnxruntime
-
-    from exporters.quantizers import cpu_isa_flags
-
     return {
         "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": ort.__version__,
         "numpy": np.__version__,
         "cpu_count": os.cpu_count(),
         "cpu_isa": cpu_isa_flags(),

@@ -29,21 +29,10 @@ import numpy as np
 from harness.adapter import RuntimeAdapter
 from harness.attacks.base import build_attack
 from harness.data.base import load_dataset
-from harness.kernels import PROFILES, probe_host
+from harness.kernels import PROFILES, cpu_isa_flags, probe_host
 from harness.metrics import accuracy, agreement, attack_success_rate
 
 PRECISIONS = ("int8-dynamic", "int8-static", "int4")
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's INT8-relevant instruction-set flags (Linux), for the record."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
-    return [flag for flag in wanted if flag in line.partition(":")[2].split()]
 
 
 def time_ratio(adapters: dict[str, RuntimeAdapter], images: np.ndarray, repeats: int) -> float:
@@ -100,7 +89,7 @@ def main() -> None:
         rows.append(row)
     result = {
         "cpu": platform.processor() or platform.machine(),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": [flag for flag, present in cpu_isa_flags().items() if present],
         "host_kernels": host.as_dict(),
         "threads": args.threads,
         "images": args.images,

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from pydantic import BaseModel
 
 from exporters.calibration import check_pixel_images
-from harness.errors import ModelError
+from harness.errors import ModelError, one_line
 from harness.kernels import session_options
 from harness.preprocessing import METADATA_KEY, Preprocessing
 
@@ -139,16 +139,10 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> 
             except Exception as dynamo_error:
                 raise ModelError(
                     f"cannot export {type(model).__name__} to ONNX opset {opset}: "
-                    f"legacy exporter: {one_line(legacy_error)}; "
-                    f"dynamo exporter: {one_line(dynamo_error)}"
+                    f"legacy exporter: {one_line(legacy_error, first_line=True)}; "
+                    f"dynamo exporter: {one_line(dynamo_error, first_line=True)}"
                 ) from dynamo_error
             return "dynamo"
-
-
-def one_line(exc: BaseException) -> str:
-    """First line of an exception's message (onnx/onnxruntime errors span many lines)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _stamp_metadata(proto: onnx.ModelProto, entries: dict[str, str]) -> None:
@@ -192,7 +186,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf decode errors have no common public base class
-        raise ModelError(f"cannot read ONNX model {path}: {one_line(exc)}") from exc
+        raise ModelError(
+            f"cannot read ONNX model {path}: {one_line(exc, first_line=True)}"
+        ) from exc
     return {p.key: p.value for p in proto.metadata_props}
 
 

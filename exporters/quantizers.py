@@ -47,7 +47,6 @@ from exporters.calibration import (
     select_calibration_images,
     write_calibration_cache,
 )
-from exporters.onnx_export import one_line
 from exporters.recipes import (
     QuantRecipe,
     calibrator_options,
@@ -56,8 +55,8 @@ from exporters.recipes import (
     resolve_recipe,
     static_kwargs,
 )
-from harness.errors import BlindspotsError, ModelError, validation_message
-from harness.kernels import DEFAULT_PROFILE, session_options
+from harness.errors import BlindspotsError, ModelError, one_line, validation_message
+from harness.kernels import DEFAULT_PROFILE, cpu_isa_flags, session_options
 from harness.preprocessing import METADATA_KEY, Preprocessing
 from harness.registry import Registry
 from harness.sidecar import read_sidecar, sha256_file, sidecar_path
@@ -65,7 +64,6 @@ from harness.sidecar import read_sidecar, sha256_file, sidecar_path
 logger = logging.getLogger(__name__)
 
 SIDECAR_VERSION = 1
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
 #: ONNX's native 4-bit and 16-bit Q/DQ types exist from opset 21 on.
 INT4_MIN_OPSET = 21
 #: DequantizeLinear's ``axis`` (per-channel weights) exists from opset 13 on.
@@ -319,7 +317,7 @@ def _cause(exc: Exception) -> str:
     """One line saying what went wrong inside a library call."""
     if isinstance(exc, ValidationError):
         return validation_message(exc, "field")
-    return f"{type(exc).__name__}: {one_line(exc)}"
+    return f"{type(exc).__name__}: {one_line(exc, first_line=True)}"
 
 
 def _check_destination(src: Path, dst: Path) -> None:
@@ -665,7 +663,7 @@ def ort_run_problem(path: str | Path, profile: str = DEFAULT_PROFILE) -> str | N
         }
         session.run(None, feeds)
     except Exception as exc:  # onnxruntime's pybind errors share no public base class
-        return one_line(exc)
+        return one_line(exc, first_line=True)
     return None
 
 
@@ -712,20 +710,3 @@ def describe_quantization(onnx_path: str | Path) -> dict[str, Any]:
         "initializer_dtypes": dict(sorted(dtypes.items())),
         "initializer_elements": dict(sorted(elements.items())),
     }
-
-
-def cpu_isa_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, bool | None]:
-    """Which INT8-relevant x86 instruction sets the CPU reports; None each when unknowable."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return dict.fromkeys(ISA_FLAGS)
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            flags = set(value.split())
-            break
-    else:
-        return dict.fromkeys(ISA_FLAGS)
-    return {flag: flag in flags for flag in ISA_FLAGS}

@@ -39,3 +39,18 @@ def validation_message(exc: Any, what: str, known: Iterable[str] = ()) -> str:
         return f"unknown {what} '{field}'{hint}"
     msg = err["msg"].removeprefix("Value error, ")
     return f"invalid {what} '{field}': {msg} (got {err.get('input')!r})"
+
+
+def one_line(exc: BaseException, *, first_line: bool = False, limit: int | None = None) -> str:
+    """A library exception's message as one line, to embed in a :class:`BlindspotsError`.
+
+    By default every line is kept and whitespace squeezed (PIL, numpy and pickle messages are
+    short); ``first_line`` keeps only the first line (onnx and onnxruntime append stack dumps
+    and graph listings after it); ``limit`` cuts text from hostile files (tensor names can be
+    megabytes). An empty message falls back to the exception's type name.
+    """
+    text = str(exc).strip()
+    if first_line and text:
+        text = text.splitlines()[0]
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."

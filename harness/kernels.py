@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -249,3 +250,21 @@ def profile_record(profile: str) -> dict[str, Any]:
 def other_profile(profile: str) -> KernelProfile:
     """The profile a drift measurement compares ``profile`` against."""
     return "host" if check_profile(profile) == "exact" else "exact"
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
+"""x86 instruction sets that decide which INT8 kernels onnxruntime picks (recorded per run)."""
+
+
+def cpu_isa_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, bool | None]:
+    """Which INT8-relevant x86 instruction sets the CPU reports; None each when unknowable."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return dict.fromkeys(ISA_FLAGS)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags = set(value.split())
+            return {flag: flag in flags for flag in ISA_FLAGS}
+    return dict.fromkeys(ISA_FLAGS)

@@ -52,7 +52,7 @@ from onnx.external_data_helper import (
     uses_external_data,
 )
 
-from harness.errors import ModelError
+from harness.errors import ModelError, one_line
 from harness.kernels import session_options
 
 DEFAULT_MAX_BYTES = 1 << 30
@@ -210,9 +210,8 @@ def _quote(text: str) -> str:
 
 
 def _detail(exc: BaseException) -> str:
-    """A library error's message on one line, cut short."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= _DETAIL_LIMIT else text[:_DETAIL_LIMIT] + "..."
+    """A library error's message on one line, cut short (hostile files make huge ones)."""
+    return one_line(exc, limit=_DETAIL_LIMIT)
 
 
 def _read_bounded(path: Path, max_bytes: int) -> bytes:

@@ -28,6 +28,7 @@ from harness.kernels import (
     PRECISION_MODE_KEY,
     SATURATING,
     HostKernels,
+    cpu_isa_flags,
     probe_host,
     profile_record,
     session_config_entries,
@@ -91,20 +92,11 @@ def test_host_probe_verifies_the_exact_profile_and_classifies_the_host():
     assert host.exact_verified, host.outputs
     for values in host.outputs.values():
         assert values["exact"] == pytest.approx(values["int32_reference"], rel=0.02)
-    flags = _cpu_flags()
+    flags = {flag for flag, present in cpu_isa_flags().items() if present}
     if flags and {"avx512_vnni", "avx_vnni", "amx_int8"} & flags:
         assert host.kernel_class == EXACT  # VNNI/AMX accumulate pairs in int32
     elif flags and "avx2" in flags:
         assert host.kernel_class == SATURATING  # vpmaddubsw: saturating int16 pair sums
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 def test_adapter_records_its_profile_and_masked_copies_keep_it(digits_world):

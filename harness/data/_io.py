@@ -16,18 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from harness.errors import DataError
+from harness.errors import DataError, one_line
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".ppm", ".bmp"})
 """File endings the image-folder loaders read (compared lower-case)."""
 
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 """What PIL raises for unreadable, truncated or absurdly large images."""
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line, for embedding in a DataError."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def reject_unknown_options(name: str, options: Mapping[str, object]) -> None:

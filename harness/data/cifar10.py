@@ -19,13 +19,12 @@ import numpy as np
 
 from harness.data._io import (
     check_image_size,
-    one_line,
     reject_unknown_options,
     require_root,
     resize_images,
 )
 from harness.data.base import DATASETS, ImageDataset
-from harness.errors import DataError
+from harness.errors import DataError, one_line
 
 FOLDER = "cifar-10-batches-py"
 TARBALL = "cifar-10-python.tar.gz"

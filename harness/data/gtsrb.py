@@ -22,13 +22,12 @@ import numpy as np
 from harness.data._io import (
     check_image_size,
     list_images,
-    one_line,
     read_images,
     reject_unknown_options,
     require_root,
 )
 from harness.data.base import DATASETS, ImageDataset
-from harness.errors import DataError
+from harness.errors import DataError, one_line
 
 NUM_CLASSES = 43
 DEFAULT_IMAGE_SIZE = 32

@@ -25,13 +25,12 @@ import numpy as np
 
 from harness.data._io import (
     check_image_size,
-    one_line,
     reject_unknown_options,
     require_root,
     resize_images,
 )
 from harness.data.base import DATASETS, ImageDataset
-from harness.errors import DataError
+from harness.errors import DataError, one_line
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 MAX_UNCOMPRESSED_BYTES = 16 << 30
