@@ -7,14 +7,17 @@ DataLoader workers (whose scheduling would reorder nothing here but costs start-
 Preprocessing is applied once to the whole uint8 set; batches are slices of one tensor.
 
 Checkpoints are plain ``torch.save`` dicts of tensors and JSON-like metadata, read back with
-``weights_only=True`` so that loading a model file can never execute code from it.
+``weights_only=True`` so that loading a model file can never execute code from it. They are
+written atomically (a run killed mid-save leaves the previous file or none, never a torn one).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 from tqdm.auto import tqdm
 
+from harness.atomic import atomic_target, write_error
 from harness.data.base import validate_split
 from harness.errors import BlindspotsError, ModelError, validation_message
 from harness.models import MODELS, build_model
@@ -219,10 +223,39 @@ def save_state(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path
         raise ValueError(f"save_state meta lacks {missing}")
     json.dumps(meta)  # only JSON-like values survive weights_only loading
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "meta": dict(meta)}, path)
+    with atomic_target(path) as partial:  # a kill mid-save leaves the old file or none
+        torch.save({"state_dict": state, "meta": dict(meta)}, partial)
     return path
+
+
+def checkpoint_is_valid(path: str | Path) -> bool:
+    """Whether ``path`` is a whole, readable checkpoint (the runner's test before reusing one)."""
+    try:
+        load_state(path)
+    except ModelError:
+        return False
+    return True
+
+
+def set_aside_if_corrupt(path: str | Path) -> Path | None:
+    """Rename a damaged cached checkpoint to ``<name>.corrupt-<UTC time>``; returns the new path.
+
+    A cache entry that cannot be read must not stop every later run until someone deletes it by
+    hand: the runner moves it aside (kept for inspection, never overwritten) and retrains. A
+    missing or valid file is left alone (returns ``None``). Only for files the harness wrote
+    itself: a model file a user passed in is reported by :func:`load_model`, never moved.
+    """
+    path = Path(path)
+    if not path.is_file() or checkpoint_is_valid(path):
+        return None
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        raise write_error(path, exc, "move aside the damaged checkpoint") from None
+    return aside
 
 
 def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -234,7 +267,10 @@ def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged / foreign file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load model file {path}: {reason}") from None
+        raise ModelError(
+            f"cannot load model file {path}: it is truncated, damaged or not a torch "
+            f"checkpoint ({reason})"
+        ) from None
     if (
         not isinstance(blob, dict)
         or not isinstance(blob.get("state_dict"), dict)
