@@ -38,6 +38,7 @@ from harness.metrics import accuracy, agreement, attack_success_rate
 from harness.model_safety import load_untrusted
 from harness.models import MODELS
 from harness.preprocessing import Preprocessing
+from harness.qcb_cli import add_commands as add_qcb_commands
 from harness.report import write_report
 from harness.runner import run_experiment
 from harness.sampling import stable_seed
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="registered datasets, attacks, models, precisions, defenses")
     p.set_defaults(func=cmd_list)
+    add_qcb_commands(sub)
     return parser
 
 
