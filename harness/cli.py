@@ -43,6 +43,7 @@ from harness.report import write_report
 from harness.runner import run_experiment
 from harness.sampling import stable_seed
 from harness.sanity import check_outputs, raise_on_errors
+from harness.sweep_cli import add_commands as add_sweep_commands
 from harness.training import (
     TrainConfig,
     checkpoint_meta,
@@ -453,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="registered datasets, attacks, models, precisions, defenses")
     p.set_defaults(func=cmd_list)
     add_qcb_commands(sub)
+    add_sweep_commands(sub)
     return parser
 
 

@@ -5,6 +5,11 @@ It is the only stage that writes results. Each finished cell (model × precision
 resumes. Trained weights and exported artifacts are cached under ``artifacts/<training key>``
 (the key hashes everything that determines the weights), so changing only the defenses or their
 parameters reuses the models.
+
+The steps are public so a sweep (:mod:`harness.sweep`) can run them as separate tasks on
+separate workers: :func:`prepare_seed` trains and quantizes one model variant (or finds it in
+the cache), :func:`evaluate_cell` computes one cell's record without writing anything. Every
+record carries its content id under ``"cell"`` (:meth:`ExperimentConfig.cell_key`).
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +33,9 @@ from exporters.onnx_export import export_onnx
 from exporters.quantizers import cpu_isa_flags, quantize_all, sidecar_path
 from harness import __version__
 from harness.adapter import RuntimeAdapter
+from harness.atomic import atomic_write_json, atomic_write_text, remove_partials
 from harness.attacks.base import build_attack
-from harness.config import ExperimentConfig
+from harness.config import ExperimentConfig, input_fingerprint
 from harness.data.base import ImageDataset, load_dataset
 from harness.determinism import float_kernel_record
 from harness.errors import BlindspotsError
@@ -37,9 +43,17 @@ from harness.kernels import other_profile, probe_host, profile_record
 from harness.metrics import accuracy, agreement, attack_success_rate
 from harness.preprocessing import Preprocessing
 from harness.retrain import FinePruneRetrainer
+from harness.runlock import RunLock
 from harness.sampling import stable_seed
-from harness.store import ResultStore, cell_id
-from harness.training import TrainConfig, checkpoint_meta, load_model, save_state, train_model
+from harness.store import ResultStore, cell_id, read_json
+from harness.training import (
+    TrainConfig,
+    checkpoint_meta,
+    load_model,
+    save_state,
+    set_aside_if_corrupt,
+    train_model,
+)
 
 Log = Callable[[str], None]
 
@@ -59,6 +73,22 @@ class SeedModels:
     states: dict[bool, Path]
     artifacts: dict[bool, dict[str, Path]]
     timings: dict[bool, dict[str, float]]
+    data_fingerprint: str
+    fp32_predictions: dict[bool, np.ndarray] = field(default_factory=dict)
+    """Per variant, computed on first use: every cell's ``agreement_fp32`` compares with it."""
+
+
+@dataclass(frozen=True)
+class EvaluationSets:
+    """The test and defense inputs of one seed, shared by all of its cells."""
+
+    x_test: np.ndarray
+    y_test: np.ndarray
+    triggered_x: np.ndarray
+    defense_clean_x: np.ndarray
+    defense_clean_y: np.ndarray
+    defense_triggered: np.ndarray
+    tune_idx: np.ndarray
 
 
 def environment() -> dict[str, Any]:
@@ -80,8 +110,22 @@ def environment() -> dict[str, Any]:
     }
 
 
-def prepare_seed(config: ExperimentConfig, seed: int, out: Path, log: Log) -> SeedModels:
-    """Poison, train (poisoned + clean control), export and quantize — cached by training key."""
+def prepare_seed(
+    config: ExperimentConfig,
+    seed: int,
+    out: Path,
+    log: Log,
+    variants: Sequence[bool] | None = None,
+    *,
+    data_fingerprint: str | None = None,
+    progress: bool = True,
+) -> SeedModels:
+    """Poison, train, export and quantize — cached by training key.
+
+    ``variants`` picks the models (True: poisoned, False: clean control); by default the
+    poisoned one and, if the config asks for it, the clean control. ``progress`` shows
+    training progress bars (off in parallel workers, whose bars would interleave).
+    """
 
     dataset = load_dataset(config.dataset, config.data_root, **config.dataset_options)
     attack = build_attack(config.attack, config.attack_params)
@@ -97,27 +141,38 @@ def prepare_seed(config: ExperimentConfig, seed: int, out: Path, log: Log) -> Se
         np.sort(calib_idx)
     ]  # clean images: the vendor calibrates on clean data
 
-    root = out / "artifacts" / config.training_key(seed)
+    fingerprint = data_fingerprint or input_fingerprint(config.dataset, config.data_root)
+    root = out / "artifacts" / config.training_key(seed, fingerprint)
     train_cfg = TrainConfig(
         model=config.model, seed=seed, num_threads=config.threads, **config.training.model_dump()
     )
     states: dict[bool, Path] = {}
     artifacts: dict[bool, dict[str, Path]] = {}
     timings: dict[bool, dict[str, float]] = {}
-    variants = [True, False] if config.clean_control else [True]
+    if variants is None:
+        variants = [True, False] if config.clean_control else [True]
     for is_poisoned in variants:
         kind = "poisoned" if is_poisoned else "clean"
         folder = root / kind
         state = folder / "model.pt"
         timing: dict[str, float] = {}
         x, y = (poisoned.x, poisoned.y) if is_poisoned else (dataset.x_train, dataset.y_train)
+        aside = set_aside_if_corrupt(state)  # a damaged cache entry is retrained, not fatal
+        if aside is not None:
+            log(f"seed {seed}: cached {kind} model {state} is damaged; kept as {aside.name}")
         if state.is_file():
             model, _ = load_model(state)
             log(f"seed {seed}: reusing trained {kind} model {state}")
         else:
             started = time.perf_counter()
             model = train_model(
-                x, y, dataset.num_classes, preprocessing, train_cfg, desc=f"train {kind} s{seed}"
+                x,
+                y,
+                dataset.num_classes,
+                preprocessing,
+                train_cfg,
+                progress=progress,
+                desc=f"train {kind} s{seed}",
             )
             timing["train_s"] = time.perf_counter() - started
             meta = checkpoint_meta(
@@ -139,7 +194,7 @@ def prepare_seed(config: ExperimentConfig, seed: int, out: Path, log: Log) -> Se
                 preprocessing,
                 metadata={"blindspots.source": kind},
             )
-            (folder / "export.json").write_text(report.model_dump_json(indent=2))
+            atomic_write_text(folder / "export.json", report.model_dump_json(indent=2))
         timing["export_s"] = time.perf_counter() - started
         paths, quantize_timings = quantize_all(
             exported, folder, config.precisions, calibration, reuse_existing=True
@@ -159,6 +214,7 @@ def prepare_seed(config: ExperimentConfig, seed: int, out: Path, log: Log) -> Se
         states=states,
         artifacts=artifacts,
         timings=timings,
+        data_fingerprint=fingerprint,
     )
 
 
@@ -173,22 +229,15 @@ def _split_for_defenses(
     return np.sort(order[:size]), np.sort(order[size:])
 
 
-def evaluate_seed(
-    config: ExperimentConfig, models: SeedModels, store: ResultStore, log: Log
-) -> None:
-    """Evaluate every (poisoned/clean × precision) cell not already in the store."""
-
+def evaluation_sets(config: ExperimentConfig, models: SeedModels) -> EvaluationSets:
+    """Test images for accuracy / ASR and the defenses' held-out pools, drawn per seed."""
     ds, attack = models.dataset, models.attack
     x_test, y_test = ds.x_test, ds.y_test
     if config.eval_limit is not None:
         x_test, y_test = x_test[: config.eval_limit], y_test[: config.eval_limit]
     triggered_x, _ = attack.triggered_test_set(x_test, y_test)
     pool_idx, rest_idx = _split_for_defenses(config, models)
-    defense_clean_x, defense_clean_y = ds.x_test[pool_idx], ds.y_test[pool_idx]
     rest_nontarget = rest_idx[ds.y_test[rest_idx] != attack.target_label]
-    defense_triggered = attack.apply_for_test(
-        ds.x_test[rest_nontarget[: config.defense_clean_size]]
-    )
     # Fine-Pruning's fine-tuning set: clean training images the defender holds, disjoint from
     # the held-out images every defense is measured on (tuning on those would inflate accuracy).
     tune_rng = np.random.default_rng(stable_seed("finetune", models.seed))
@@ -198,99 +247,148 @@ def evaluate_seed(
             clean_train, min(config.defense_clean_size, len(clean_train)), replace=False
         )
     )
+    return EvaluationSets(
+        x_test=x_test,
+        y_test=y_test,
+        triggered_x=triggered_x,
+        defense_clean_x=ds.x_test[pool_idx],
+        defense_clean_y=ds.y_test[pool_idx],
+        defense_triggered=attack.apply_for_test(
+            ds.x_test[rest_nontarget[: config.defense_clean_size]]
+        ),
+        tune_idx=tune_idx,
+    )
+
+
+def cell_identity(
+    config: ExperimentConfig, models: SeedModels, is_poisoned: bool, precision: str
+) -> dict[str, Any]:
+    """The fields that name a cell in the store, plus its content id under ``"cell"``."""
+    return {
+        "cell": config.cell_key(models.seed, is_poisoned, precision, models.data_fingerprint),
+        "dataset": config.dataset,
+        "model": config.model,
+        "attack": config.attack,
+        "attack_params": models.attack.describe()["params"],
+        "seed": models.seed,
+        "poisoned": is_poisoned,
+        "precision": precision,
+    }
+
+
+def evaluate_seed(
+    config: ExperimentConfig, models: SeedModels, store: ResultStore, log: Log
+) -> None:
+    """Evaluate every (poisoned/clean × precision) cell not already in the store."""
+    sets = evaluation_sets(config, models)
     done = store.done()
-    for is_poisoned, paths in models.artifacts.items():
-        fp32_pred: np.ndarray | None = None  # computed only if a cell of this model is to run
-        train_x, train_y = (
-            (models.poisoned_x, models.poisoned_y) if is_poisoned else (ds.x_train, ds.y_train)
-        )
-        mask = models.poison_mask if is_poisoned else np.zeros(len(ds.x_train), dtype=bool)
-        if config.defense_train_size is not None and config.defense_train_size < len(train_x):
-            rng = np.random.default_rng(stable_seed("defense-train", models.seed))
-            keep = np.sort(rng.choice(len(train_x), config.defense_train_size, replace=False))
-            train_x, train_y, mask = train_x[keep], train_y[keep], mask[keep]
+    for is_poisoned in models.artifacts:
         for precision in config.precisions:
-            record: dict[str, Any] = {
-                "dataset": config.dataset,
-                "model": config.model,
-                "attack": config.attack,
-                "attack_params": attack.describe()["params"],
-                "seed": models.seed,
-                "poisoned": is_poisoned,
-                "precision": precision,
-            }
-            if cell_id(record) in done:
-                log(f"skip {cell_id(record)} (already in the store)")
+            name = cell_id(cell_identity(config, models, is_poisoned, precision))
+            if name in done:
+                log(f"skip {name} (already in the store)")
                 continue
-            if fp32_pred is None:
-                reference = RuntimeAdapter.from_path(
-                    paths["fp32-reference"],
-                    threads=config.threads,
-                    kernel_profile=config.int8_kernels,
-                )
-                fp32_pred = reference.predict(x_test)
-            path = paths[precision]
-            started = time.perf_counter()
-            adapter = RuntimeAdapter.from_path(
-                path, threads=config.threads, kernel_profile=config.int8_kernels
-            )
-            record.update(
-                _clean_and_triggered(adapter, x_test, y_test, triggered_x, fp32_pred, attack)
-            )
-            eval_s = time.perf_counter() - started
-            record.update(
-                n_test=len(y_test),
-                n_triggered=len(triggered_x),
-                per_sample_inference=adapter.runs_per_sample(None),
-                kernels=profile_record(config.int8_kernels),
-                artifacts={
-                    "onnx": str(path),
-                    "sidecar": str(sidecar_path(path)),
-                    "state": str(models.states[is_poisoned]),
-                },
-                timings={**models.timings[is_poisoned], "evaluate_s": eval_s},
-            )
-            data = DefenseData(
-                num_classes=ds.num_classes,
-                clean_x=defense_clean_x,
-                clean_y=defense_clean_y,
-                train_x=train_x,
-                train_y=train_y,
-                poison_mask=mask,
-                triggered_x=defense_triggered,
-                target_label=attack.target_label if is_poisoned else None,
-                poison_rate=attack.poison_rate,
-                retrainer=FinePruneRetrainer(
-                    state_path=models.states[is_poisoned],
-                    precision=precision,
-                    source_indices=tune_idx,
-                    clean_x=ds.x_train[tune_idx],
-                    clean_y=ds.y_train[tune_idx],
-                    calibration_images=models.calibration,
-                    out_dir=path.parent / "fine_pruned",
-                    epochs=config.finetune_epochs,
-                    seed=models.seed,
-                    threads=config.threads,
-                    kernel_profile=config.int8_kernels,
-                ),
-            )
-            results, arrays = run_defenses(config, models.seed, adapter, data, cell_id(record), log)
-            record["defenses"] = results
-            if precision != "fp32" and probe_host().profiles_differ:
-                record["kernel_drift"] = _kernel_drift(
-                    config,
-                    models.seed,
-                    path,
-                    (x_test, y_test, triggered_x, fp32_pred),
-                    attack,
-                    data,
-                    log,
-                )
+            record, arrays = evaluate_cell(config, models, sets, is_poisoned, precision, log)
             store.append(record, arrays)
             log(
-                f"{cell_id(record)}: clean_acc={record['clean_acc']:.4f} asr={record['asr']:.4f} "
+                f"{name}: clean_acc={record['clean_acc']:.4f} asr={record['asr']:.4f} "
                 f"agreement_fp32={record['agreement_fp32']:.4f}"
             )
+
+
+def _defense_training_set(
+    config: ExperimentConfig, models: SeedModels, is_poisoned: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The training images AC / SS analyse (capped by ``defense_train_size``) and their mask."""
+    ds = models.dataset
+    train_x, train_y = (
+        (models.poisoned_x, models.poisoned_y) if is_poisoned else (ds.x_train, ds.y_train)
+    )
+    mask = models.poison_mask if is_poisoned else np.zeros(len(ds.x_train), dtype=bool)
+    if config.defense_train_size is not None and config.defense_train_size < len(train_x):
+        rng = np.random.default_rng(stable_seed("defense-train", models.seed))
+        keep = np.sort(rng.choice(len(train_x), config.defense_train_size, replace=False))
+        train_x, train_y, mask = train_x[keep], train_y[keep], mask[keep]
+    return train_x, train_y, mask
+
+
+def evaluate_cell(
+    config: ExperimentConfig,
+    models: SeedModels,
+    sets: EvaluationSets,
+    is_poisoned: bool,
+    precision: str,
+    log: Log,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One cell's record (metrics, defenses, provenance) and its arrays; writes nothing."""
+    ds, attack, paths = models.dataset, models.attack, models.artifacts[is_poisoned]
+    record = cell_identity(config, models, is_poisoned, precision)
+    if is_poisoned not in models.fp32_predictions:
+        reference = RuntimeAdapter.from_path(
+            paths["fp32-reference"], threads=config.threads, kernel_profile=config.int8_kernels
+        )
+        models.fp32_predictions[is_poisoned] = reference.predict(sets.x_test)
+    fp32_pred = models.fp32_predictions[is_poisoned]
+    path = paths[precision]
+    started = time.perf_counter()
+    adapter = RuntimeAdapter.from_path(
+        path, threads=config.threads, kernel_profile=config.int8_kernels
+    )
+    record.update(
+        _clean_and_triggered(adapter, sets.x_test, sets.y_test, sets.triggered_x, fp32_pred, attack)
+    )
+    eval_s = time.perf_counter() - started
+    record.update(
+        n_test=len(sets.y_test),
+        n_triggered=len(sets.triggered_x),
+        per_sample_inference=adapter.runs_per_sample(None),
+        kernels=profile_record(config.int8_kernels),
+        artifacts={
+            "onnx": str(path),
+            "sidecar": str(sidecar_path(path)),
+            "state": str(models.states[is_poisoned]),
+        },
+        timings={**models.timings[is_poisoned], "evaluate_s": eval_s},
+    )
+    train_x, train_y, mask = _defense_training_set(config, models, is_poisoned)
+    data = DefenseData(
+        num_classes=ds.num_classes,
+        clean_x=sets.defense_clean_x,
+        clean_y=sets.defense_clean_y,
+        train_x=train_x,
+        train_y=train_y,
+        poison_mask=mask,
+        triggered_x=sets.defense_triggered,
+        target_label=attack.target_label if is_poisoned else None,
+        poison_rate=attack.poison_rate,
+        retrainer=FinePruneRetrainer(
+            state_path=models.states[is_poisoned],
+            precision=precision,
+            source_indices=sets.tune_idx,
+            clean_x=ds.x_train[sets.tune_idx],
+            clean_y=ds.y_train[sets.tune_idx],
+            calibration_images=models.calibration,
+            out_dir=path.parent / "fine_pruned",
+            epochs=config.finetune_epochs,
+            seed=models.seed,
+            threads=config.threads,
+            kernel_profile=config.int8_kernels,
+        ),
+    )
+    name = cell_id(record)
+    results, arrays = run_defenses(config, models.seed, adapter, data, name, log)
+    record["defenses"] = results
+    if precision != "fp32" and probe_host().profiles_differ:
+        record["kernel_drift"] = _kernel_drift(
+            config,
+            models.seed,
+            path,
+            (sets.x_test, sets.y_test, sets.triggered_x, fp32_pred),
+            attack,
+            data,
+            log,
+        )
+    return record, arrays
 
 
 def _clean_and_triggered(
@@ -368,22 +466,35 @@ def _check_output_folder(config: ExperimentConfig, out: Path) -> None:
     previous = out / "config.json"
     if not previous.is_file() or not (out / "results.jsonl").is_file():
         return
-    if json.loads(previous.read_text()) != json.loads(config.model_dump_json()):
+    if read_json(previous) != json.loads(config.model_dump_json()):
         raise BlindspotsError(
             f"{out} holds results of a different config; use a new --out folder "
             "(or delete results.jsonl to start over)"
         )
 
 
+def write_run_metadata(config: ExperimentConfig, out: Path) -> None:
+    """``config.json`` and ``environment.json`` of a run folder, each replaced atomically."""
+    atomic_write_text(out / "config.json", config.model_dump_json(indent=2))
+    atomic_write_json(out / "environment.json", environment())
+
+
 def run_experiment(config: ExperimentConfig, out: str | Path, log: Log = print) -> ResultStore:
-    """Run every seed of ``config`` into ``out`` and return the store (report built separately)."""
+    """Run every seed of ``config`` into ``out`` and return the store (report built separately).
+
+    A sweep config (several datasets, models or attacks) runs its combinations one after the
+    other; ``blindspots sweep run`` runs the same cells on parallel workers. The folder is
+    locked for the duration, so a second run on it refuses in one line.
+    """
     out = Path(out)
     config.check_plugins()
-    _check_output_folder(config, out)
-    store = ResultStore(out)
-    (out / "config.json").write_text(config.model_dump_json(indent=2))
-    (out / "environment.json").write_text(json.dumps(environment(), indent=2))
-    for seed in config.seeds:
-        models = prepare_seed(config, seed, out, log)
-        evaluate_seed(config, models, store, log)
+    with RunLock(out):
+        remove_partials(out)  # temporary files of writers killed earlier (we hold the lock)
+        _check_output_folder(config, out)
+        store = ResultStore(out)
+        write_run_metadata(config, out)
+        for single in config.expand():
+            for seed in config.seeds:
+                models = prepare_seed(single, seed, out, log)
+                evaluate_seed(single, models, store, log)
     return store
