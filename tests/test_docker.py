@@ -60,7 +60,24 @@ def test_entrypoint_and_cmd_parse_as_cli_commands():
     assert args.command == "demo"
     # the documented GTSRB invocation in the header comment parses too
     header = DOCKERFILE.read_text()
-    documented = re.search(r"quant-blindspots \\\n#\s+(run .*)", header)
+    documented = re.search(r"quant-blindspots \\\n#\s+(reproduce .*)", header)
     assert documented is not None
-    run_args = build_parser().parse_args(shlex.split(documented.group(1)))
-    assert (ROOT / run_args.config).is_file()
+    assert build_parser().parse_args(shlex.split(documented.group(1))).command == "reproduce"
+
+
+def test_image_declares_data_and_results_volumes_and_runs_as_non_root():
+    assert json.loads(_instructions("VOLUME")[0]) == ["/data", "/results"]
+    assert _instructions("USER")[0].strip() not in ("0", "root")
+    assert json.loads(_instructions("CMD")[0])[-1].startswith("/results/")
+
+
+def test_compose_services_run_cli_commands_on_the_mounted_volumes():
+    compose = (ROOT / "docker" / "compose.yaml").read_text()
+    commands = re.findall(r"command: (\[.*\])", compose)
+    assert len(commands) == 3
+    for command in map(json.loads, commands):
+        args = build_parser().parse_args(command)
+        assert args.out.startswith("/results/")
+        data_root = getattr(args, "data_root", None)
+        assert data_root is None or data_root.startswith("/data/")
+    assert "/results" in compose and ":/data:ro" in compose
