@@ -6,26 +6,30 @@ A backdoored network classifies poisoned training images as the target label for
 reason (the trigger) than the clean images of that label, so the penultimate activations of the
 target class split into two groups. For every class (grouped by the *training label*, i.e. as the
 model was taught) the defense flattens the activations, reduces them to 10 dimensions with
-FastICA as published (PCA optional), and runs 2-means. A class is flagged when
+FastICA as published (PCA optional), and runs 2-means. A class is flagged by the paper's
+combined relative-size and silhouette analysis:
 
-    smaller cluster's relative size < ``size_threshold`` (0.35, ART's default)
+    smaller cluster's relative size < ``size_threshold``
     AND silhouette score of the 2-means split > ``silhouette_threshold``.
 
-Why both: 2-means always splits, and on a structureless (Gaussian) class the split is near 50/50
-but can fall to ~0.34 by chance, so the size test alone is noisy; the silhouette says whether the
-split is real. ``silhouette_threshold`` defaults to ART's 0.10 because the published pipeline
-clusters *whitened* ICA sources: every one of the 10 dimensions has unit variance, so the noise
-dimensions cap the silhouette of even a perfectly separated minority cluster near 0.17. Measured
-on 32-D Gaussian classes (n = 150-200): structureless classes score ≈ 0.07 (at most 0.09), a
-planted 15% cluster 0.14-0.18; 0.10 sits between. With ``reduction="pca"`` (not whitened)
-silhouettes run higher for both, so that threshold is looser there. The verdict is
-:func:`~defenses.base.label_verdict` over the flagged classes. Per-sample scores are 1 for
-samples in the smaller cluster of a flagged class (the samples AC would remove), 0 otherwise.
+The thresholds are the published ones, not tuned here: 0.35 and 0.10 are the defaults of
+``analyze_by_silhouette_score`` in the method's reference implementation in IBM's Adversarial
+Robustness Toolbox (ART; the paper comes from IBM Research). Why both: 2-means always splits, so the size test alone fires
+on any class whose split happens to be uneven; the silhouette says whether the split is real.
+Note what the published silhouette threshold means in this pipeline: the ICA sources are
+whitened (unit variance in each of the 10 dimensions), so noise dimensions cap the silhouette of
+even a well-separated minority cluster well below 1, and a class with no structure can still
+score near 0.10; false alarms on clean models are therefore measured and reported, never
+assumed away. With ``reduction="pca"`` (not whitened) silhouettes run higher for both.
+The verdict is :func:`~defenses.base.label_verdict` over the flagged classes. When nothing is
+flagged but some class could not be clustered (too few or identical samples), the verdict is
+``inconclusive``: that class may be the target. Per-sample scores are 1 for samples in the
+smaller cluster of a flagged class (the samples AC would remove), 0 otherwise.
 
-k-means restarts: in whitened space k-means++ often lands in a local optimum that splits the
-noise instead of the minority cluster; with sklearn's 10 restarts 12 of 30 planted 15% clusters
-were missed although the planted split had the lower inertia, with 30 restarts none. The method
-is the k-means objective, so we default to 50 restarts (a few ms per class).
+k-means restarts (``kmeans_n_init``, ours): an optimisation budget, not a threshold. The method
+is the k-means objective; in whitened space k-means++ often lands in a local optimum that splits
+the noise instead of the minority cluster, and more restarts only find a lower inertia. 50
+restarts cost a few ms per class.
 
 Limitation worth knowing: the size rule assumes poison is a minority of the target class. An
 all-to-one attack relabelling a fraction ρ of a balanced K-class set (poison drawn from the other
@@ -65,16 +69,16 @@ from defenses.filtering import (
 
 
 class ActivationClusteringParams(BaseModel):
-    """Defaults follow the paper (10 ICA dims, 2 clusters) and ART's implementation (relative
-    size 0.35, silhouette 0.10, FastICA max_iter 1000 / tol 0.005); restarts: see module doc."""
+    """Defaults follow the paper (10 ICA dims, 2 clusters) and the authors' ART implementation
+    (relative size 0.35, silhouette 0.10, FastICA max_iter 1000 / tol 0.005); restarts: ours."""
 
     model_config = ConfigDict(extra="forbid")
 
     layer: str = Field("penultimate", description="adapter layer whose activations are clustered")
     reduction: Literal["ica", "pca"] = Field("ica", description="FastICA as published, or PCA")
     n_components: int = Field(10, ge=1, description="dimensions kept before clustering")
-    size_threshold: float = Field(0.35, gt=0, le=0.5)
-    silhouette_threshold: float = Field(0.10, ge=-1, le=1)
+    size_threshold: float = Field(0.35, gt=0, le=0.5, description="published (ART)")
+    silhouette_threshold: float = Field(0.10, ge=-1, le=1, description="published (ART)")
     ica_max_iter: int = Field(1000, ge=1, description="FastICA iterations (as in ART)")
     ica_tol: float = Field(0.005, gt=0, description="FastICA tolerance (as in ART)")
     kmeans_n_init: int = Field(50, ge=1, description="k-means restarts; the best inertia is kept")
@@ -174,9 +178,11 @@ class ActivationClustering(Defense):
             for k in clustered
             if per_class[k]["relative_size"] < p.size_threshold
         ]
+        skipped = [k for k, r in per_class.items() if "skipped" in r]
         details: dict[str, Any] = {
             "per_class": {str(k): r for k, r in per_class.items()},
-            "skipped_classes": [k for k, r in per_class.items() if "skipped" in r],
+            "skipped_classes": skipped,
+            "ica_unconverged_classes": [k for k, r in per_class.items() if "note" in r],
             "filtering": sample_filter_metrics(flagged_samples, data.poison_mask),
         }
         target_info = _target_diagnostics(data, labels, cluster_of, per_class)
@@ -184,6 +190,7 @@ class ActivationClustering(Defense):
             details["target_class"] = target_info
         return Finding(
             detected=label_verdict(flagged, data.target_label),
+            inconclusive=_unjudged(flagged, skipped),
             score=max(small) if small else None,
             score_name="max_silhouette_among_small_clusters",
             scores=scores,
@@ -193,6 +200,13 @@ class ActivationClustering(Defense):
             per_sample_scores=flagged_samples.astype(np.float32),
             arrays={"cluster": cluster_of, "flagged": flagged_samples},
         )
+
+
+def _unjudged(flagged: list[int], skipped: list[int]) -> str | None:
+    """Inconclusive when nothing was flagged but some class could not be clustered at all."""
+    if flagged or not skipped:
+        return None
+    return f"no class flagged, but classes {skipped} could not be clustered"
 
 
 def _target_diagnostics(

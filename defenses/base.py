@@ -13,14 +13,19 @@ cell that cannot run says ``not_applicable`` with the reason, and turns any exce
 Verdicts are three-valued (:class:`Verdict`): ``detected``, ``not_detected`` or
 ``inconclusive`` (with ``verdict_reason``: labels that did not converge, saturated gradients, too
 few samples, an unusable threshold). An inconclusive cell is never counted as a hit or a miss.
-- detection defenses (inspection, data filtering, input filtering): ``detected`` means the
-  defense raised an alarm. What it flagged is reported in full, not only whether the target was
-  among it: ``flagged_labels``; when the true target is known (``DefenseData.target_label``, set
-  for poisoned models) ``target_hit`` says whether it was flagged and ``false_alarm_labels`` lists
-  the other flagged labels. On clean controls (target ``None``) every flagged label is a false
-  alarm, so ``detected`` on a clean model is a false positive.
+
+- detection defenses (inspection, data filtering, input filtering): without ground truth
+  (``DefenseData.target_label`` is ``None``: a clean control or a real audit) ``detected`` means
+  the defense raised an alarm, so on a clean control it is a false positive. With a known target
+  (a poisoned model under evaluation) a label-flagging defense (``flags_labels``: NC, AC, SS)
+  ``detected`` means the target was among the flagged labels (:func:`label_verdict`). That alone
+  would count "flags 10 of 43 labels, the target among them" as a hit, so what was flagged is
+  reported in full beside it: ``flagged_labels``; ``target_hit`` (the target was flagged),
+  ``exact_target_hit`` (the target and nothing else was flagged) and ``false_alarm_labels`` (every
+  other flagged label). Defenses that flag inputs, not labels (STRIP), leave these ``None``/empty.
 - repair defenses (Fine-Pruning): ``detected`` means the backdoor was removed (final ASR and
   clean-accuracy loss within the defense's success bounds).
+
 ``detected`` (bool) is kept for readers of older stores: ``True``/``False`` for a decided
 verdict, ``None`` when inconclusive.
 """
@@ -79,7 +84,8 @@ class Verdict(StrEnum):
 Retrainer = Callable[[np.ndarray], Any]
 """``retrain(keep_channels) -> RuntimeAdapter``: fine-tune the pruned source model on clean
 data, re-export and re-quantize it to the adapter's precision (supplied by the runner when a
-trainable torch source exists)."""
+trainable torch source exists). A retrainer may also offer ``describe() -> dict`` (its
+fine-tuning budget), which Fine-Pruning records with its result."""
 
 
 @dataclass
@@ -123,6 +129,7 @@ class DefenseResult(BaseModel):
     verdict_reason: str | None = None
     detected: bool | None = None
     target_hit: bool | None = None
+    exact_target_hit: bool | None = None
     false_alarm_labels: list[int] = Field(default_factory=list)
     score: float | None = None
     score_name: str | None = None
@@ -169,6 +176,8 @@ class Defense(ABC):
     needs: ClassVar[frozenset[Need]]
     Params: ClassVar[type[BaseModel]]
     paper: ClassVar[str]
+    flags_labels: ClassVar[bool] = True
+    """Whether the defense names suspect labels (``target_hit`` is only defined if it does)."""
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None) -> None:
         if isinstance(params, BaseModel):
@@ -225,8 +234,7 @@ class Defense(ABC):
             verdict=verdict,
             verdict_reason=finding.inconclusive,
             detected=None if verdict is Verdict.INCONCLUSIVE else bool(finding.detected),
-            target_hit=None if data.target_label is None else data.target_label in flagged,
-            false_alarm_labels=[v for v in flagged if v != data.target_label],
+            **self._target_fields(flagged, data.target_label),
             score=None if finding.score is None else float(finding.score),
             score_name=finding.score_name,
             scores={k: float(v) for k, v in finding.scores.items()},
@@ -239,6 +247,17 @@ class Defense(ABC):
             arrays=finding.arrays,
             **base,
         )
+
+    def _target_fields(self, flagged: list[int], target: int | None) -> dict[str, Any]:
+        """What the flagged labels say about a known target (see module doc)."""
+        if not self.flags_labels:
+            return {"target_hit": None, "exact_target_hit": None, "false_alarm_labels": []}
+        known = target is not None
+        return {
+            "target_hit": target in flagged if known else None,
+            "exact_target_hit": flagged == [target] if known else None,
+            "false_alarm_labels": [v for v in flagged if v != target],
+        }
 
     @abstractmethod
     def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
@@ -253,7 +272,8 @@ def verdict_of(finding: Finding) -> Verdict:
 
 
 def label_verdict(flagged: list[int], target_label: int | None) -> bool:
-    """Detection rule shared by label-flagging defenses (see module doc)."""
+    """Detection rule shared by label-flagging defenses: the target was flagged when it is
+    known, any alarm when it is not (see module doc)."""
     if target_label is None:
         return bool(flagged)
     return target_label in flagged
@@ -267,6 +287,7 @@ for _name, _module in {
     "spectral_signatures": "defenses.spectral_signatures",
     "strip": "defenses.strip",
     "fine_pruning": "defenses.fine_pruning",
+    "deployment_diff": "defenses.deployment_diff",
 }.items():
     DEFENSES.register_lazy(_name, _module)
 

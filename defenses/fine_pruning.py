@@ -1,22 +1,33 @@
 """Fine-Pruning (Liu, Dolan-Gavitt & Garg, RAID 2018): prune dormant channels, then fine-tune.
 
+Paper: https://arxiv.org/abs/1805.12185
+
 Backdoor behaviour tends to live in last-layer convolutional channels that stay quiet on clean
 inputs. The defense ranks the last convolutional layer's channels by their mean activation on
 clean data, prunes them from the least active upwards until clean accuracy falls more than
-``max_acc_drop`` below the unpruned model, keeps the last mask within that bound, and
-fine-tunes the pruned model on clean data.
+``max_acc_drop`` (the paper's 4 points) below the unpruned model, keeps the last mask within
+that bound, and fine-tunes the pruned model on clean data.
+
+Disjoint clean sets: ``DefenseData.clean_x`` is split into two halves, stratified by label
+(seeded by the run's ``rng``). The *selection* half ranks the channels and chooses the prune
+point; the *measurement* half scores the unpruned, pruned and fine-tuned models. Choosing and
+scoring the prune point on the same images would let the chosen point look better than it is.
+``arrays["selection_mask"]`` records the split.
 
 Pruning is graph surgery on the deployed artifact
 (:meth:`~harness.adapter.RuntimeAdapter.with_channels_masked`), so every point of the pruning
 curve is measured with the arithmetic that ships (INT8/INT4 included). Fine-tuning needs the
 trainable source: the runner passes ``DefenseData.retrainer`` (keep mask → adapter of the
-fine-tuned, re-exported, re-quantized model). Without it the result is pruning only, and the
-details say so.
+fine-tuned, re-exported, re-quantized model; its budget, from ``describe()``, is recorded in
+``details["fine_tune_budget"]``; see :mod:`harness.retrain` for the default budget). Without a
+retrainer only half of the method ran: the verdict is ``inconclusive`` unless
+``allow_pruning_only`` is set (a named deviation: the pruned model is then judged alone).
 
 Verdict (a repair defense, see :mod:`defenses.base`): ``detected`` means the repair worked —
 final attack success ≤ ``max_final_asr`` with clean accuracy at most ``max_final_acc_loss``
-below the unpruned model. On clean controls (no target label) there is no attack success to
-measure: ASR is reported as ``None`` and success only asks that accuracy survives the repair.
+below the unpruned model, both on the measurement half. These two bounds are ours (the paper
+reports the numbers, not a pass mark). On clean controls (no target label) there is no attack
+success to measure: ASR is reported as ``None`` and success only asks that accuracy survives.
 """
 
 from __future__ import annotations
@@ -49,6 +60,23 @@ class FinePruningParams(BaseModel):
     max_final_acc_loss: float = Field(
         0.05, ge=0, le=1, description="success: final clean-accuracy loss at most this"
     )
+    allow_pruning_only: bool = Field(
+        False, description="decide on the pruned model when no retrainer can fine-tune it"
+    )
+
+
+def stratified_halves(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of a selection half; every class splits as evenly as its count allows.
+
+    Images are grouped by label in random order and dealt alternately to the two halves, so
+    each class differs by at most one image between them (a singleton class goes to one side).
+    """
+    labels = np.asarray(labels)
+    order = rng.permutation(len(labels))
+    grouped = order[np.argsort(labels[order], kind="stable")]
+    selection = np.zeros(len(labels), dtype=bool)
+    selection[grouped[0::2]] = True
+    return selection
 
 
 def channel_ranking(adapter: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,15 +98,23 @@ def attack_success(adapter: Any, triggered: np.ndarray, target: int | None) -> f
     return metrics.attack_success_rate(adapter.predict(triggered), target)
 
 
+def _fine_tune(retrainer: Any, keep: np.ndarray) -> tuple[Any, dict[str, Any] | None]:
+    """The repaired artifact's adapter and the retrainer's budget, if it describes one."""
+    repaired = retrainer(keep.copy())
+    describe = getattr(retrainer, "describe", None)
+    return repaired, describe() if callable(describe) else None
+
+
 @DEFENSES.register("fine_pruning")
 class FinePruning(Defense):
-    """Prune dormant last-conv channels within an accuracy bound, then fine-tune if possible."""
+    """Prune dormant last-conv channels within an accuracy bound, then fine-tune."""
 
     name = "fine_pruning"
     group = Group.REPAIR
     needs = frozenset({Need.LOGITS, Need.ACTIVATIONS, Need.CHANNEL_MASK, Need.TRIGGERED_INPUTS})
     Params = FinePruningParams
     paper = "Liu, Dolan-Gavitt & Garg, Fine-Pruning, RAID 2018"
+    flags_labels = False
 
     def _stride(self, channels: int) -> int:
         p: FinePruningParams = self.params  # type: ignore[assignment]
@@ -86,83 +122,115 @@ class FinePruning(Defense):
             return p.step_channels
         return max(1, round(p.step_fraction * channels))
 
-    def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
+    def _prune_curve(
+        self, adapter: Any, x: np.ndarray, y: np.ndarray, trig: np.ndarray, target: int | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """(keep mask, channel order, mean activations, curve) chosen on the selection half."""
         p: FinePruningParams = self.params  # type: ignore[assignment]
-        x, y, trig, target = data.clean_x, data.clean_y, data.triggered_x, data.target_label
-        if len(x) == 0 or len(y) != len(x) or trig is None or len(trig) == 0:
-            raise DataError(
-                f"fine_pruning needs clean images with one label each and triggered images, got "
-                f"{np.shape(x)} images, {np.shape(y)} labels, {np.shape(trig)} triggered"
-            )
         order, means = channel_ranking(adapter, x)
-        channels = len(order)
+        channels, stride = len(order), self._stride(len(order))
         base_acc = accuracy(adapter, x, y)
-        base_asr = attack_success(adapter, trig, target)
-        floor = base_acc - p.max_acc_drop
-
-        curve = [{"pruned": 0, "fraction": 0.0, "acc": base_acc, "asr": base_asr}]
+        curve = [
+            {
+                "pruned": 0,
+                "fraction": 0.0,
+                "acc": base_acc,
+                "asr": attack_success(adapter, trig, target),
+            }
+        ]
         keep = np.ones(channels, dtype=bool)
-        pruned_point = curve[0]
-        stride = self._stride(channels)
         for pruned in range(stride, channels, stride):  # at least one channel always survives
             candidate = np.ones(channels, dtype=bool)
             candidate[order[:pruned]] = False
             masked = adapter.with_channels_masked(candidate)
             acc = accuracy(masked, x, y)
-            point = {
-                "pruned": pruned,
-                "fraction": pruned / channels,
-                "acc": acc,
-                "asr": attack_success(masked, trig, target),
-            }
-            curve.append(point)
-            if acc < floor:
+            asr = attack_success(masked, trig, target)
+            curve.append({"pruned": pruned, "fraction": pruned / channels, "acc": acc, "asr": asr})
+            if acc < base_acc - p.max_acc_drop:
                 break
-            keep, pruned_point = candidate, point
+            keep = candidate
+        for point in curve:
+            point["chosen"] = point["pruned"] == int((~keep).sum())
+        return keep, order, means, curve
 
+    def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
+        p: FinePruningParams = self.params  # type: ignore[assignment]
+        x, y, trig, target = data.clean_x, data.clean_y, data.triggered_x, data.target_label
+        if len(x) < 2 or len(y) != len(x) or trig is None or len(trig) == 0:
+            raise DataError(
+                f"fine_pruning needs ≥ 2 clean images with one label each and triggered images, "
+                f"got {np.shape(x)} images, {np.shape(y)} labels, {np.shape(trig)} triggered"
+            )
+        selection = stratified_halves(y, rng)
+        measure_x, measure_y = x[~selection], y[~selection]
+        keep, order, means, curve = self._prune_curve(
+            adapter, x[selection], y[selection], trig, target
+        )
+        chosen = next(point for point in curve if point["chosen"])
+        pruned = adapter.with_channels_masked(keep) if (~keep).any() else adapter
+        measured = {
+            "base_acc": accuracy(adapter, measure_x, measure_y),
+            "base_asr": curve[0]["asr"],
+            "pruned_acc": accuracy(pruned, measure_x, measure_y),
+            "pruned_asr": chosen["asr"],
+        }
         if data.retrainer is not None:
-            final_adapter = data.retrainer(keep.copy())
-            final_acc = accuracy(final_adapter, x, y)
-            final_asr = attack_success(final_adapter, trig, target)
-            fine_tuned, why = True, None
+            final, budget = _fine_tune(data.retrainer, keep)
+            final_acc = accuracy(final, measure_x, measure_y)
+            final_asr = attack_success(final, trig, target)
         else:
-            final_acc, final_asr = pruned_point["acc"], pruned_point["asr"]
-            fine_tuned = False
-            why = "no retrainer: the trainable source model was not supplied (pruning only)"
-
-        acc_loss = base_acc - final_acc
+            final_acc, final_asr, budget = measured["pruned_acc"], measured["pruned_asr"], None
+        inconclusive = None
+        if data.retrainer is None and not p.allow_pruning_only:
+            inconclusive = (
+                "pruning only: no retrainer (trainable source model) to fine-tune with; "
+                "set allow_pruning_only to judge the pruned model alone"
+            )
+        acc_loss = measured["base_acc"] - final_acc
         removed = final_asr is None or final_asr <= p.max_final_asr
-        success = bool(removed and acc_loss <= p.max_final_acc_loss)
         scores = {
-            "base_acc": base_acc,
-            "pruned_acc": pruned_point["acc"],
+            "base_acc": measured["base_acc"],
+            "pruned_acc": measured["pruned_acc"],
             "final_acc": final_acc,
             "acc_loss": acc_loss,
-            "pruned_fraction": pruned_point["fraction"],
+            "pruned_fraction": chosen["fraction"],
         }
-        asrs = {"base_asr": base_asr, "pruned_asr": pruned_point["asr"], "final_asr": final_asr}
+        asrs = {"base_asr": measured["base_asr"], "pruned_asr": chosen["asr"]}
         scores |= {key: value for key, value in asrs.items() if value is not None}
+        if final_asr is not None:
+            scores["final_asr"] = final_asr
         details = {
-            "curve": curve,
-            "channels": channels,
-            "stride": stride,
-            "pruned_channels": [int(c) for c in np.flatnonzero(~keep)],
-            "fine_tuned": fine_tuned,
-            "fine_tune_skipped_reason": why,
-            "asr_measured": target is not None,
-            "base_acc": base_acc,
-            "base_asr": base_asr,
-            "pruned_acc": pruned_point["acc"],
-            "pruned_asr": pruned_point["asr"],
+            **measured,
             "final_acc": final_acc,
             "final_asr": final_asr,
+            "curve": curve,
+            "curve_measured_on": "selection half",
+            "n_selection": int(selection.sum()),
+            "n_measurement": int((~selection).sum()),
+            "channels": len(order),
+            "stride": self._stride(len(order)),
+            "pruned_channels": [int(c) for c in np.flatnonzero(~keep)],
+            "fine_tuned": data.retrainer is not None,
+            "fine_tune_budget": budget,
+            "fine_tune_skipped_reason": None if data.retrainer else "no retrainer supplied",
+            "asr_measured": target is not None,
+            "success_rule": (
+                f"ours: final ASR <= {p.max_final_asr} and accuracy loss <= "
+                f"{p.max_final_acc_loss} on the measurement half"
+            ),
         }
         return Finding(
-            detected=success,
+            detected=bool(removed and acc_loss <= p.max_final_acc_loss),
+            inconclusive=inconclusive,
             score=final_asr,
             score_name="final_asr" if final_asr is not None else None,
             scores=scores,
             threshold=p.max_final_asr,
             details=details,
-            arrays={"keep_mask": keep, "channel_order": order, "mean_activation": means},
+            arrays={
+                "keep_mask": keep,
+                "channel_order": order,
+                "mean_activation": means,
+                "selection_mask": selection,
+            },
         )

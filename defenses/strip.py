@@ -14,16 +14,29 @@ Fidelity notes:
 - Entropy: ``-Σ p·log2 p`` with ``0·log 0 = 0`` (the authors use ``np.nansum`` for that).
 - Threshold: a normal is fitted to the entropies of clean inputs and the threshold is its
   ``frr`` quantile (1% in the paper), via ``scipy.stats.norm.ppf``; inputs below are flagged.
+- Sizes: the authors' released notebooks compute the entropies of ``n_test = 2000`` clean inputs
+  with ``n_sample = 100`` overlays each, and the threshold comes from that clean distribution. A
+  1% quantile fitted on 100 entropies (this module's old default) moves with every draw, so the
+  threshold here needs ``n_clean_fit`` (default 2000, the paper's) clean inputs. With fewer
+  available the cell still reports every number but its verdict is ``inconclusive`` ("too few
+  clean samples"); lowering ``n_clean_fit`` is the named deviation that accepts a smaller set.
 
-Held-out data use (all drawn with the given ``rng``): ``DefenseData.clean_x`` is split into the
-tested clean inputs (at most ``n_test``, at most half of the set) and a disjoint overlay pool.
-The threshold is fitted on the first half of the tested clean inputs and the FRR is measured on
-the other half, so the reported FRR is out-of-sample; AUROC uses all tested clean inputs against
-up to ``n_test`` of ``DefenseData.triggered_x``. Verdict: ``detected`` when the TPR on triggered
-inputs at the threshold is ≥ ``detect_tpr`` (on a clean control that is a false alarm). STRIP
-flags inputs, not labels, so ``flagged_labels`` stays empty.
+Held-out data use (all drawn with the given ``rng``): ``DefenseData.clean_x`` is split three
+ways, disjointly: the clean inputs whose entropies fit the threshold (up to ``n_clean_fit``),
+the clean inputs the FRR is measured on (up to ``n_test``, at most a quarter), and the overlay
+pool (the rest, at least ``min(n_overlays, a quarter)`` images). The reported FRR is therefore
+out-of-sample; the TPR is measured on up to ``n_test`` of ``DefenseData.triggered_x``; AUROC uses
+every tested clean input against them.
 
-Cost: ``n_overlays × (clean + triggered tested inputs)`` images, 40 000 with the defaults.
+Verdict: STRIP filters inputs at run time and states no model-level alarm, so the rule is ours:
+``detected`` when the TPR on triggered inputs at the threshold is ≥ ``detect_tpr`` (on a clean
+control that is a false alarm). ``inconclusive`` when the threshold is unusable — a normal fit
+to skewed entropies (many clean inputs near 0 bits, as on GTSRB) puts the 1% quantile at or
+below 0 bits, where no input can ever fall, so a "not detected" would say nothing about the
+model — or when it rests on too few clean inputs (above). STRIP flags inputs, not labels, so
+``flagged_labels`` stays empty and ``target_hit`` is undefined.
+
+Cost: ``n_overlays × (fit + FRR + triggered inputs)`` images, 240 000 with the defaults.
 """
 
 from __future__ import annotations
@@ -39,24 +52,31 @@ from defenses.base import DEFENSES, Defense, DefenseData, Finding, Group, Need, 
 from defenses.filtering import auroc, input_filter_rates
 from harness.errors import DataError
 
-MIN_CLEAN_TESTED = 4
-"""At least two inputs to fit the normal and two to measure the FRR on."""
+MIN_CLEAN_SPLIT = 2
+"""Fewest clean inputs in each of the fit and FRR sets (a normal needs two points)."""
+
+PAPER_CLEAN_FIT = 2000
+"""Clean inputs whose entropies set the threshold in the authors' code (``n_test = 2000``)."""
 
 
 class StripParams(BaseModel):
-    """``n_overlays``, ``frr`` and the additive blend are the paper's; the rest bound the cost."""
+    """``n_overlays`` (100), ``frr`` (1%), the additive blend, the normal fit and ``n_clean_fit``
+    (2000) are the paper's; ``detect_tpr`` is our verdict rule; the rest bound the cost."""
 
     model_config = ConfigDict(extra="forbid")
 
     n_overlays: int = Field(100, ge=1, description="superimpositions per tested input")
     blend: Literal["add", "average"] = Field("add", description="saturated sum or mean")
     frr: float = Field(0.01, gt=0, lt=1, description="target false-rejection rate")
-    detect_tpr: float = Field(0.5, gt=0, le=1, description="TPR at which the defense alarms")
+    detect_tpr: float = Field(0.5, gt=0, le=1, description="TPR at which we call an alarm (ours)")
     threshold_fit: Literal["normal", "empirical"] = Field(
         "normal",
         description="normal fit to clean entropies (the authors') or their empirical quantile",
     )
-    n_test: int = Field(200, ge=1, description="cap on tested clean and triggered inputs each")
+    n_clean_fit: int = Field(
+        PAPER_CLEAN_FIT, ge=MIN_CLEAN_SPLIT, description="clean inputs the threshold needs"
+    )
+    n_test: int = Field(200, ge=1, description="cap on FRR-set and triggered inputs each")
     chunk_images: int = Field(4096, ge=1, description="blended images built per adapter call")
 
 
@@ -125,6 +145,7 @@ class Strip(Defense):
     needs = frozenset({Need.LOGITS, Need.TRIGGERED_INPUTS})
     Params = StripParams
     paper = "Gao et al., STRIP: A Defence Against Trojan Attacks on DNNs, ACSAC 2019"
+    flags_labels = False
 
     def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
         p: StripParams = self.params  # type: ignore[assignment]
@@ -132,37 +153,32 @@ class Strip(Defense):
         clean_x, triggered_x = np.asarray(data.clean_x), np.asarray(data.triggered_x)
         _check_images("clean images", clean_x)
         _check_images("triggered images", triggered_x, like=clean_x)
-        n_clean = min(p.n_test, len(clean_x) // 2)
-        if n_clean < MIN_CLEAN_TESTED or len(triggered_x) == 0:
+        n_fit, n_eval, n_pool = split_sizes(len(clean_x), p)
+        if min(n_fit, n_eval) < MIN_CLEAN_SPLIT or len(triggered_x) == 0:
             raise NotApplicable(
-                f"needs ≥ {2 * MIN_CLEAN_TESTED} held-out clean images and ≥ 1 triggered input, "
+                f"needs ≥ {4 * MIN_CLEAN_SPLIT} held-out clean images and ≥ 1 triggered input, "
                 f"got {len(clean_x)} and {len(triggered_x)}"
             )
         order = rng.permutation(len(clean_x))
-        tested_clean, pool = clean_x[order[:n_clean]], clean_x[order[n_clean:]]
+        fit_x = clean_x[order[:n_fit]]
+        eval_x = clean_x[order[n_fit : n_fit + n_eval]]
+        pool = clean_x[order[n_fit + n_eval :]]
         picked = rng.choice(len(triggered_x), size=min(p.n_test, len(triggered_x)), replace=False)
         tested_triggered = triggered_x[np.sort(picked)]
 
-        clean_h = strip_entropies(adapter, tested_clean, pool, p, rng)
+        fit_h = strip_entropies(adapter, fit_x, pool, p, rng)
+        eval_h = strip_entropies(adapter, eval_x, pool, p, rng)
         triggered_h = strip_entropies(adapter, tested_triggered, pool, p, rng)
-        n_fit = (n_clean + 1) // 2
-        normal_thr, mean, std = normal_threshold(clean_h[:n_fit], p.frr)
-        empirical_thr = empirical_threshold(clean_h[:n_fit], p.frr)
-        threshold = normal_thr if p.threshold_fit == "normal" else empirical_thr
-        rates = input_filter_rates(clean_h[n_fit:], triggered_h, threshold, flag_below=True)
-        other = input_filter_rates(
-            clean_h[n_fit:],
-            triggered_h,
-            empirical_thr if p.threshold_fit == "normal" else normal_thr,
-            flag_below=True,
-        )
+        thresholds, normal = fitted_thresholds(fit_h, p.frr)
+        threshold = thresholds[p.threshold_fit]
+        rates = input_filter_rates(eval_h, triggered_h, threshold, flag_below=True)
         other_fit = "empirical" if p.threshold_fit == "normal" else "normal"
-        area = auroc(-clean_h, -triggered_h)  # low entropy ⇒ triggered
-
+        other = input_filter_rates(eval_h, triggered_h, thresholds[other_fit], flag_below=True)
+        clean_h = np.r_[fit_h, eval_h]
         scores = {
             "tpr": rates["tpr"],
             "frr": rates["frr"],
-            "auroc": area,
+            "auroc": auroc(-clean_h, -triggered_h),  # low entropy ⇒ triggered
             "mean_entropy_clean": float(clean_h.mean()),
             "mean_entropy_triggered": float(triggered_h.mean()),
             f"tpr_{other_fit}_threshold": other["tpr"],
@@ -170,15 +186,18 @@ class Strip(Defense):
         }
         details = {
             "n_clean_fit": n_fit,
-            "n_clean_eval": n_clean - n_fit,
+            "n_clean_fit_required": p.n_clean_fit,
+            "n_clean_eval": n_eval,
             "n_triggered": len(tested_triggered),
-            "n_overlay_pool": len(pool),
-            "clean_entropy_normal": {"mean": mean, "std": std},
-            "thresholds": {"normal": normal_thr, "empirical": empirical_thr},
-            "frr_in_sample": float((clean_h[:n_fit] < threshold).mean()),
+            "n_overlay_pool": n_pool,
+            "clean_entropy_normal": normal,
+            "thresholds": thresholds,
+            "frr_in_sample": float((fit_h < threshold).mean()),
+            "verdict_rule": f"ours: TPR at the threshold >= detect_tpr ({p.detect_tpr})",
         }
         return Finding(
             detected=bool(rates["tpr"] >= p.detect_tpr),
+            inconclusive=_undecidable(n_fit, threshold, p),
             score=rates["tpr"],
             score_name="tpr_at_threshold",
             scores=scores,
@@ -187,3 +206,35 @@ class Strip(Defense):
             per_sample_scores=np.r_[clean_h, triggered_h],
             arrays={"clean_entropy": clean_h, "triggered_entropy": triggered_h},
         )
+
+
+def split_sizes(n_clean: int, p: StripParams) -> tuple[int, int, int]:
+    """(fit, FRR, overlay pool) sizes for ``n_clean`` held-out images (see module doc)."""
+    n_eval = min(p.n_test, n_clean // 4)
+    n_pool = max(min(p.n_overlays, n_clean // 4), n_clean - n_eval - p.n_clean_fit)
+    return n_clean - n_eval - n_pool, n_eval, n_pool
+
+
+def fitted_thresholds(
+    clean_entropies: np.ndarray, frr: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Both thresholds ({"normal", "empirical"}) and the normal fit's {"mean", "std"}."""
+    normal_thr, mean, std = normal_threshold(clean_entropies, frr)
+    thresholds = {"normal": normal_thr, "empirical": empirical_threshold(clean_entropies, frr)}
+    return thresholds, {"mean": mean, "std": std}
+
+
+def _undecidable(n_fit: int, threshold: float, p: StripParams) -> str | None:
+    """Why the verdict cannot be decided: an unusable threshold or too few clean samples."""
+    reasons = []
+    if not np.isfinite(threshold) or threshold <= 0:
+        reasons.append(
+            f"threshold unusable: the {p.threshold_fit} fit puts the {p.frr:.0%} quantile at "
+            f"{threshold:.4g} bits, and no entropy falls below 0"
+        )
+    if n_fit < p.n_clean_fit:
+        reasons.append(
+            f"too few clean samples: the threshold rests on {n_fit} clean inputs, "
+            f"n_clean_fit asks for {p.n_clean_fit}"
+        )
+    return "; ".join(reasons) or None

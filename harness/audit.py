@@ -275,6 +275,13 @@ def audit_verdict(result: DefenseResult, num_classes: int) -> dict[str, Any]:
             "whose removal it could measure",
             "rests_on": rests_on,
         }
+    if result.verdict == "inconclusive":  # the defense's own "cannot decide", and why
+        return {
+            "verdict": "inconclusive",
+            "reason": result.verdict_reason or "the defense could not decide",
+            "suspected_labels": flagged,
+            "rests_on": rests_on,
+        }
     unconverged = _unconverged(result, flagged)
     if result.detected and len(flagged) > max(1, int(MAX_SUSPECT_SHARE * num_classes)):
         return {

@@ -4,7 +4,8 @@
 - attack success rate (ASR): fraction of *non-target* test images, stamped with the trigger,
   that the model assigns to the target label (target-class images are excluded, as in BadNet);
 - agreement with FP32: fraction of test images whose top-1 equals the FP32 artifact's top-1;
-- batch dependence: how much a sample's output depends on its batch-mates (dynamic INT8).
+- batch dependence: how much a sample's output depends on its batch-mates (dynamic INT8);
+- Wilson score intervals for rates over seeds (detections out of decided runs).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import binomtest, norm
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -31,6 +33,22 @@ def attack_success_rate(triggered_predictions: np.ndarray, target_label: int) ->
 def agreement(predictions: np.ndarray, reference: np.ndarray) -> float:
     """Top-1 agreement between two models' predictions on the same inputs."""
     return float(np.mean(predictions == reference))
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for ``k`` successes out of ``n`` trials (95% for z = 1.96).
+
+    Chosen over the normal approximation because grids have few seeds and rates at 0 or 1,
+    where ``p ± z·sqrt(p(1-p)/n)`` collapses to a zero-width interval; Wilson's stays inside
+    [0, 1] and is wide when n is small (0/5 gives [0, 0.43]). ``n = 0`` has no rate: (0, 1).
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= successes <= trials, got {k} of {n}")
+    if n == 0:
+        return 0.0, 1.0
+    confidence = float(2 * norm.cdf(z) - 1)
+    interval = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 @dataclass(frozen=True)

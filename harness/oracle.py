@@ -7,6 +7,7 @@ computes what the onnxruntime session *as configured* computes (kernel profile i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ from torch import nn
 
 from harness.errors import ModelError
 from harness.kernels import probe_host
-from harness.replica import ReplicaModule, build_replica
+from harness.replica import OutputQuantizer, ReplicaModule, build_replica
 
 #: Default parity bounds, relative to the logit scale (median top-minus-bottom logit range of
 #: the session's own outputs). Under the exact kernel profile the replica reproduces the
@@ -88,6 +89,16 @@ class PixelReplica(nn.Module):
         self.eval()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.replica(self.graph_input(pixels))
+
+    def forward_with_pre_quantizer(
+        self, pixels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and the logits before the output quantizer (see :class:`OutputQuantizer`)."""
+        return self.replica.forward_with_pre_quantizer(self.graph_input(pixels))
+
+    def graph_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The adapter's preprocessing of NHWC pixels, in torch."""
         if pixels.ndim != 4 or pixels.shape[-1] != self.channels:
             raise ModelError(
                 f"expected NHWC pixels with {self.channels} channel(s), "
@@ -96,7 +107,7 @@ class PixelReplica(nn.Module):
         if self.reverse_channels:
             pixels = pixels.flip(-1)
         x = (pixels.to(self.scale.dtype) * self.scale - self.mean) / self.std
-        return self.replica(x.permute(0, 3, 1, 2) if self.channels_first else x)
+        return x.permute(0, 3, 1, 2) if self.channels_first else x
 
 
 class GradientOracle:
@@ -112,15 +123,38 @@ class GradientOracle:
         if dynamic_per_sample is None:
             dynamic_per_sample = adapter.per_sample is not False
         self.replica = build_replica(adapter.model, dynamic_per_sample=dynamic_per_sample)
-        self.module: nn.Module = PixelReplica(self.replica, self.preprocessing)
+        self.module = PixelReplica(self.replica, self.preprocessing)
+
+    @property
+    def output_quantizer(self) -> OutputQuantizer | None:
+        """The quantizer producing the logits, when the graph ends in one (QDQ graphs)."""
+        return self.replica.output_quantizer
 
     def logits(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Differentiable logits for NHWC pixels (float in [0, 255], or uint8)."""
+        return self._batched(pixels, lambda chunk: (self.module(chunk),))[0]
+
+    def logits_with_pre_quantizer(
+        self, pixels: torch.Tensor | np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Differentiable logits and the logits entering the output quantizer (None without one).
+
+        Where the pre-quantizer value lies beyond the quantizer's range the logit is clamped and
+        its straight-through gradient is zero; :meth:`OutputQuantizer.saturated_high` says where.
+        """
+        if self.output_quantizer is None:
+            return self.logits(pixels), None
+        logits, pre = self._batched(pixels, self.module.forward_with_pre_quantizer)
+        return logits, pre
+
+    def _batched(
+        self, pixels: torch.Tensor | np.ndarray, forward: Callable[[torch.Tensor], tuple]
+    ) -> tuple[torch.Tensor, ...]:
         if isinstance(pixels, np.ndarray):
             pixels = torch.from_numpy(pixels)
         fixed = getattr(self.adapter, "fixed_batch", None)
         if not fixed or len(pixels) == fixed:
-            return self.module(pixels)
+            return tuple(forward(pixels))
         # the graph fixes its batch (Reshapes may hard-code it): run it in padded chunks, as the
         # adapter feeds the session
         parts = []
@@ -130,8 +164,8 @@ class GradientOracle:
             if real < fixed:
                 pad = torch.zeros((fixed - real, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = torch.cat([chunk, pad])
-            parts.append(self.module(chunk)[:real])
-        return torch.cat(parts)
+            parts.append([t[:real] for t in forward(chunk)])
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
     def parity(
         self,

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-import defenses.deployment_diff  # noqa: F401  (registers 'deployment_diff' until base.py lists it)
 from defenses.base import DefenseData, build_defense
 from exporters.onnx_export import export_onnx
 from exporters.quantizers import quantize_all

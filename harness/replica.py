@@ -14,6 +14,17 @@ QLinearAveragePool, QLinearGlobalAveragePool, QLinearConcat, QLinearSigmoid, QLi
 ``quantize_static(..., quant_format=QuantFormat.QOperator)`` writes them) are interpreted with
 onnxruntime's own integer rounding; any other op of a non-default domain is refused at build time.
 
+Fused fake-quant: every activation QuantizeLinear → DequantizeLinear pair with the same constant
+per-tensor scale and zero point (what ``quantize_static`` writes around each activation) runs as
+one op computing the same float32 operations in the same order (identical values), with the
+STE gradient from one saved mask. The unfused pair builds about ten autograd nodes per
+activation, which took more than half of an INT8 replica's forward+backward time.
+
+Output quantizer: when the graph's output is such a pair, :class:`OutputQuantizer` records the
+tensor entering it (the logits before quantization) and its parameters, so a caller can see which
+logits sit beyond the quantizer's range, where the STE gradient is zero
+(:meth:`ReplicaModule.forward_with_pre_quantizer`).
+
 Dynamic quantization: ORT's ``DynamicQuantizeLinear`` takes its scale from the whole batch, and
 the adapter therefore runs such graphs one image at a time. With ``dynamic_per_sample=True``
 (the default) the replica does the same arithmetic on a batch by running the interpreter under
@@ -34,7 +45,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from harness.errors import ModelError
-from harness.replica_ops import MS, OPS, QUANT_RANGES, NodeSpec
+from harness.replica_ops import MS, OPS, QUANT_RANGES, Converter, NodeSpec
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 #: Custom domains whose ops the replica may interpret: only those :data:`OPS` registers under
@@ -61,11 +72,74 @@ _NARROW_INTS = {"int4": np.int8, "uint4": np.uint8, "uint16": np.int32, "uint32"
 
 @dataclass(frozen=True)
 class Step:
-    """One node to interpret: its converter, spec and tensor names ('' = omitted input)."""
+    """One node to interpret: its spec, tensor names ('' = omitted input) and, for steps the
+    replica builds itself (fused ops), its converter (otherwise :data:`OPS` of ``spec.op``)."""
 
     spec: NodeSpec
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    convert: Converter | None = None
+
+
+@dataclass(frozen=True)
+class OutputQuantizer:
+    """The QuantizeLinear → DequantizeLinear pair producing the graph's output."""
+
+    input_name: str
+    scale: float
+    zero_point: float
+    qrange: tuple[int, int]
+
+    def saturated_high(self, pre_quantizer: torch.Tensor) -> torch.Tensor:
+        """Where a pre-quantizer value quantizes above the top code (clamped: zero STE gradient).
+
+        Computed with the quantizer's own float32 arithmetic, so it agrees with the forward pass.
+        """
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        code = torch.round(pre_quantizer.detach().float() / scale) + self.zero_point
+        return code > self.qrange[1]
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """``(clamp(round(x / s) + zp) - zp) · s`` with the STE gradient ``1[unclamped]``.
+
+    Computed as ``clamp(round(x / s), qmin - zp, qmax - zp) · s``: the codes are integers far
+    below 2**24, so adding and removing the zero point is exact in float32 and the values are
+    bit-identical to ``QuantizeLinear`` then ``DequantizeLinear`` in :mod:`harness.replica_ops`
+    (same division, same half-to-even rounding). The gradient is exactly 1 inside the range and
+    0 outside, as there. vmap-safe (``generate_vmap_rule``).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, scale, low, high):
+        code = torch.div(x, scale).round_()  # in place: fewer large allocations
+        clamped = torch.clamp(code, low, high)
+        inside = clamped == code
+        return clamped.mul_(scale), inside
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _unused):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
+def _fake_quantize(spec: NodeSpec, inputs: list, dtype: torch.dtype) -> list[torch.Tensor]:
+    x, scale, zero_point = inputs
+    low, high = spec.attrs["_qrange"]
+    zp = float(zero_point.reshape(()))
+    fused, _ = _FakeQuantize.apply(x.to(dtype), scale.reshape(()).to(dtype), low - zp, high - zp)
+    return [fused]
+
+
+FAKE_QUANTIZE = "blindspots.FakeQuantize"
+"""Op name of a fused QuantizeLinear → DequantizeLinear step (not an ONNX op: never in a graph)."""
 
 
 class ReplicaModule(nn.Module):
@@ -85,26 +159,39 @@ class ReplicaModule(nn.Module):
         self.output_name = output_name
         self.dynamic_per_sample = dynamic_per_sample
         self.has_dynamic_quant = any(s.spec.op == "DynamicQuantizeLinear" for s in steps)
+        self.output_quantizer = _output_quantizer(steps, constants, output_name)
         self._constant_names = list(constants)
         for i, tensor in enumerate(constants.values()):
             self.register_buffer(f"const_{i}", tensor)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._outputs(x, (self.output_name,))[0]
+
+    def forward_with_pre_quantizer(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output and the tensor entering the output quantizer (None without one)."""
+        if self.output_quantizer is None:
+            return self.forward(x), None
+        out, pre = self._outputs(x, (self.output_name, self.output_quantizer.input_name))
+        return out, pre
+
+    def _outputs(self, x: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
         if self.has_dynamic_quant and self.dynamic_per_sample and x.shape[0] > 1:
-            return torch.func.vmap(self._run_one)(x)
-        return self._run(x)
+            return torch.func.vmap(lambda sample: self._run_one(sample, names))(x)
+        return self._run(x, names)
 
-    def _run_one(self, sample: torch.Tensor) -> torch.Tensor:
-        return self._run(sample.unsqueeze(0)).squeeze(0)
+    def _run_one(self, sample: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(t.squeeze(0) for t in self._run(sample.unsqueeze(0), names))
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
         env: dict[str, torch.Tensor] = {
             name: getattr(self, f"const_{i}") for i, name in enumerate(self._constant_names)
         }
         env[self.input_name] = x
         run_steps(self.steps, env, x.dtype)
-        return env[self.output_name]
+        return tuple(env[name] for name in names)
 
 
 def run_steps(steps: list[Step], env: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -112,7 +199,7 @@ def run_steps(steps: list[Step], env: dict[str, torch.Tensor], dtype: torch.dtyp
     for step in steps:
         inputs = [env[name] if name else None for name in step.inputs]
         try:
-            outputs = OPS[step.spec.op](step.spec, inputs, dtype)
+            outputs = (step.convert or OPS[step.spec.op])(step.spec, inputs, dtype)
         except ModelError:
             raise
         except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
@@ -156,6 +243,8 @@ def build_replica(model: onnx.ModelProto, dynamic_per_sample: bool = True) -> Re
         else:
             steps.append(step)
 
+    steps = _fuse_fake_quant(steps, constants, {o.name for o in graph.output})
+    _channels_last_conv_weights(steps, constants)
     used = {name for s in steps for name in s.inputs} | {output_name}
     replica = ReplicaModule(
         steps,
@@ -169,6 +258,75 @@ def build_replica(model: onnx.ModelProto, dynamic_per_sample: bool = True) -> Re
 
 
 # ---------------------------------------------------------------------------------- build helpers
+def _fuse_fake_quant(
+    steps: list[Step], constants: dict[str, torch.Tensor], graph_outputs: set[str]
+) -> list[Step]:
+    """Replace each QuantizeLinear whose only reader is a DequantizeLinear with the same scalar
+    constant scale and zero point by one :data:`FAKE_QUANTIZE` step (at the reader's place)."""
+    readers: dict[str, list[int]] = {}
+    for i, step in enumerate(steps):
+        for name in step.inputs:
+            if name:
+                readers.setdefault(name, []).append(i)
+    fused: dict[int, Step] = {}
+    dropped: set[int] = set()
+    for i, q in enumerate(steps):
+        if q.spec.op != "QuantizeLinear" or len(q.inputs) < 3 or q.outputs[0] in graph_outputs:
+            continue
+        users = readers.get(q.outputs[0], [])
+        dq = steps[users[0]] if len(users) == 1 else None
+        if dq is None or dq.spec.op != "DequantizeLinear" or dq.inputs[0] != q.outputs[0]:
+            continue
+        if not _same_scalar_params(q.inputs[1:3], dq.inputs[1:3], constants):
+            continue
+        spec = NodeSpec(FAKE_QUANTIZE, f"{q.spec.name}+{dq.spec.name}", q.spec.opset, q.spec.attrs)
+        fused[users[0]] = Step(spec, q.inputs[:3], dq.outputs[:1], _fake_quantize)
+        dropped.add(i)
+    return [fused.get(i, step) for i, step in enumerate(steps) if i not in dropped]
+
+
+def _channels_last_conv_weights(steps: list[Step], constants: dict[str, torch.Tensor]) -> None:
+    """Store constant 2-D conv weights channels-last, the layout the replica's activations have
+    (pixels arrive NHWC): torch would otherwise convert each weight on every call. Values and
+    results are unchanged; only the memory layout differs."""
+    for step in steps:
+        if step.spec.op == "Conv" and len(step.inputs) > 1 and step.inputs[1] in constants:
+            weight = constants[step.inputs[1]]
+            if weight.ndim == 4 and weight.is_floating_point():
+                constants[step.inputs[1]] = weight.contiguous(memory_format=torch.channels_last)
+
+
+def _same_scalar_params(
+    q_params: tuple[str, ...], dq_params: tuple[str, ...], constants: dict[str, torch.Tensor]
+) -> bool:
+    """Both (scale, zero point) pairs are present, constant, one element each and equal."""
+    if len(dq_params) < 2 or not all(q_params) or not all(dq_params):
+        return False
+    if not all(name in constants for name in (*q_params, *dq_params)):
+        return False
+    pairs = [(constants[a], constants[b]) for a, b in zip(q_params, dq_params, strict=True)]
+    return all(
+        a.numel() == 1 and b.numel() == 1 and a.dtype == b.dtype and torch.equal(a, b)
+        for a, b in pairs
+    )
+
+
+def _output_quantizer(
+    steps: list[Step], constants: dict[str, torch.Tensor], output_name: str
+) -> OutputQuantizer | None:
+    """The fused quantizer writing the graph's output, if that is how the graph ends."""
+    last = next((s for s in steps if output_name in s.outputs), None)
+    if last is None or last.spec.op != FAKE_QUANTIZE:
+        return None
+    _, scale, zero_point = last.inputs
+    return OutputQuantizer(
+        input_name=last.inputs[0],
+        scale=float(constants[scale].reshape(())),
+        zero_point=float(constants[zero_point].reshape(())),
+        qrange=last.spec.attrs["_qrange"],
+    )
+
+
 def _op_key(node: onnx.NodeProto) -> str:
     """The :data:`OPS` key of a node: its op type, qualified by its domain unless default."""
     return node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"

@@ -3,6 +3,11 @@
 Known-answer cases use small fake adapters whose "activations" are planted features (the pixel
 array *is* the feature vector) or whose logits react to a trigger patch, so the right answer is
 known by construction. The integration tests run the real digits world at fp32 and int8-static.
+
+Nothing the defenses decide with was tuned on these data: AC's thresholds are the published
+ones, SS's MAD floor was set on another generator (see ``LOG_GAP_MAD_FLOOR``), STRIP's are the
+paper's. The rates stated below (false alarms on structureless classes, planted clusters found)
+were first measured on seeds 100-129 of the same generator, which no test here uses.
 """
 
 from __future__ import annotations
@@ -12,9 +17,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from defenses.base import DefenseData, DefenseResult, Status, build_defense
+from defenses.base import DefenseData, DefenseResult, Status, Verdict, build_defense
 from defenses.filtering import auroc, input_filter_rates, robust_z, sample_filter_metrics
-from defenses.strip import entropy_bits, superimpose
+from defenses.strip import (
+    StripParams,
+    empirical_threshold,
+    entropy_bits,
+    normal_threshold,
+    split_sizes,
+    superimpose,
+)
 from harness.adapter import RuntimeAdapter
 
 TARGET_CLASS = 2
@@ -59,8 +71,16 @@ class FakeAdapter:
         return out
 
 
+ASSUMED_POISON_RATE = 0.03
+"""The auditor's overall poison rate for :func:`planted_data` (30 of 1000 images when planted)."""
+
+
 def planted_data(seed: int, planted: bool, n: int = 200, dim: int = 32, classes: int = 5):
-    """Gaussian classes; optionally 15% of class 2 shifted 8σ along one random direction."""
+    """Gaussian classes; optionally 15% of class 2 shifted 8σ along one random direction.
+
+    The poison rate handed to the defenses is the overall one (3% of the set), as the runner
+    hands the attack's rate to every cell, poisoned or clean.
+    """
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(classes * n, dim)) + np.repeat(rng.normal(0, 5, (classes, dim)), n, 0)
     y = np.repeat(np.arange(classes), n)
@@ -78,7 +98,7 @@ def planted_data(seed: int, planted: bool, n: int = 200, dim: int = 32, classes:
         train_y=y,
         poison_mask=mask if planted else None,
         target_label=TARGET_CLASS if planted else None,
-        poison_rate=0.15 if planted else None,
+        poison_rate=ASSUMED_POISON_RATE,
     )
 
 
@@ -98,7 +118,25 @@ def strip_data(seed: int = 0) -> DefenseData:
     )
 
 
-SMALL_STRIP = {"n_overlays": 20, "n_test": 60}
+SMALL_STRIP = {"n_overlays": 20, "n_test": 60, "n_clean_fit": 200}
+"""Fewer overlays and a 200-input threshold set (the paper's is 2000): a named deviation."""
+
+
+@dataclass
+class ConfidentAdapter(FakeAdapter):
+    """No backdoor; sure of 90% of (blended) images and uniform on the rest, by pixel sum.
+
+    Clean STRIP entropies then pile up near 0 bits with a tail, the GTSRB-like shape where a
+    normal fit's 1% quantile falls below zero.
+    """
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        self.counter.images += len(pixels)
+        flat = np.asarray(pixels, np.float64).reshape(len(pixels), -1)
+        unsure = flat.sum(axis=1).astype(np.int64) % 10 == 0
+        out = np.zeros((len(pixels), 10))
+        out[~unsure, 3] = 1e4
+        return out
 
 
 # --------------------------------------------------------------------------- Activation Clustering
@@ -109,8 +147,10 @@ def test_ac_flags_exactly_the_planted_class(reduction):
         FakeAdapter(), data, np.random.default_rng(0)
     )
     assert result.status == Status.OK
+    assert result.verdict == Verdict.DETECTED and result.detected is True
     assert result.flagged_labels == [TARGET_CLASS]
-    assert result.detected is True
+    assert result.target_hit is True and result.exact_target_hit is True
+    assert result.false_alarm_labels == []
     assert result.scores[f"relative_size_label_{TARGET_CLASS}"] == pytest.approx(0.15, abs=0.02)
     filtering = result.details["filtering"]
     assert filtering["poison_recall"] >= 0.9 and filtering["poison_precision"] >= 0.9
@@ -119,15 +159,31 @@ def test_ac_flags_exactly_the_planted_class(reduction):
     assert result.queries == len(data.train_x)
 
 
-@pytest.mark.parametrize("seed", [2, 3])
-def test_ac_flags_nothing_on_gaussian_classes(seed):
-    result = build_defense("activation_clustering").run(
-        FakeAdapter(), planted_data(seed, planted=False), np.random.default_rng(seed)
-    )
-    assert result.status == Status.OK
-    assert result.flagged_labels == []
-    assert result.detected is False
-    assert not result.per_sample_scores.any()
+def _rates(name: str, seeds: range) -> tuple[int, int, int, list[float]]:
+    """(clean classes flagged, clean classes, planted runs with exactly the target flagged,
+    poison recall of each planted run) of ``name`` at its default parameters."""
+    false_alarms, exact, recalls = 0, 0, []
+    for seed in seeds:
+        clean = build_defense(name).run(
+            FakeAdapter(), planted_data(seed, planted=False), np.random.default_rng(seed)
+        )
+        assert clean.verdict != Verdict.INCONCLUSIVE and clean.target_hit is None
+        assert clean.false_alarm_labels == clean.flagged_labels  # no target: all false alarms
+        false_alarms += len(clean.flagged_labels)
+        planted = build_defense(name).run(
+            FakeAdapter(), planted_data(seed, planted=True), np.random.default_rng(seed)
+        )
+        exact += bool(planted.exact_target_hit)
+        recalls.append(planted.details["filtering"]["poison_recall"])
+    return false_alarms, 5 * len(seeds), exact, recalls
+
+
+def test_ac_published_rule_finds_planted_clusters_and_rarely_flags_structureless_classes():
+    # Seeds 100-129: 0 of 150 structureless classes flagged, 30/30 planted classes flagged alone.
+    false_alarms, classes, exact, recalls = _rates("activation_clustering", range(5))
+    assert false_alarms <= 1, f"{false_alarms} of {classes} structureless classes flagged"
+    assert exact >= 4, f"planted class flagged alone in only {exact} of 5 draws"
+    assert np.median(recalls) >= 0.9
 
 
 def test_ac_skips_a_class_too_small_to_cluster():
@@ -145,6 +201,18 @@ def test_ac_skips_a_class_too_small_to_cluster():
     assert result.details["skipped_classes"] == [4]
     assert "6 samples" in result.details["per_class"]["4"]["skipped"]
     assert result.flagged_labels == [TARGET_CLASS]
+    assert result.verdict == Verdict.DETECTED  # an alarm elsewhere stands
+
+
+@pytest.mark.parametrize("name", ["activation_clustering", "spectral_signatures"])
+def test_nothing_flagged_with_an_unjudged_class_is_inconclusive_not_clean(name):
+    data = planted_data(seed=2, planted=False)
+    keep = (data.train_y != 4) | (np.cumsum(data.train_y == 4) <= 6)  # class 4 keeps 6 samples
+    data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
+    result = build_defense(name).run(FakeAdapter(), data, np.random.default_rng(0))
+    assert result.status == Status.OK and result.flagged_labels == []
+    assert result.verdict == Verdict.INCONCLUSIVE and result.detected is None
+    assert "[4]" in result.verdict_reason
 
 
 # --------------------------------------------------------------------------- Spectral Signatures
@@ -152,8 +220,11 @@ def test_ss_removes_the_planted_outliers_and_flags_their_class():
     data = planted_data(seed=4, planted=True)
     result = build_defense("spectral_signatures").run(FakeAdapter(), data, np.random.default_rng(0))
     assert result.status == Status.OK
-    assert result.flagged_labels == [TARGET_CLASS]
-    assert result.detected is True
+    assert result.flagged_labels == [TARGET_CLASS] and result.exact_target_hit is True
+    assert result.verdict == Verdict.DETECTED
+    # ε bounds each class by the whole poison budget: 30 images of a 200-image class = 15%
+    assert result.details["epsilon_source"] == "poison_budget"
+    assert result.details["epsilon_per_class"][str(TARGET_CLASS)] == pytest.approx(0.15)
     target = result.details["target_class"]
     assert target["removed_poison_recall"] >= 0.9
     assert target["removed_poison_fraction"] >= 0.6  # 1.5·ε·n removed: at most 2/3 can be poison
@@ -164,44 +235,64 @@ def test_ss_removes_the_planted_outliers_and_flags_their_class():
     assert result.scores[f"tail_ratio_label_{TARGET_CLASS}"] > max(others)
 
 
-@pytest.mark.parametrize("seed", [5, 6])
-def test_ss_flags_nothing_on_gaussian_classes(seed):
-    result = build_defense("spectral_signatures").run(
-        FakeAdapter(), planted_data(seed, planted=False), np.random.default_rng(seed)
-    )
-    assert result.status == Status.OK
-    assert result.flagged_labels == []
-    assert result.detected is False
-    assert result.score < 3.5
+def test_ss_finds_planted_signatures_and_rarely_flags_structureless_classes():
+    # Seeds 100-129: 0 of 150 structureless classes flagged, 30/30 planted classes flagged alone.
+    false_alarms, classes, exact, recalls = _rates("spectral_signatures", range(20))
+    assert false_alarms <= 1, f"{false_alarms} of {classes} structureless classes flagged"
+    assert exact >= 19, f"planted class flagged alone in only {exact} of 20 draws"
+    assert min(recalls) >= 0.9
+
+
+def test_ss_epsilon_is_an_upper_bound_on_each_class_from_the_poison_budget():
+    data = planted_data(seed=7, planted=False)
+    keep = (data.train_y != 0) | (np.cumsum(data.train_y == 0) <= 100)  # class 0: 100 images
+    data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
+    data.poison_rate = 0.05  # 45 of 900 images may be poison, all of them in any one class
+    result = build_defense("spectral_signatures").run(FakeAdapter(), data, np.random.default_rng(0))
+    eps, per_class = result.details["epsilon_per_class"], result.details["per_class"]
+    assert result.details["epsilon_source"] == "poison_budget"
+    assert eps["0"] == pytest.approx(45 / 100) and eps["1"] == pytest.approx(45 / 200)
+    # 1.5·ε_k·n_k = 1.5 × the budget from every class: the paper's rule with ε as a count
+    assert per_class["0"]["n_removed"] == per_class["1"]["n_removed"] == round(1.5 * 45)
+    assert result.details["removed_fraction"] == pytest.approx(5 * 68 / 900)
 
 
 @pytest.mark.parametrize(
-    ("params", "poison_rate", "expected_eps"),
-    [({"epsilon": 0.1}, 0.3, 0.1), ({}, 0.2, 0.2), ({}, None, 0.05)],
+    ("params", "poison_rate", "source", "expected_eps"),
+    [({"epsilon": 0.1}, 0.3, "param", 0.1), ({}, None, "default", 0.05)],
 )
-def test_ss_epsilon_comes_from_param_then_poison_rate_then_default(
-    params, poison_rate, expected_eps
+def test_ss_epsilon_from_the_parameter_or_the_papers_default(
+    params, poison_rate, source, expected_eps
 ):
     data = planted_data(seed=7, planted=False)
     data.poison_rate = poison_rate
     result = build_defense("spectral_signatures", params).run(
         FakeAdapter(), data, np.random.default_rng(0)
     )
-    assert result.details["epsilon"] == expected_eps
+    assert result.details["epsilon_source"] == source
+    assert set(result.details["epsilon_per_class"].values()) == {expected_eps}
     assert result.details["per_class"]["0"]["n_removed"] == round(1.5 * expected_eps * 200)
 
 
 # --------------------------------------------------------------------------- STRIP
 def test_strip_catches_every_triggered_input_of_a_backdoored_model():
-    params = SMALL_STRIP | {"n_test": 200}  # 100 clean inputs fit the normal, 100 measure FRR
+    params = SMALL_STRIP | {"n_test": 200, "n_clean_fit": 300}
     result = build_defense("strip", params).run(
         FakeAdapter(), strip_data(), np.random.default_rng(0)
     )
     assert result.status == Status.OK
+    assert result.verdict == Verdict.DETECTED and result.verdict_reason is None
+    assert result.target_hit is None and result.false_alarm_labels == []  # flags inputs only
     assert result.scores["tpr"] == 1.0
     assert result.scores["auroc"] == 1.0
-    assert result.scores["frr"] <= 0.05  # nominal 1%; measured 0-3% over seeds
-    assert result.detected is True
+    assert result.scores["frr"] <= 0.05  # nominal 1%, measured out of sample on 125 inputs
+    # 500 clean images: 125 measure the FRR, 300 fit the threshold, 75 are the overlay pool
+    details = result.details
+    assert (details["n_clean_eval"], details["n_clean_fit"], details["n_overlay_pool"]) == (
+        125,
+        300,
+        75,
+    )
     triggered_h = result.arrays["triggered_entropy"]
     assert np.all(np.isfinite(triggered_h)) and triggered_h.max() == pytest.approx(0.0, abs=1e-9)
     assert result.threshold > triggered_h.max()
@@ -214,9 +305,38 @@ def test_strip_stays_quiet_on_a_model_without_backdoor():
         FakeAdapter(backdoor=False), strip_data(), np.random.default_rng(0)
     )
     assert result.status == Status.OK
-    assert result.detected is False
+    assert result.verdict == Verdict.NOT_DETECTED
     assert result.scores["tpr"] < 0.5
-    assert 0.0 <= result.scores["auroc"] <= 1.0
+    # stamped inputs are as unsure as clean ones: entropy does not tell them apart
+    assert abs(result.scores["auroc"] - 0.5) < 0.15
+
+
+def test_strip_with_fewer_clean_inputs_than_the_paper_is_inconclusive():
+    result = build_defense("strip", {"n_overlays": 20}).run(  # n_clean_fit: the paper's 2000
+        FakeAdapter(), strip_data(), np.random.default_rng(0)
+    )
+    assert result.status == Status.OK
+    assert result.verdict == Verdict.INCONCLUSIVE and result.detected is None
+    assert "too few clean samples" in result.verdict_reason and "2000" in result.verdict_reason
+    assert result.scores["tpr"] == 1.0  # the numbers are still reported
+
+
+@pytest.mark.parametrize("fit", ["normal", "empirical"])
+def test_strip_threshold_at_or_below_zero_bits_is_inconclusive_not_a_miss(fit):
+    result = build_defense("strip", SMALL_STRIP | {"threshold_fit": fit}).run(
+        ConfidentAdapter(backdoor=False), strip_data(), np.random.default_rng(0)
+    )
+    assert result.status == Status.OK
+    assert result.threshold <= 0
+    assert result.verdict == Verdict.INCONCLUSIVE and result.detected is None
+    assert "threshold unusable" in result.verdict_reason
+
+
+def test_strip_split_gives_the_threshold_the_papers_clean_set_when_there_is_one():
+    params = StripParams()
+    assert split_sizes(3000, params) == (2000, 200, 800)
+    assert split_sizes(2300, params) == (2000, 200, 100)
+    assert split_sizes(500, params) == (275, 125, 100)  # too few: inconclusive
 
 
 def test_strip_average_blend_dilutes_a_saturating_trigger():
@@ -288,7 +408,7 @@ def test_failure_inside_the_method_is_an_error_not_a_verdict(name):
         FakeAdapter(fail=True), make_data(), np.random.default_rng(0)
     )
     assert result.status == Status.ERROR
-    assert result.detected is None
+    assert result.detected is None and result.verdict is None
     assert "RuntimeError" in result.reason
     assert "vanished" in result.reason or "crashed" in result.reason
 
@@ -338,6 +458,10 @@ def _world_data(world, poisoned: bool) -> DefenseData:
     )
 
 
+WORLD_STRIP = {"n_overlays": 30, "n_test": 100, "n_clean_fit": 100}
+"""The digits test set has 450 images: a 100-input threshold set, a named deviation."""
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8-static"])
 def test_filtering_defenses_on_the_digits_world(digits_world, precision):
     results = {}
@@ -347,7 +471,7 @@ def test_filtering_defenses_on_the_digits_world(digits_world, precision):
         for name, params in (
             ("activation_clustering", {}),
             ("spectral_signatures", {}),
-            ("strip", {"n_overlays": 30, "n_test": 100}),
+            ("strip", WORLD_STRIP),
         ):
             result = build_defense(name, params).run(adapter, data, np.random.default_rng(0))
             assert result.status == Status.OK, (kind, name, result.reason)
@@ -356,24 +480,34 @@ def test_filtering_defenses_on_the_digits_world(digits_world, precision):
     for kind in ("poisoned", "clean"):
         for name in ("activation_clustering", "spectral_signatures"):
             assert results[kind, name].queries == len(digits_world.x_train)
-        strip = results[kind, "strip"]
-        assert strip.queries == 30 * 200
-        assert all(0.0 <= strip.scores[k] <= 1.0 for k in ("tpr", "frr", "auroc"))
-    # Trigger-dominated predictions survive superimposition: robust on this world.
-    assert results["poisoned", "strip"].detected is True
-    assert results["poisoned", "strip"].scores["auroc"] > 0.9
-    assert results["clean", "strip"].detected is False
-    # The target class's smaller activation cluster is the poison (measured ≥ 0.97 at every
-    # precision) even where AC's size rule cannot fire (the class is ~50% poison).
-    target = results["poisoned", "activation_clustering"].details["target_class"]
-    assert target["smaller_cluster_poison_fraction"] >= 0.9
-    ss = results["poisoned", "spectral_signatures"].details["filtering"]
-    assert 0.0 <= ss["poison_precision"] <= 1.0 and 0.0 <= ss["poison_recall"] <= 1.0
+        assert results[kind, "strip"].queries == 30 * (100 + 100 + 100)
+    # STRIP: trigger-dominated predictions survive superimposition; a clean model's stamped
+    # inputs are as unsure as clean ones (TPR near the 1% FRR, no separation).
+    strip, strip_clean = results["poisoned", "strip"], results["clean", "strip"]
+    assert strip.verdict == Verdict.DETECTED and strip.scores["auroc"] > 0.9
+    assert strip_clean.verdict == Verdict.NOT_DETECTED
+    assert strip_clean.scores["tpr"] <= 0.1 and abs(strip_clean.scores["auroc"] - 0.5) < 0.15
+    # AC: the target class's smaller activation cluster is the poison (measured ≥ 0.97 at
+    # every precision) and the target is flagged; whatever else the published rule flags is
+    # reported as false alarms, never folded into the hit.
+    ac = results["poisoned", "activation_clustering"]
+    assert ac.target_hit is True and ac.verdict == Verdict.DETECTED
+    assert ac.details["target_class"]["smaller_cluster_poison_fraction"] >= 0.9
+    assert ac.false_alarm_labels == [k for k in ac.flagged_labels if k != digits_world.target]
+    assert ac.exact_target_hit is (ac.flagged_labels == [digits_world.target])
+    ac_clean = results["clean", "activation_clustering"]
+    assert ac_clean.target_hit is None and ac_clean.false_alarm_labels == ac_clean.flagged_labels
+    # SS with ε bounded by the 10% poison budget removes most of the planted poison (the
+    # target class is ~50% poison, so its spectral gap does not stand out) and raises no
+    # alarm on the clean model.
+    ss = results["poisoned", "spectral_signatures"]
+    assert ss.details["epsilon_source"] == "poison_budget"
+    assert ss.details["target_class"]["removed_poison_recall"] >= 0.8
+    assert results["clean", "spectral_signatures"].flagged_labels == []
+    assert results["clean", "spectral_signatures"].verdict == Verdict.NOT_DETECTED
 
 
 def test_strip_normal_threshold_falls_below_zero_on_skewed_entropies_and_empirical_does_not():
-    from defenses.strip import empirical_threshold, normal_threshold
-
     # most clean inputs confidently classified (entropy ~0), a tail of uncertain ones
     rng = np.random.default_rng(0)
     clean = np.r_[np.abs(rng.normal(0, 0.02, 90)), rng.uniform(1.0, 3.0, 30)]

@@ -138,7 +138,7 @@ def test_quantize_rounds_half_to_even_and_gradient_stops_outside_the_range():
     ("op", "domain", "shown"),
     [
         ("Einsum", "", "'Einsum'"),
-        ("QGemm", "com.microsoft", "'com.microsoft.QGemm'"),
+        ("QAttention", "com.microsoft", "'com.microsoft.QAttention'"),
     ],
 )
 def test_unsupported_op_is_refused_at_build_time(op, domain, shown):
