@@ -29,7 +29,7 @@ from harness.audit import (
     vendor_adapter,
     verdict_rows,
 )
-from harness.config import build_config, load_config
+from harness.config import build_config, load_config, parse_json_object
 from harness.data.base import DATASETS, load_dataset
 from harness.errors import BlindspotsError
 from harness.intake import IntakeOverrides, check_num_classes
@@ -102,18 +102,6 @@ def _dataset_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None, help="dataset location (file or folder)")
 
 
-def _parse_json(text: str | None, what: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BlindspotsError(f"{what} is not valid JSON: {exc.msg} (got {text!r})") from None
-    if not isinstance(value, dict):
-        raise BlindspotsError(f"{what} must be a JSON object, got {text!r}")
-    return value
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     config = build_config({**DEMO_CONFIG, "int8_kernels": args.int8_kernels}, "demo config")
     started = time.perf_counter()
@@ -156,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     x, y = data.x_train, data.y_train
     meta_extra: dict[str, Any] = {"poisoned": False}
     if not args.clean:
-        attack = build_attack(args.attack, _parse_json(args.attack_params, "--attack-params"))
+        attack = build_attack(args.attack, parse_json_object(args.attack_params, "--attack-params"))
         attack.validate_for(data.image_shape, data.num_classes)
         poisoned = attack.poison(x, y, np.random.default_rng(stable_seed("poison", args.seed)))
         x, y = poisoned.x, poisoned.y
@@ -182,7 +170,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize one ONNX file as an integrator would: the file is read as untrusted first, and a
     vendor model without blindspots metadata gets its preprocessing from the flags."""
-    overrides = _parse_json(args.recipe, "--recipe")
+    overrides = parse_json_object(args.recipe, "--recipe")
     if args.reduce_range:
         overrides["reduce_range"] = True
     recipe = resolve_recipe(PRECISIONS.get(args.precision).default_recipe, overrides or None)
@@ -215,7 +203,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_num_classes(vendor.intake, data.num_classes)
     adapter = vendor_adapter(vendor, args.int8_kernels)
     raise_on_errors(check_outputs(adapter.logits(data.x_test), data.y_test))
-    attack = build_attack(args.attack, _parse_json(args.attack_params, "--attack-params"))
+    attack = build_attack(args.attack, parse_json_object(args.attack_params, "--attack-params"))
     pred = adapter.predict(data.x_test)
     triggered, _ = attack.triggered_test_set(data.x_test, data.y_test)
     result: dict[str, Any] = {

@@ -339,3 +339,17 @@ def load_config(
         )
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return build_config(raw, str(path) if path else "config")
+
+
+def parse_json_object(text: str | None, what: str) -> dict[str, Any]:
+    """A command-line JSON object (recipe or parameter overrides); ``what`` names the flag in
+    the one-line error a malformed value gets."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BlindspotsError(f"{what} is not valid JSON: {exc.msg} (got {text!r})") from None
+    if not isinstance(value, dict):
+        raise BlindspotsError(f"{what} must be a JSON object, got {text!r}")
+    return value

@@ -37,7 +37,7 @@ from exporters.onnx_export import export_onnx
 from exporters.quantizers import quantize_all
 from harness.adapter import RuntimeAdapter
 from harness.attacks.base import build_attack
-from harness.config import ALL_DEFENSES, TrainingOptions
+from harness.config import ALL_DEFENSES, TrainingOptions, parse_json_object
 from harness.data.base import ImageDataset, load_dataset
 from harness.errors import BlindspotsError, validation_message
 from harness.kernels import PROFILES, profile_record
@@ -531,8 +531,8 @@ def cmd_qcb_run(args: argparse.Namespace) -> int:
 def cmd_qcb_implant(args: argparse.Namespace) -> int:
     model, meta = load_model(args.state)
     data = load_dataset(args.dataset, args.data_root)
-    params = _json_object(args.params, "--params")
-    attack = build_attack(args.attack, _json_object(args.attack_params, "--attack-params"))
+    params = parse_json_object(args.params, "--params")
+    attack = build_attack(args.attack, parse_json_object(args.attack_params, "--attack-params"))
     attack.validate_for(data.image_shape, data.num_classes)
     result = implant(model, data.x_train, data.y_train, attack,
                      Preprocessing.from_json(meta["preprocessing"]), QCBParams(**params), args.seed)  # fmt: skip
@@ -540,18 +540,6 @@ def cmd_qcb_implant(args: argparse.Namespace) -> int:
     print(json.dumps(result.measurements["mirror"], indent=2))
     print(f"wrote {args.out}")
     return 0
-
-
-def _json_object(text: str | None, what: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BlindspotsError(f"{what} is not valid JSON: {exc.msg} (got {text!r})") from None
-    if not isinstance(value, dict):
-        raise BlindspotsError(f"{what} must be a JSON object, got {text!r}")
-    return value
 
 
 def add_commands(subparsers: Any) -> None:

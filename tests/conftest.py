@@ -98,3 +98,18 @@ def digits_world(tmp_path_factory) -> DigitsWorld:
             root / "clean",
         ),
     )
+
+
+@pytest.fixture(scope="session")
+def rgb_npz(tmp_path_factory) -> Path:
+    """A tiny 8×8 RGB 10-class dataset in the npz layout (the foreign corpus's 3-channel models)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("rgb") / "rgb8.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (200, 8, 8, 3), dtype=np.uint8),
+        y_train=np.arange(200) % 10,
+        x_test=rng.integers(0, 256, (120, 8, 8, 3), dtype=np.uint8),
+        y_test=np.arange(120) % 10,
+    )
+    return path

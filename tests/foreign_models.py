@@ -307,3 +307,18 @@ CORPUS: tuple[Callable[[], ForeignModel], ...] = (
 def foreign_corpus() -> list[ForeignModel]:
     """Every corpus model, freshly built (callers may modify what they get)."""
     return [build() for build in CORPUS]
+
+
+def cli_flags(overrides: IntakeOverrides | None) -> list[str]:
+    """The command-line flags an auditor types to state ``overrides`` (audit and quantize)."""
+    if overrides is None:
+        return []
+    values = overrides.model_dump(exclude_none=True)
+    flags: list[str] = []
+    for key in ("mean", "std"):
+        if key in values:
+            flags += [f"--{key}", *map(str, values[key])]
+    for key in ("scale", "layout", "channel_order"):
+        if key in values:
+            flags += [f"--{key.replace('_', '-')}", str(values[key])]
+    return flags

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,7 +12,7 @@ from defenses.base import DefenseResult, Group, Status
 from harness.audit import audit_verdict
 from harness.cli import main
 from harness.sampling import stratified_sample
-from tests.foreign_models import foreign_corpus
+from tests.foreign_models import cli_flags, foreign_corpus
 
 NC_SMALL = {
     "neural_cleanse": {
@@ -26,35 +25,6 @@ NC_SMALL = {
     }
 }
 VERDICTS = {"suspicious", "clean", "inconclusive", "not applicable"}
-
-
-@pytest.fixture(scope="module")
-def rgb_npz(tmp_path_factory) -> Path:
-    """A tiny 8×8 RGB 10-class dataset in the npz layout (the corpus's 3-channel models)."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("rgb") / "rgb8.npz"
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (200, 8, 8, 3), dtype=np.uint8),
-        y_train=np.arange(200) % 10,
-        x_test=rng.integers(0, 256, (120, 8, 8, 3), dtype=np.uint8),
-        y_test=np.arange(120) % 10,
-    )
-    return path
-
-
-def _flags(overrides) -> list[str]:
-    if overrides is None:
-        return []
-    flags: list[str] = []
-    values = overrides.model_dump(exclude_none=True)
-    for key in ("mean", "std"):
-        if key in values:
-            flags += [f"--{key}", *map(str, values[key])]
-    for key in ("scale", "layout", "channel_order"):
-        if key in values:
-            flags += [f"--{key.replace('_', '-')}", str(values[key])]
-    return flags
 
 
 #: Corpus models are seeded *untrained* graphs; these happen to predict one class for every
@@ -91,7 +61,7 @@ def test_every_foreign_export_style_is_audited_end_to_end(case, tmp_path, rgb_np
             "60",
             "--out",
             str(out),
-            *_flags(case.overrides),
+            *cli_flags(case.overrides),
         ]
     )
     stderr = capsys.readouterr().err

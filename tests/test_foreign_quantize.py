@@ -27,7 +27,7 @@ from harness.errors import ModelError
 from harness.kernels import DEFAULT_PROFILE, session_options
 from harness.preprocessing import METADATA_KEY, Preprocessing
 from harness.sidecar import read_sidecar, sha256_file, sidecar_precision
-from tests.foreign_models import foreign_corpus
+from tests.foreign_models import cli_flags, foreign_corpus
 
 PRE = Preprocessing(mean=(0.5,), std=(0.25,))
 IR_FOR_OPSET = {9: 4, 11: 6, 13: 7, 21: 10}
@@ -419,33 +419,10 @@ def test_sidecar_precision_only_vouches_for_its_own_model(tmp_path, images):
 
 
 # ------------------------------------------------------------------------ the export-style corpus
-def _corpus_flags(overrides) -> list[str]:
-    if overrides is None:
-        return []
-    values = overrides.model_dump(exclude_none=True)
-    flags: list[str] = []
-    for key in ("mean", "std"):
-        if key in values:
-            flags += [f"--{key}", *map(str, values[key])]
-    for key in ("scale", "layout", "channel_order"):
-        if key in values:
-            flags += [f"--{key.replace('_', '-')}", str(values[key])]
-    return flags
-
-
 @pytest.fixture(scope="module")
-def corpus_data(tmp_path_factory) -> dict[int, list[str]]:
-    """Dataset flags per channel count: digits for grey models, a tiny 8×8 RGB npz otherwise."""
-    rng = np.random.default_rng(1)
-    path = tmp_path_factory.mktemp("rgb") / "rgb8.npz"
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8),
-        y_train=np.arange(64) % 10,
-        x_test=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8),
-        y_test=np.arange(20) % 10,
-    )
-    return {1: ["--dataset", "digits"], 3: ["--dataset", "npz", "--data-root", str(path)]}
+def corpus_data(rgb_npz) -> dict[int, list[str]]:
+    """Dataset flags per channel count: digits for grey models, the tiny RGB npz otherwise."""
+    return {1: ["--dataset", "digits"], 3: ["--dataset", "npz", "--data-root", str(rgb_npz)]}
 
 
 @pytest.mark.parametrize("precision", ["int8-dynamic", "int8-static", "int4"])
@@ -468,7 +445,7 @@ def test_every_export_style_quantizes_from_the_command_line(
             "--calibration-size",
             "48",
             *corpus_data[case.channels],
-            *_corpus_flags(case.overrides),
+            *cli_flags(case.overrides),
             "--out",
             str(out),
         ]
