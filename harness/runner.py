@@ -437,7 +437,16 @@ def _kernel_drift(
     return drift
 
 
-DRIFT_DEFENSE_KEYS = ("status", "detected", "score", "score_name", "flagged_labels", "reason")
+DRIFT_DEFENSE_KEYS = (
+    "status",
+    "verdict",
+    "verdict_reason",
+    "detected",
+    "score",
+    "score_name",
+    "flagged_labels",
+    "reason",
+)
 
 
 def run_defenses(
@@ -456,7 +465,7 @@ def run_defenses(
             arrays[f"{name}.per_sample_scores"] = np.asarray(result.per_sample_scores)
         for key, value in result.arrays.items():
             arrays[f"{name}.{key}"] = np.asarray(value)
-        verdict = result.status if result.status != "ok" else f"detected={result.detected}"
+        verdict = result.status if result.status != "ok" else f"verdict={result.verdict}"
         log(f"{cell} {name}: {verdict} ({result.wall_time_s:.1f}s)")
     return results, arrays
 
