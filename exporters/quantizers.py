@@ -55,6 +55,7 @@ from exporters.recipes import (
     resolve_recipe,
     static_kwargs,
 )
+from harness.adapter import data_inputs, declared_batch
 from harness.errors import BlindspotsError, ModelError, one_line, validation_message
 from harness.kernels import DEFAULT_PROFILE, cpu_isa_flags, session_options
 from harness.preprocessing import METADATA_KEY, Preprocessing
@@ -385,8 +386,7 @@ def _resolve_preprocessing(
 
 def _image_input(source: _Source) -> onnx.ValueInfoProto:
     """The model's one data input (older IRs also list initializers as inputs)."""
-    initializers = {init.name for init in source.proto.graph.initializer}
-    inputs = [i for i in source.proto.graph.input if i.name not in initializers]
+    inputs = data_inputs(source.proto)
     if len(inputs) != 1:
         raise ModelError(
             f"expected one image input in {source.path}, found {[i.name for i in inputs]}"
@@ -484,7 +484,7 @@ def _calibration(
     check_pixel_images(images, preprocessing.channels)
     chosen = select_calibration_images(images, recipe.calibration_size, recipe.calibration_seed)
     image_input = _image_input(source)
-    fixed = _fixed_batch(image_input)
+    fixed = declared_batch(image_input)
     batch_size = recipe.calibration_batch_size
     if fixed is not None:
         # A graph that declares batch B accepts exactly B images per call: calibrate in batches
@@ -507,14 +507,6 @@ def _calibration(
         "calibrator_options": calibrator_options(recipe),
     }
     return reader, record
-
-
-def _fixed_batch(image_input: onnx.ValueInfoProto) -> int | None:
-    """The batch size the graph's input declares, when it declares a number (vendor exports)."""
-    dims = image_input.type.tensor_type.shape.dim
-    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-        return int(dims[0].dim_value)
-    return None
 
 
 def _ort_arguments(recipe: QuantRecipe) -> dict[str, Any] | None:

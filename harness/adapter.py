@@ -104,7 +104,7 @@ class RuntimeAdapter:
         """Wrap an in-memory ONNX model."""
         if preprocessing is None:
             preprocessing = preprocessing_from_metadata(model)
-        inputs = [value.name for value in _data_inputs(model)]
+        inputs = [value.name for value in data_inputs(model)]
         if len(inputs) != 1:
             raise ModelError(f"expected a model with one image input, found inputs {inputs}")
         return cls(model=model, preprocessing=preprocessing, **kwargs)  # type: ignore[arg-type]
@@ -147,10 +147,7 @@ class RuntimeAdapter:
     def fixed_batch(self) -> int | None:
         """Batch size the graph declares for its input, when it fixes one (vendor exports often
         say 1 or 16); such graphs are fed exactly that many images per call, the last padded."""
-        dims = image_input(self.model).type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return int(dims[0].dim_value)
-        return None
+        return declared_batch(image_input(self.model))
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -332,7 +329,7 @@ def infer_precision(model: onnx.ModelProto) -> str:
     return "fp32"
 
 
-def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Graph inputs that are not weights (IR < 4 files list every initializer as an input)."""
     weights = {init.name for init in model.graph.initializer}
     return [value for value in model.graph.input if value.name not in weights]
@@ -340,4 +337,12 @@ def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 def image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
     """The model's one image input (checked when the adapter is built)."""
-    return _data_inputs(model)[0]
+    return data_inputs(model)[0]
+
+
+def declared_batch(value: onnx.ValueInfoProto) -> int | None:
+    """The batch size an input declares, when it declares a number rather than a symbol."""
+    dims = value.type.tensor_type.shape.dim
+    if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+        return int(dims[0].dim_value)
+    return None
