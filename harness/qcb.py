@@ -58,6 +58,7 @@ from harness.attacks.base import Attack
 from harness.errors import BlindspotsError, ModelError, validation_message
 from harness.fakequant import MirrorRecipe, QuantMirror, _Stage, folded_parameters
 from harness.preprocessing import Preprocessing
+from harness.progress import Progress
 
 Tensor = torch.Tensor
 
@@ -274,9 +275,11 @@ def recover(
     labels: Tensor,
     params: QCBParams,
     rng: np.random.Generator,
+    progress: Progress | None = None,
 ) -> list[float]:
     """Fine-tune the rest of the network on clean data (FP32 and every targeted mirror),
-    keeping the repurposed units silent; returns the mean loss per epoch."""
+    keeping the repurposed units silent; returns the mean loss per epoch. ``progress`` (silent
+    by default) is told of every batch; it never changes the result."""
     model = mirror.model
     recipes = params.mirror_recipes()
     trainable = [p for name, p in model.named_parameters() if not _is_bn_scale(model, name)]
@@ -284,7 +287,10 @@ def recover(
     loss_fn = nn.CrossEntropyLoss()
     history: list[float] = []
     step = 0
-    for _ in range(params.recover_epochs):
+    reporter = progress or Progress()
+    size, per_batch = len(inputs), params.batch_size
+    reporter.begin(params.recover_epochs, size // per_batch + (size % per_batch >= 2))
+    for epoch in range(params.recover_epochs):
         order = rng.permutation(len(inputs))
         losses = []
         for start in range(0, len(order) - 1, params.batch_size):
@@ -303,7 +309,10 @@ def recover(
             silence(mirror, layout)
             losses.append(float(loss.detach()))
             step += 1
+            reporter.batch(epoch, len(losses), {"loss": sum(losses) / len(losses)})
         history.append(float(np.mean(losses)) if losses else float("nan"))
+        reporter.epoch_end(epoch, {"loss": history[-1]})
+    reporter.close()
     return history
 
 
@@ -470,11 +479,13 @@ def implant(
     preprocessing: Preprocessing,
     params: QCBParams,
     seed: int,
+    progress: Progress | None = None,
 ) -> QCBImplant:
     """A copy of the trained ``model`` carrying the QCB for ``attack``'s trigger and target.
 
     ``x``/``y`` are the attacker's clean uint8 NHWC images and labels (recovery fine-tuning,
-    ranges and gains); nothing is poisoned or relabelled.
+    ranges and gains); nothing is poisoned or relabelled. ``progress`` reports the recovery
+    fine-tuning (silent by default).
     """
     rng = np.random.default_rng(seed)
     model = fold_batchnorm(copy.deepcopy(model).eval())
@@ -494,7 +505,7 @@ def implant(
     layout = choose_layout(mirror, clean_probe, params.boost_units)
     silence(mirror, layout)
     model.requires_grad_(True)
-    history = recover(mirror, layout, inputs, labels, params, rng)
+    history = recover(mirror, layout, inputs, labels, params, rng, progress)
     model.requires_grad_(False)
 
     mirror.calibrate(inputs[_draw(rng, len(x), params.calibration_size)])

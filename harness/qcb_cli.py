@@ -43,6 +43,7 @@ from harness.errors import BlindspotsError, validation_message
 from harness.kernels import PROFILES, profile_record
 from harness.metrics import accuracy, agreement, attack_success_rate
 from harness.preprocessing import Preprocessing
+from harness.progress import progress_for
 from harness.qcb import QCBParams, implant
 from harness.report import write_report
 from harness.requantize import EvalSets, RepairParams, requantize_table
@@ -170,13 +171,14 @@ def build_models(
     else:
         started = time.perf_counter()
         clean = train_model(data.x_train, data.y_train, data.num_classes, preprocessing, train_cfg,
-                            progress=False)  # fmt: skip
+                            desc=f"qcb clean control s{seed}")  # fmt: skip
         save_state(clean, clean_state, {**meta, "poisoned": False, "train_s": _since(started)})
         log(f"seed {seed}: clean control trained in {_since(started):.0f}s")
     if not qcb_state.is_file():
         started = time.perf_counter()
         result = implant(clean, data.x_train, data.y_train, attack, preprocessing,
-                         config.qcb_params(), seed)  # fmt: skip
+                         config.qcb_params(), seed,
+                         progress=progress_for(f"qcb recover s{seed}"))  # fmt: skip
         measured = {
             **result.measurements,
             "layout": vars(result.layout),

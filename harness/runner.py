@@ -42,6 +42,7 @@ from harness.errors import BlindspotsError
 from harness.kernels import other_profile, probe_host, profile_record
 from harness.metrics import accuracy, agreement, attack_success_rate
 from harness.preprocessing import Preprocessing
+from harness.progress import ProgressMode
 from harness.retrain import FinePruneRetrainer
 from harness.runlock import RunLock
 from harness.sampling import stable_seed
@@ -118,13 +119,13 @@ def prepare_seed(
     variants: Sequence[bool] | None = None,
     *,
     data_fingerprint: str | None = None,
-    progress: bool = True,
+    progress: ProgressMode = True,
 ) -> SeedModels:
     """Poison, train, export and quantize — cached by training key.
 
     ``variants`` picks the models (True: poisoned, False: clean control); by default the
-    poisoned one and, if the config asks for it, the clean control. ``progress`` shows
-    training progress bars (off in parallel workers, whose bars would interleave).
+    poisoned one and, if the config asks for it, the clean control. ``progress`` reports
+    training per batch (:func:`harness.progress.progress_for`; parallel workers use ``"lines"``).
     """
 
     dataset = load_dataset(config.dataset, config.data_root, **config.dataset_options)

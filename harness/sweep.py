@@ -43,6 +43,7 @@ from harness.atomic import atomic_write_json, remove_partials
 from harness.config import ExperimentConfig, input_fingerprint
 from harness.errors import BlindspotsError, one_line
 from harness.executors import Executor, SerialExecutor
+from harness.progress import ProgressMode
 from harness.runlock import RunLock
 from harness.runner import (
     EvaluationSets,
@@ -201,8 +202,9 @@ class PrepareTask:
     out: str
     data_fingerprint: str
     threads: int | None
-    progress: bool = False
-    """Training progress bars: only where one task runs at a time in the driver's terminal."""
+    progress: ProgressMode = False
+    """Training progress: a bar only where one task runs at a time in the driver's terminal;
+    parallel workers print timestamped lines naming their model, which interleave cleanly."""
 
 
 @dataclass(frozen=True)
@@ -380,7 +382,7 @@ class _Driver:
                 str(self.out),
                 first.data_fingerprint,
                 self.executor.threads_per_worker,
-                progress=isinstance(self.executor, SerialExecutor),
+                progress=True if isinstance(self.executor, SerialExecutor) else "lines",
             )
             self._submit(run_prepare, task, ("prepare", members), members)
 

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
-from tqdm.auto import tqdm
 
 from harness.atomic import atomic_target, write_error
 from harness.data.base import validate_split
 from harness.errors import BlindspotsError, ModelError, validation_message
 from harness.models import MODELS, build_model
 from harness.preprocessing import Preprocessing
+from harness.progress import Progress, ProgressMode, progress_for
 
 REQUIRED_META = ("model", "num_classes", "in_channels", "preprocessing")
 
@@ -136,7 +136,7 @@ def train_model(
     num_classes: int,
     preprocessing: Preprocessing,
     config: TrainConfig,
-    progress: bool = True,
+    progress: ProgressMode | Progress = True,
     desc: str = "",
     model: nn.Module | None = None,
 ) -> nn.Module:
@@ -145,6 +145,11 @@ def train_model(
     Same inputs and seed on the same machine ⇒ bitwise-identical weights. Passing ``model``
     fine-tunes that module in place instead of building a fresh ``config.model`` (Fine-Pruning
     retrains a pruned network this way); the seed then fixes only the batch order.
+
+    ``progress``: ``True`` reports per batch on stderr (a bar on a terminal, timestamped lines
+    otherwise, see :func:`harness.progress.progress_for`), ``"lines"`` always prints lines,
+    ``False`` is silent, a :class:`~harness.progress.Progress` instance reports there.
+    Reporting never changes weights.
     """
     validate_split("training data", "train", x, y, num_classes)
     if len(x) < 2:
@@ -178,23 +183,31 @@ def train_model(
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         loss_fn = nn.CrossEntropyLoss()
         model.train()
-        bar = tqdm(range(config.epochs), desc=desc or f"train {config.model}", disable=not progress)
-        for _ in bar:
-            seen, correct, loss_sum = 0, 0, 0.0
-            for idx in _batches(len(x), config.batch_size, rng):
-                batch = _random_crops(inputs, idx, (height, width), rng) if pad else inputs[idx]
-                target = labels[idx]
-                logits = model(batch)
-                loss = loss_fn(logits, target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                seen += len(idx)
-                loss_sum += loss.item() * len(idx)
-                correct += int((logits.argmax(1) == target).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        bar.close()
+        reporter = (
+            progress
+            if isinstance(progress, Progress)
+            else progress_for(desc or f"train {config.model}", enabled=progress)
+        )
+        reporter.begin(config.epochs, steps_per_epoch)
+        try:
+            for epoch in range(config.epochs):
+                seen, correct, loss_sum = 0, 0, 0.0
+                for done, idx in enumerate(_batches(len(x), config.batch_size, rng), 1):
+                    batch = _random_crops(inputs, idx, (height, width), rng) if pad else inputs[idx]
+                    target = labels[idx]
+                    logits = model(batch)
+                    loss = loss_fn(logits, target)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    seen += len(idx)
+                    loss_sum += loss.item() * len(idx)
+                    correct += int((logits.argmax(1) == target).sum())
+                    reporter.batch(epoch, done, {"loss": loss_sum / seen})
+                reporter.epoch_end(epoch, {"loss": loss_sum / seen, "acc": correct / seen})
+        finally:
+            reporter.close()
     return model.eval()
 
 
