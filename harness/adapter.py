@@ -30,6 +30,7 @@ from harness.errors import ModelError
 from harness.graph_probe import ProbePoint, add_probe_outputs, discover_layers, mask_channels
 from harness.kernels import DEFAULT_PROFILE, KernelProfile, check_profile, session_options
 from harness.model_safety import load_untrusted
+from harness.oracle import GradientOracle
 from harness.preprocessing import METADATA_KEY, Preprocessing
 from harness.sidecar import sidecar_precision
 
@@ -283,11 +284,9 @@ class RuntimeAdapter:
             probes=probes,
         )
 
-    def gradient_oracle(self):  # -> harness.oracle.GradientOracle (imported lazily: torch)
+    def gradient_oracle(self) -> GradientOracle:
         """Differentiable torch replica of this graph (built once; see :mod:`harness.replica`)."""
         if self._oracle is None:
-            from harness.oracle import GradientOracle
-
             self._oracle = GradientOracle(self)
         return self._oracle
 

@@ -34,11 +34,14 @@ from pydantic import (
     field_validator,
 )
 
-from defenses.base import build_defense
+from defenses.base import DEFENSES, build_defense
+from exporters.quantizers import PRECISIONS
 from harness import __version__
-from harness.attacks.base import build_attack
+from harness.attacks.base import ATTACKS, build_attack
+from harness.data.base import DATASETS
 from harness.errors import BlindspotsError, DataError, validation_message
 from harness.kernels import DEFAULT_PROFILE, KernelProfile
+from harness.models import MODELS
 
 ALL_PRECISIONS = ["fp32", "int8-dynamic", "int8-static", "int4"]
 ALL_DEFENSES = [
@@ -245,12 +248,6 @@ class ExperimentConfig(BaseModel):
 
     def check_plugins(self) -> None:
         """Fail fast (before hours of training) on any unknown plug-in name."""
-        from defenses.base import DEFENSES
-        from exporters.quantizers import PRECISIONS
-        from harness.attacks.base import ATTACKS
-        from harness.data.base import DATASETS
-        from harness.models import MODELS
-
         for name in _as_list(self.dataset):
             DATASETS.get(name)
         for name in _as_list(self.model):
