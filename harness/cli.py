@@ -109,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     paths = write_report(args.out)
     _log(f"demo finished in {time.perf_counter() - started:.0f}s")
     print(Path(paths["markdown"]).read_text())
-    print(f"wrote {paths['json']} and {paths['markdown']}")
+    print(f"wrote {paths['json']}, {paths['markdown']} and {paths['html']}")
     return 0
 
 
@@ -120,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     run_experiment(config, args.out, log=_log)
     paths = write_report(args.out)
-    print(f"wrote {paths['json']} and {paths['markdown']}")
+    print(f"wrote {paths['json']}, {paths['markdown']} and {paths['html']}")
     return 0
 
 
@@ -129,7 +129,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not (folder / "results.jsonl").is_file():
         raise BlindspotsError(f"no results.jsonl in {folder}: nothing to report")
     paths = write_report(folder)
-    print(f"wrote {paths['json']} and {paths['markdown']}")
+    print(f"wrote {paths['json']}, {paths['markdown']} and {paths['html']}")
     return 0
 
 
@@ -348,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     _kernel_args(p, default=None)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("report", help="rebuild report.json / report.md / plots from a run folder")
+    p = sub.add_parser(
+        "report", help="rebuild report.json / report.md / report.html / plots from a run folder"
+    )
     p.add_argument("folder")
     p.set_defaults(func=cmd_report)
 

@@ -526,7 +526,9 @@ def cmd_qcb_run(args: argparse.Namespace) -> int:
     config = load_qcb_config(args.config, overrides)
     run_qcb(config, args.out, log=lambda m: print(m, flush=True))
     print((Path(args.out) / "qcb.md").read_text())
-    print(f"wrote {Path(args.out) / 'qcb.md'}, {Path(args.out) / 'qcb.json'} and report.md")
+    print(
+        f"wrote {Path(args.out) / 'qcb.md'}, {Path(args.out) / 'qcb.json'}, report.md and report.html"
+    )
     return 0
 
 

@@ -1,7 +1,18 @@
-"""Reports: ``report.json`` (stable schema), ``report.md`` (the paper-style table) and plots.
+"""Reports: ``report.json`` (stable schema), ``report.md`` and ``report.html`` with plots.
 
-Everything here is recomputed from the result store's records — never by rerunning a model or
-a defense — so a report can be rebuilt at any time, including after a crashed run.
+Everything here is recomputed from the result store's records and per-cell arrays — never by
+rerunning a model or a defense — so a report can be rebuilt at any time, including after a
+crashed run. Three modules split the work: this one reads the store and builds the tables (the
+data), :mod:`harness.report_plots` draws the figures, :mod:`harness.report_html` holds the
+document model both renderers share and writes the self-contained HTML page. The only thing the
+report rebuilds from outside the store is the attack's true trigger for Neural Cleanse's
+side-by-side figure: it is a pure function of the stored attack name and parameters, computed
+through the attacks registry (:mod:`harness.attacks`).
+
+:func:`write_report` writes ``report.json``, ``report.md``, ``report.html`` and ``plots/*.png``,
+each atomically (a crash mid-report leaves the previous file or the new one, never a torn one),
+and the report itself is deterministic: the same store gives the same ``report.md`` byte for
+byte (no timestamps, no absolute paths).
 
 ``report.json`` schema (version 1)::
 
@@ -10,7 +21,7 @@ a defense — so a report can be rebuilt at any time, including after a crashed 
       "config": {...},            # the ExperimentConfig that produced the runs
       "environment": {...},       # versions, CPU INT8 instruction sets, the measured host INT8
                                   # kernel class (int8_kernels) and float kernel settings
-      "runs": [                   # one per (seed, poisoned/clean, precision)
+      "runs": [                   # one per (dataset, model, attack, seed, poisoned, precision)
         {"dataset", "model", "attack", "attack_params", "seed", "poisoned": bool,
          "precision", "clean_acc", "asr", "agreement_fp32", "n_test", "n_triggered",
          "per_sample_inference", "artifacts": {"onnx", "sidecar", "state"},
@@ -28,9 +39,10 @@ a defense — so a report can be rebuilt at any time, including after a crashed 
                              "params", "details", "reason"}},
          "arrays": "arrays/<cell>.npz"}   # per-sample scores, reversed triggers (optional)
       ],
-      "summary": [                # aggregated over seeds, one per (precision, poisoned)
-        {"precision", "poisoned", "n_seeds", "clean_acc_mean", "clean_acc_std", "asr_mean",
-         "asr_std", "agreement_fp32_mean",
+      "summary": [                # aggregated over seeds, one per (dataset, model, attack,
+                                  # precision, poisoned)
+        {"dataset", "model", "attack", "precision", "poisoned", "n_seeds", "clean_acc_mean",
+         "clean_acc_std", "asr_mean", "asr_std", "agreement_fp32_mean", "agreement_fp32_std",
          "defenses": {name: {"group", "ok", "errors", "not_applicable",
                              "decided", "detected", "inconclusive", "inconclusive_reasons",
                              "detection_rate", "detection_ci" (Wilson 95%, decided runs only),
@@ -44,27 +56,50 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import zipfile
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from harness.errors import BlindspotsError
+from harness.atomic import atomic_write_bytes, atomic_write_text
+from harness.attacks.base import ATTACKS, Attack, build_attack
+from harness.errors import BlindspotsError, one_line
 from harness.metrics import wilson_interval
+from harness.report_html import Bullets, FigureRef, Section, Table, render_html
+from harness.report_plots import (
+    DEFENSE_FIGURES,
+    Evidence,
+    GroupSummary,
+    Plot,
+    defense_plots,
+    overview_plots,
+)
 from harness.store import FinishedCell, ResultStore, read_json
 
 SCHEMA_VERSION = 1
+TITLE = "quant-blindspots report"
 logger = logging.getLogger(__name__)
+
+GroupKey = tuple[Any, Any, Any]
+"""(dataset, model, attack) of a run; any of them ``None`` in records that lack it."""
+
+
+# ----------------------------------------------------------------------------- data
+def group_key(run: dict[str, Any]) -> GroupKey:
+    return (run.get("dataset"), run.get("model"), run.get("attack"))
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Aggregate runs over seeds per (precision, poisoned), keeping the runs' precision order."""
-    groups: dict[tuple[str, bool], list[dict[str, Any]]] = defaultdict(list)
+    """Aggregate runs over seeds per (dataset, model, attack, precision, poisoned), in order."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        groups[(run["precision"], run["poisoned"])].append(run)
+        groups[(*group_key(run), run["precision"], run["poisoned"])].append(run)
     rows = []
-    for (precision, poisoned), members in groups.items():
+    for (dataset, model, attack, precision, poisoned), members in groups.items():
         names = list(dict.fromkeys(name for run in members for name in run.get("defenses", {})))
         defenses = {
             name: tally_defense(
@@ -74,6 +109,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         rows.append(
             {
+                "dataset": dataset,
+                "model": model,
+                "attack": attack,
                 "precision": precision,
                 "poisoned": poisoned,
                 "n_seeds": len(members),
@@ -82,6 +120,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "asr_mean": float(np.mean([r["asr"] for r in members])),
                 "asr_std": float(np.std([r["asr"] for r in members])),
                 "agreement_fp32_mean": float(np.mean([r["agreement_fp32"] for r in members])),
+                "agreement_fp32_std": float(np.std([r["agreement_fp32"] for r in members])),
                 "defenses": defenses,
             }
         )
@@ -192,6 +231,221 @@ def _read_json(path: Path) -> dict[str, Any]:
     return document
 
 
+def _listed(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _ordered(values: set[Any] | list[Any], listed: list[Any]) -> list[Any]:
+    """``values`` in the config's order, then any others sorted by name (deterministic)."""
+    present = set(values)
+    first = [v for v in listed if v in present]
+    return first + sorted((v for v in present if v not in listed), key=str)
+
+
+def report_groups(report: dict[str, Any]) -> list[GroupKey]:
+    """The (dataset, model, attack) groups of the runs, in the config's order."""
+    config = report.get("config", {})
+    keys = {group_key(run) for run in report["runs"]} | {
+        (r.get("dataset"), r.get("model"), r.get("attack")) for r in report["summary"]
+    }
+    ranks = [_listed(config.get(axis)) for axis in ("dataset", "model", "attack")]
+
+    def rank(key: GroupKey) -> tuple[Any, ...]:
+        return tuple(
+            (order.index(v) if v in order else len(order), str(v))
+            for v, order in zip(key, ranks, strict=True)
+        )
+
+    return sorted(keys, key=rank)
+
+
+def group_label(key: GroupKey) -> str:
+    return " · ".join(str(v) for v in key if v is not None) or "results"
+
+
+def group_slug(key: GroupKey) -> str:
+    """File-name-safe ``dataset-model-attack``."""
+    parts = [re.sub(r"[^A-Za-z0-9_.]+", "_", str(v)) for v in key if v is not None]
+    return "-".join(parts) or "results"
+
+
+def report_precisions(report: dict[str, Any], key: GroupKey | None = None) -> list[str]:
+    """Precisions present (in ``key``'s group, or anywhere), in the config's order."""
+    rows = [r for r in report["summary"] if key is None or _row_key(r) == key]
+    return _ordered(
+        {r["precision"] for r in rows}, _listed(report.get("config", {}).get("precisions"))
+    )
+
+
+def report_defenses(report: dict[str, Any]) -> list[str]:
+    """The configured defenses, then any others the runs carry (so a column never goes missing)."""
+    listed = _listed(report.get("config", {}).get("defenses"))
+    seen = {name for row in report["summary"] for name in row["defenses"]}
+    return listed + sorted(seen - set(listed))
+
+
+def _row_key(row: dict[str, Any]) -> GroupKey:
+    return (row.get("dataset"), row.get("model"), row.get("attack"))
+
+
+def group_summary(report: dict[str, Any], key: GroupKey) -> GroupSummary:
+    """One group's summary rows in the shape :mod:`harness.report_plots` draws."""
+    rows = [r for r in report["summary"] if _row_key(r) == key]
+    present = {name for row in rows for name in row["defenses"]}
+    return GroupSummary(
+        label=group_label(key),
+        slug=group_slug(key),
+        precisions=report_precisions(report, key),
+        rows=rows,
+        defenses=[name for name in report_defenses(report) if name in present],
+    )
+
+
+# ----------------------------------------------------------------------------- evidence
+class CellArrays:
+    """Per-cell arrays, each ``arrays/<cell>.npz`` read once; a damaged file is a warning."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def of(self, run: dict[str, Any]) -> dict[str, np.ndarray]:
+        relative = run.get("arrays")
+        if not isinstance(relative, str) or not relative:
+            return {}
+        if relative not in self._cache:
+            self._cache[relative] = self._load(self.folder / relative)
+        return self._cache[relative]
+
+    @staticmethod
+    def _load(path: Path) -> dict[str, np.ndarray]:
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {name: npz[name] for name in npz.files}
+        except FileNotFoundError:
+            logger.warning(f"{path} not found; its plots are drawn without it")
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            logger.warning(f"{path} is damaged ({one_line(exc)}); its plots are drawn without it")
+        return {}
+
+
+def rebuild_attack(name: Any, params: dict[str, Any] | None) -> tuple[Attack | None, str]:
+    """The attack a run used, from its stored name and parameters; ``(None, why)`` if it can't be.
+
+    An attack that wraps another's trigger (the QCB runs store ``"trigger": "badnet"`` beside
+    BadNet's parameters) is rebuilt as that trigger's attack.
+    """
+    params = dict(params or {})
+    try:
+        return build_attack(str(name), params), ""
+    except BlindspotsError as exc:
+        inner = params.get("trigger")
+        if not (isinstance(inner, str) and inner in ATTACKS):
+            return None, str(exc)
+    try:
+        fields = ATTACKS.get(inner).Params.model_fields
+        return build_attack(inner, {k: v for k, v in params.items() if k in fields}), ""
+    except BlindspotsError as exc:
+        return None, str(exc)
+
+
+def true_trigger(attack: Attack, shape: tuple[int, int, int]) -> np.ndarray:
+    """The trigger as ``mask·pattern`` (H, W, C) in 0..255, comparable with a reversed one.
+
+    Patch attacks give their mask and pattern; any other attack is stamped on a black image.
+    """
+    if hasattr(attack, "trigger_mask_and_pattern"):
+        mask, pattern = attack.trigger_mask_and_pattern(shape)
+        return mask[..., None] * pattern.astype(np.float32)
+    blank = np.zeros((1, *shape), dtype=np.uint8)
+    return attack.apply_for_test(blank)[0].astype(np.float32)
+
+
+def cell_state(result: dict[str, Any] | None) -> tuple[str, str]:
+    """A stored defense result's panel state and its reason (see :class:`Evidence`)."""
+    if result is None:
+        return "no_result", "this defense did not run on the cell"
+    verdict = record_verdict(result)
+    if verdict is None:
+        status = str(result.get("status") or "error")
+        return status, str(result.get("reason") or "")
+    if verdict == "inconclusive":
+        return "inconclusive", str(result.get("verdict_reason") or "no reason recorded")
+    return "ok", ""
+
+
+def evidence_seed(runs: list[dict[str, Any]]) -> int | None:
+    """The seed whose cells the per-defense figures show: the smallest in the group."""
+    seeds = [run["seed"] for run in runs]
+    return min(seeds) if seeds else None
+
+
+def defense_evidence(
+    runs: list[dict[str, Any]], defense: str, arrays: CellArrays
+) -> list[Evidence]:
+    """Evidence of one defense on every cell of the chosen seed of one group."""
+    seed = evidence_seed(runs)
+    evidence = []
+    for run in (r for r in runs if r["seed"] == seed):
+        result = run.get("defenses", {}).get(defense)
+        state, note = cell_state(result)
+        prefix = f"{defense}."
+        own = {k[len(prefix) :]: v for k, v in arrays.of(run).items() if k.startswith(prefix)}
+        attack, why = rebuild_attack(run.get("attack"), run.get("attack_params"))
+        target = None
+        if run["poisoned"]:
+            target = (
+                attack.target_label
+                if attack
+                else (run.get("attack_params") or {}).get("target_label")
+            )
+        trigger, trigger_note = None, why
+        masks, patterns = own.get("masks"), own.get("patterns")
+        if run["poisoned"] and attack is not None and masks is not None and patterns is not None:
+            shape = (int(masks.shape[1]), int(masks.shape[2]), int(patterns.shape[-1]))
+            try:
+                trigger = true_trigger(attack, shape)
+            except BlindspotsError as exc:
+                trigger_note = str(exc)
+        evidence.append(
+            Evidence(
+                precision=run["precision"],
+                poisoned=bool(run["poisoned"]),
+                seed=seed,
+                state=state,
+                note=note,
+                result=result or {},
+                arrays=own,
+                target=target,
+                true_trigger=trigger,
+                trigger_note=trigger_note,
+            )
+        )
+    return evidence
+
+
+def build_plots(report: dict[str, Any], folder: str | Path) -> list[Plot]:
+    """Every figure of the report; ``folder`` is the run folder the per-cell arrays live in."""
+    keys = report_groups(report)
+    if not report["runs"]:
+        return []
+    groups = {key: group_summary(report, key) for key in keys}
+    plots = overview_plots([groups[key] for key in keys])
+    arrays = CellArrays(Path(folder))
+    for name in report_defenses(report):
+        if name not in DEFENSE_FIGURES:
+            continue
+        for key in keys:
+            runs = [r for r in report["runs"] if group_key(r) == key]
+            if not any(name in r.get("defenses", {}) for r in runs):
+                continue
+            plots += defense_plots(name, groups[key], defense_evidence(runs, name, arrays))
+    return plots
+
+
+# ----------------------------------------------------------------------------- tables
 def _rate(k: int, n: int) -> str:
     """``k/n [lo–hi]``: a rate over decided cells with its Wilson 95% interval."""
     if n == 0:
@@ -228,46 +482,6 @@ def _mean_std(mean: float, std: float, n: int) -> str:
     return f"{mean:.4f} ± {std:.3f}" if n > 1 else f"{mean:.4f}"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """The human-readable report: the paper-style table plus per-cell defense details."""
-    config = report.get("config", {})
-    summary = report["summary"]
-    defenses = list(config.get("defenses") or sorted({d for r in summary for d in r["defenses"]}))
-    lines = [
-        "# quant-blindspots report",
-        "",
-        f"Dataset `{config.get('dataset')}`, model `{config.get('model')}`, attack "
-        f"`{config.get('attack')}` {json.dumps(config.get('attack_params', {}))}, "
-        f"seeds {config.get('seeds')}.",
-        "",
-        "## Accuracy, attack success and defense verdicts per precision",
-        "",
-        *PAPER_TABLE_LEGEND,
-        "",
-    ]
-    header = ["precision", "model", "clean acc", "ASR", "agree FP32", *defenses]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    order = {p: i for i, p in enumerate(config.get("precisions", []))}
-    rows = sorted(summary, key=lambda r: (order.get(r["precision"], 99), not r["poisoned"]))
-    for row in rows:
-        cells = [
-            row["precision"],
-            "poisoned" if row["poisoned"] else "clean",
-            _mean_std(row["clean_acc_mean"], row["clean_acc_std"], row["n_seeds"]),
-            _mean_std(row["asr_mean"], row["asr_std"], row["n_seeds"]),
-            f"{row['agreement_fp32_mean']:.4f}",
-            *[_cell(row["defenses"].get(d), row["poisoned"]) for d in defenses],
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += render_false_alarms(rows, defenses)
-    lines += render_inconclusive(rows, defenses)
-    lines += render_runs(report["runs"])
-    lines += render_kernel_drift(report)
-    lines += _render_environment(report)
-    return "\n".join(lines) + "\n"
-
-
 PAPER_TABLE_LEGEND = [
     "Poisoned rows: *target flagged / decided runs* [Wilson 95% interval over seeds]; for "
     "label-flagging defenses also *exact* (the target and nothing else flagged) and the mean "
@@ -279,17 +493,34 @@ PAPER_TABLE_LEGEND = [
 ]
 
 
-def render_false_alarms(rows: list[dict[str, Any]], defenses: list[str]) -> list[str]:
+def _sorted_rows(rows: list[dict[str, Any]], precisions: list[str]) -> list[dict[str, Any]]:
+    order = {p: i for i, p in enumerate(precisions)}
+    return sorted(rows, key=lambda r: (order.get(r["precision"], len(order)), not r["poisoned"]))
+
+
+def paper_table(rows: list[dict[str, Any]], defenses: list[str]) -> Table:
+    """Accuracy, ASR, FP32 agreement and every defense's rate, per precision and model."""
+    header = ("precision", "model", "clean acc", "ASR", "agree FP32", *defenses)
+    body = tuple(
+        (
+            row["precision"],
+            "poisoned" if row["poisoned"] else "clean",
+            _mean_std(row["clean_acc_mean"], row["clean_acc_std"], row["n_seeds"]),
+            _mean_std(row["asr_mean"], row["asr_std"], row["n_seeds"]),
+            f"{row['agreement_fp32_mean']:.4f}",
+            *[_cell(row["defenses"].get(d), row["poisoned"]) for d in defenses],
+        )
+        for row in rows
+    )
+    return Table(header, body)
+
+
+def false_alarm_blocks(rows: list[dict[str, Any]], defenses: list[str]) -> list[Any]:
     """Clean controls: how often each detection defense alarmed, and on which labels."""
     clean = [row for row in rows if not row["poisoned"]]
-    lines = ["", "## Clean controls: false alarms", ""]
     if not clean:
-        return [*lines, "No clean control was run."]
-    lines += [
-        "| defense | precision | false alarms / decided [95% CI] | inconclusive | "
-        "labels flagged (runs) |",
-        "|---|---|---|---|---|",
-    ]
+        return ["No clean control was run."]
+    body = []
     for name in defenses:
         for row in clean:
             tally = row["defenses"].get(name)
@@ -301,18 +532,29 @@ def render_false_alarms(rows: list[dict[str, Any]], defenses: list[str]) -> list
                     tally.get("false_alarm_labels", {}).items(), key=lambda kv: -kv[1]
                 )
             )
-            lines.append(
-                f"| {name} | {row['precision']} | "
-                f"{_rate(tally['detected'], tally.get('decided', tally['ok']))} | "
-                f"{tally.get('inconclusive', 0)} | {labels or '—'} |"
+            body.append(
+                (
+                    name,
+                    row["precision"],
+                    _rate(tally["detected"], tally.get("decided", tally["ok"])),
+                    str(tally.get("inconclusive", 0)),
+                    labels or "—",
+                )
             )
-    return lines
+    header = (
+        "defense",
+        "precision",
+        "false alarms / decided [95% CI]",
+        "inconclusive",
+        "labels flagged (runs)",
+    )
+    return [Table(header, tuple(body))]
 
 
-def render_inconclusive(rows: list[dict[str, Any]], defenses: list[str]) -> list[str]:
-    """Why runs were inconclusive, per defense (omitted when none was)."""
-    entries = [
-        f"- {name}, {row['precision']}, {'poisoned' if row['poisoned'] else 'clean'}: "
+def inconclusive_items(rows: list[dict[str, Any]], defenses: list[str]) -> list[str]:
+    """Why runs were inconclusive, per defense (empty when none was)."""
+    return [
+        f"{name}, {row['precision']}, {'poisoned' if row['poisoned'] else 'clean'}: "
         f"{reason} ({count}×)"
         for name in defenses
         for row in rows
@@ -320,21 +562,75 @@ def render_inconclusive(rows: list[dict[str, Any]], defenses: list[str]) -> list
         .get("inconclusive_reasons", {})
         .items()
     ]
-    return ["", "## Inconclusive runs", "", *entries] if entries else []
 
 
-def render_runs(runs: list[dict[str, Any]]) -> list[str]:
-    """Every run's verdict, what it flagged and its score."""
-    lines = [
-        "",
-        "## Defense scores per run",
-        "",
-        "| seed | model | precision | defense | verdict | flagged | target hit | score | "
-        "time (s) | queries |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+def group_sections(report: dict[str, Any], key: GroupKey) -> list[Section]:
+    """One (dataset, model, attack): its paper table, false alarms and inconclusive reasons."""
+    summary = group_summary(report, key)
+    defenses = report_defenses(report)
+    rows = _sorted_rows(summary.rows, summary.precisions)
+    runs = [r for r in report["runs"] if group_key(r) == key]
+    config = report.get("config", {})
+    params = next((r["attack_params"] for r in runs if "attack_params" in r), None)
+    if params is None and not isinstance(config.get("attack"), list):
+        params = config.get("attack_params", {})
+    seeds = sorted({r["seed"] for r in runs}) or config.get("seeds")
+    dataset, model, attack = (
+        v if v is not None else config.get(axis)
+        for v, axis in zip(key, ("dataset", "model", "attack"), strict=True)
+    )
+    intro = (
+        f"Dataset `{dataset}`, model `{model}`, attack `{attack}` "
+        f"{json.dumps(params or {}, sort_keys=True)}, seeds {seeds}."
+    )
+    sections = [
+        Section(summary.label, 2, [intro]),
+        Section(
+            "Accuracy, attack success and defense verdicts per precision",
+            3,
+            [paper_table(rows, defenses)],
+        ),
+        Section("Clean controls: false alarms", 3, false_alarm_blocks(rows, defenses)),
     ]
+    items = inconclusive_items(rows, defenses)
+    if items:
+        sections.append(Section("Inconclusive runs", 3, [Bullets(tuple(items))]))
+    return sections
+
+
+def runs_table(report: dict[str, Any]) -> Table:
+    """Every run's verdict, what it flagged and its score, ordered by cell."""
+    keys = report_groups(report)
+    several = len(keys) > 1
+    precisions = {p: i for i, p in enumerate(report_precisions(report))}
+    defenses = report_defenses(report)
+    runs = sorted(
+        report["runs"],
+        key=lambda r: (
+            keys.index(group_key(r)),
+            r["seed"],
+            not r["poisoned"],
+            precisions.get(r["precision"], len(precisions)),
+        ),
+    )
+    header = (
+        *(("dataset",) if several else ()),
+        "seed",
+        "model",
+        "precision",
+        "defense",
+        "verdict",
+        "flagged",
+        "target hit",
+        "score",
+        "time (s)",
+        "queries",
+    )
+    body = []
     for run in runs:
-        for name, res in run.get("defenses", {}).items():
+        results = run.get("defenses", {})
+        for name in _ordered(set(results), defenses):
+            res = results[name]
             score = res.get("score")
             score_text = "" if score is None else f"{score:.3f} ({res.get('score_name') or ''})"
             verdict = _verdict(res)
@@ -342,37 +638,43 @@ def render_runs(runs: list[dict[str, Any]]) -> list[str]:
             if reason and verdict not in ("detected", "not detected"):
                 verdict = f"{verdict}: {reason}"
             hit = res.get("target_hit")
-            lines.append(
-                f"| {run['seed']} | {'poisoned' if run['poisoned'] else 'clean'} | "
-                f"{run['precision']} | {name} | {verdict} | {res.get('flagged_labels') or '—'} | "
-                f"{'—' if hit is None else hit} | "
-                f"{score_text} | {res.get('wall_time_s', 0):.1f} | {res.get('queries', 0)} |"
+            body.append(
+                (
+                    *((group_label(group_key(run)),) if several else ()),
+                    str(run["seed"]),
+                    "poisoned" if run["poisoned"] else "clean",
+                    run["precision"],
+                    name,
+                    verdict,
+                    str(res.get("flagged_labels") or "—"),
+                    "—" if hit is None else str(hit),
+                    score_text,
+                    f"{res.get('wall_time_s', 0):.1f}",
+                    str(res.get("queries", 0)),
+                )
             )
-    return lines
+    return Table(header, tuple(body))
 
 
-def _render_environment(report: dict[str, Any]) -> list[str]:
+def environment_blocks(report: dict[str, Any]) -> list[Any]:
     """Versions and the INT8 kernel settings the numbers were computed with."""
     config = report.get("config", {})
-    lines: list[str] = []
     env = report.get("environment", {})
-    if env:
-        isa = ", ".join(k for k, v in env.get("cpu_isa", {}).items() if v) or "none"
-        lines += [
-            "",
-            "## Environment",
-            "",
-            f"onnxruntime {env.get('onnxruntime')}, onnx {env.get('onnx')}, torch {env.get('torch')}, "
-            f"python {env.get('python')}; CPU INT8 instruction sets: {isa}.",
-        ]
-        kernels = env.get("int8_kernels") or {}
-        if kernels:
-            lines.append(
-                f"INT8 kernel profile of every session: `{config.get('int8_kernels', 'exact')}`; "
-                f"this host's default INT8 kernels measured as `{kernels.get('kernel_class')}` "
-                f"(exact profile verified: {kernels.get('exact_verified')})."
-            )
-    return lines
+    if not env:
+        return []
+    isa = ", ".join(k for k, v in env.get("cpu_isa", {}).items() if v) or "none"
+    blocks: list[Any] = [
+        f"onnxruntime {env.get('onnxruntime')}, onnx {env.get('onnx')}, torch {env.get('torch')}, "
+        f"python {env.get('python')}; CPU INT8 instruction sets: {isa}."
+    ]
+    kernels = env.get("int8_kernels") or {}
+    if kernels:
+        blocks.append(
+            f"INT8 kernel profile of every session: `{config.get('int8_kernels', 'exact')}`; "
+            f"this host's default INT8 kernels measured as `{kernels.get('kernel_class')}` "
+            f"(exact profile verified: {kernels.get('exact_verified')})."
+        )
+    return blocks
 
 
 def _verdict(res: dict[str, Any] | None) -> str:
@@ -384,7 +686,7 @@ def _verdict(res: dict[str, Any] | None) -> str:
     return str(res.get("status")) if verdict is None else verdict.replace("_", " ")
 
 
-def render_kernel_drift(report: dict[str, Any]) -> list[str]:
+def kernel_drift_blocks(report: dict[str, Any]) -> list[Any]:
     """The "host vs exact INT8 kernels" section: what this CPU's default kernels change.
 
     Cells carry ``kernel_drift`` (the same cell under the other profile) only where the host's
@@ -392,27 +694,17 @@ def render_kernel_drift(report: dict[str, Any]) -> list[str]:
     """
     kernels = report.get("environment", {}).get("int8_kernels") or {}
     drifted = [run for run in report["runs"] if run.get("kernel_drift")]
-    lines = ["", "## Host vs exact INT8 kernels", ""]
     if not drifted:
         if kernels.get("profiles_differ") is False:
-            lines.append(
+            return [
                 "This host's default INT8 kernels accumulate exactly in int32 "
                 f"(`{kernels.get('kernel_class')}`, measured): the `host` and `exact` profiles "
                 "coincide, so every INT8 number above holds for both."
-            )
-        else:
-            lines.append("No cell was measured under both profiles.")
-        return lines
+            ]
+        return ["No cell was measured under both profiles."]
     profile = report.get("config", {}).get("int8_kernels", "exact")
     other = drifted[0]["kernel_drift"].get("kernels", {}).get("profile", "host")
-    lines += [
-        f"This host's default INT8 kernels are `{kernels.get('kernel_class')}` (measured), so "
-        f"every quantized cell was also run under the `{other}` profile. Each pair is "
-        f"`{profile}` → `{other}`.",
-        "",
-        "| seed | model | precision | clean acc | ASR | agree FP32 | verdicts that change |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    body = []
     for run in drifted:
         drift = run["kernel_drift"]
         changed = [
@@ -420,102 +712,183 @@ def render_kernel_drift(report: dict[str, Any]) -> list[str]:
             for name, res in run.get("defenses", {}).items()
             if _verdict(res) != _verdict(drift.get("defenses", {}).get(name))
         ]
-        lines.append(
-            f"| {run['seed']} | {'poisoned' if run['poisoned'] else 'clean'} | {run['precision']} | "
-            f"{run['clean_acc']:.4f} → {drift['clean_acc']:.4f} | "
-            f"{run['asr']:.4f} → {drift['asr']:.4f} | "
-            f"{run['agreement_fp32']:.4f} → {drift['agreement_fp32']:.4f} | "
-            f"{'; '.join(changed) or 'none'} |"
+        body.append(
+            (
+                str(run["seed"]),
+                "poisoned" if run["poisoned"] else "clean",
+                run["precision"],
+                f"{run['clean_acc']:.4f} → {drift['clean_acc']:.4f}",
+                f"{run['asr']:.4f} → {drift['asr']:.4f}",
+                f"{run['agreement_fp32']:.4f} → {drift['agreement_fp32']:.4f}",
+                "; ".join(changed) or "none",
+            )
         )
+    header = (
+        "seed",
+        "model",
+        "precision",
+        "clean acc",
+        "ASR",
+        "agree FP32",
+        "verdicts that change",
+    )
+    return [
+        f"This host's default INT8 kernels are `{kernels.get('kernel_class')}` (measured), so "
+        f"every quantized cell was also run under the `{other}` profile. Each pair is "
+        f"`{profile}` → `{other}`.",
+        Table(header, tuple(body)),
+    ]
+
+
+def render_kernel_drift(report: dict[str, Any]) -> list[str]:
+    """The kernel-drift section as Markdown lines."""
+    return markdown_lines([Section("Host vs exact INT8 kernels", 2, kernel_drift_blocks(report))])
+
+
+def _figure(plot: Plot) -> FigureRef:
+    return FigureRef(plot.name, plot.title, plot.caption, plot.alt)
+
+
+def figure_sections(report: dict[str, Any], plots: Sequence[Plot]) -> list[Section]:
+    """Overview plots, then each defense's evidence figures (one seed per figure)."""
+    if not plots:
+        return []
+    sections = [Section("Overview plots", 2, [_figure(p) for p in plots if p.defense is None])]
+    evidence: list[Section] = [
+        Section(
+            "Evidence per defense",
+            2,
+            [
+                "Per defense and dataset one figure: a panel per precision (columns) for the "
+                "poisoned model and the clean control (rows), all of one seed (the smallest in "
+                "the store), since per-label and per-sample evidence cannot be averaged over "
+                "seeds; the tables above give the rates over every seed. A hatched panel says "
+                "why a cell has nothing to draw (not applicable, error, not run); an inconclusive "
+                "cell keeps its evidence under an 'inconclusive' banner."
+            ],
+        )
+    ]
+    for name in report_defenses(report):
+        figures = [_figure(p) for p in plots if p.defense == name]
+        if figures:
+            evidence.append(Section(name, 3, list(figures)))
+    missing = [
+        name
+        for name in report_defenses(report)
+        if name not in DEFENSE_FIGURES
+        and any(name in r.get("defenses", {}) for r in report["runs"])
+    ]
+    if missing:
+        evidence[0].blocks.append(
+            f"No evidence figure for {', '.join(f'`{m}`' for m in missing)}: "
+            "their verdicts are in the tables."
+        )
+    return sections + evidence
+
+
+def report_sections(report: dict[str, Any], plots: Sequence[Plot] = ()) -> list[Section]:
+    """The whole report as sections, rendered by :func:`render_markdown` and as HTML."""
+    runs = report["runs"]
+    keys = report_groups(report)
+    intro = [
+        f"Built from the result store alone (`results.jsonl` and `arrays/`): {len(runs)} "
+        f"finished cell(s) in {len(keys)} dataset/model/attack group(s), precisions "
+        f"{report_precisions(report)}.",
+        *PAPER_TABLE_LEGEND,
+    ]
+    sections = [Section("", 2, intro)]
+    if not keys:
+        sections[0].blocks.append("No finished cell in the store.")
+    for key in keys:
+        sections += group_sections(report, key)
+    sections += figure_sections(report, plots)
+    if runs:
+        sections.append(Section("Defense scores per run", 2, [runs_table(report)]))
+    sections.append(Section("Host vs exact INT8 kernels", 2, kernel_drift_blocks(report)))
+    env = environment_blocks(report)
+    if env:
+        sections.append(Section("Environment", 2, env))
+    return sections
+
+
+# ----------------------------------------------------------------------------- rendering
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_lines(sections: Sequence[Section]) -> list[str]:
+    """Sections as Markdown lines (figures as ``plots/<name>.png`` images with a caption)."""
+    lines: list[str] = []
+    for section in sections:
+        if section.title:
+            lines += ["", "#" * section.level + " " + section.title]
+        for block in section.blocks:
+            lines.append("")
+            if isinstance(block, Table):
+                lines.append("| " + " | ".join(map(_md_cell, block.header)) + " |")
+                lines.append("|" + "---|" * len(block.header))
+                lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in block.rows]
+            elif isinstance(block, Bullets):
+                lines += [f"- {item}" for item in block.items]
+            elif isinstance(block, FigureRef):
+                alt = block.alt.replace("[", "(").replace("]", ")")
+                lines += [
+                    f"![{alt}](plots/{block.name}.png)",
+                    "",
+                    f"*{block.title}.* {block.caption}",
+                ]
+            else:
+                lines.append(block)
     return lines
 
 
-def plot_report(report: dict[str, Any], folder: Path) -> list[Path]:
-    """Accuracy/ASR bars and defense-score bars per precision (PNG); returns written files."""
-    import matplotlib
+def render_markdown(report: dict[str, Any], plots: Sequence[Plot] = ()) -> str:
+    """The human-readable report: the paper-style tables per dataset, the clean-control false
+    alarms, inconclusive reasons, every run's verdict and — given ``plots`` — the figures."""
+    lines = ["# " + TITLE, *markdown_lines(report_sections(report, plots))]
+    return "\n".join(lines) + "\n"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    runs = report["runs"]
-    if not runs:
-        return []
-    folder.mkdir(parents=True, exist_ok=True)
-    precisions = list(dict.fromkeys(r["precision"] for r in runs))
-    written = []
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.2
-    for k, (label, key, poisoned) in enumerate(
-        [
-            ("clean acc (poisoned)", "clean_acc", True),
-            ("ASR (poisoned)", "asr", True),
-            ("clean acc (clean)", "clean_acc", False),
-            ("ASR (clean)", "asr", False),
-        ]
-    ):
-        values = [
-            np.mean(
-                [r[key] for r in runs if r["precision"] == p and r["poisoned"] == poisoned]
-                or [np.nan]
-            )
-            for p in precisions
-        ]
-        ax.bar(np.arange(len(precisions)) + (k - 1.5) * width, values, width, label=label)
-    ax.set_xticks(range(len(precisions)), precisions)
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_title("Accuracy and attack success per precision")
-    fig.tight_layout()
-    path = folder / "accuracy_asr.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+def render_report_html(report: dict[str, Any], plots: Sequence[Plot] = ()) -> str:
+    """``report.html``: the same sections as report.md, every figure embedded in the page."""
+    images = {plot.name: plot.png for plot in plots}
+    return render_html(TITLE, report_sections(report, plots), images)
 
-    names = sorted({n for r in runs for n in r.get("defenses", {})})
-    if names:
-        fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
-        for ax, name in zip(axes[0], names, strict=True):
-            for k, poisoned in enumerate((True, False)):
-                vals = []
-                for p in precisions:
-                    scores = [
-                        r["defenses"][name]["score"]
-                        for r in runs
-                        if r["precision"] == p
-                        and r["poisoned"] == poisoned
-                        and name in r.get("defenses", {})
-                        and r["defenses"][name].get("score") is not None
-                    ]
-                    vals.append(np.mean(scores) if scores else np.nan)
-                ax.bar(
-                    np.arange(len(precisions)) + (k - 0.5) * 0.35,
-                    vals,
-                    0.35,
-                    label="poisoned" if poisoned else "clean",
-                )
-            score_names = {
-                r["defenses"][name].get("score_name") for r in runs if name in r.get("defenses", {})
-            }
-            ax.set_title(f"{name}\n{', '.join(sorted(s for s in score_names if s))}", fontsize=8)
-            ax.set_xticks(range(len(precisions)), precisions, rotation=30, fontsize=7)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        path = folder / "defense_scores.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-    return written
+
+# ----------------------------------------------------------------------------- files
+def _write_plots(plots: Sequence[Plot], folder: Path) -> list[Path]:
+    paths = []
+    for plot in plots:
+        paths.append(atomic_write_bytes(folder / f"{plot.name}.png", plot.png))
+    return paths
+
+
+def plot_report(report: dict[str, Any], folder: Path, store: Path | None = None) -> list[Path]:
+    """Write every figure as ``folder/<name>.png`` (atomically); returns the written files.
+
+    ``store`` is the run folder holding ``arrays/`` (default: ``folder``'s parent, as in
+    :func:`write_report`'s ``<run>/plots``).
+    """
+    folder = Path(folder)
+    return _write_plots(build_plots(report, store or folder.parent), folder)
 
 
 def write_report(folder: str | Path) -> dict[str, Path]:
-    """Write report.json, report.md and plots/ for the store in ``folder``."""
+    """Write report.json, report.md, report.html and plots/ for the store in ``folder``.
+
+    Everything is computed first, then each file is replaced atomically — plots before the
+    documents that show them — so a crash mid-report never leaves a torn file.
+    """
     folder = Path(folder)
     report = build_report(folder)
-    (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False))
-    (folder / "report.md").write_text(render_markdown(report))
-    plots = plot_report(report, folder / "plots")
-    return {
-        "json": folder / "report.json",
-        "markdown": folder / "report.md",
-        **{p.stem: p for p in plots},
+    plots = build_plots(report, folder)
+    document = json.dumps(report, indent=2, sort_keys=False)
+    markdown = render_markdown(report, plots)
+    page = render_report_html(report, plots)
+    plot_paths = _write_plots(plots, folder / "plots")
+    paths = {
+        "json": atomic_write_text(folder / "report.json", document),
+        "markdown": atomic_write_text(folder / "report.md", markdown),
+        "html": atomic_write_text(folder / "report.html", page),
     }
+    return {**paths, **{p.stem: p for p in plot_paths}}

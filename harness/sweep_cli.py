@@ -73,7 +73,9 @@ def _executor_args(parser: argparse.ArgumentParser) -> None:
         help="also recompute cells whose last attempt failed (skipped by default)",
     )
     parser.add_argument(
-        "--no-report", action="store_true", help="do not rebuild report.json/report.md afterwards"
+        "--no-report",
+        action="store_true",
+        help="do not rebuild report.json/report.md/report.html afterwards",
     )
 
 
@@ -153,7 +155,7 @@ def _run(config: ExperimentConfig, out: Path, args: argparse.Namespace) -> int:
         print(f"failed {key}: {error}")
     if not args.no_report and (out / "results.jsonl").is_file():
         paths = write_report(out)
-        print(f"wrote {paths['json']} and {paths['markdown']}")
+        print(f"wrote {paths['json']}, {paths['markdown']} and {paths['html']}")
     return summary.exit_code
 
 
