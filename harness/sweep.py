@@ -11,8 +11,10 @@ Work is split in two task kinds so that every finished cell reaches the store on
   and quantizes it into ``artifacts/<training key>/`` — or finds all that already cached;
 * a **cell** task evaluates one precision of a prepared variant and returns its record.
 
-Cell tasks of a variant are submitted once its prepare task has finished; tasks of different
-variants and seeds run side by side. Workers only return records: the driver is the one writer
+Cell tasks of a variant are queued once its prepare task has finished. The driver keeps at most
+one task per worker in flight and fills a free worker with a ready cell before it starts training
+another model, seeds in order: a sweep stopped early (a time limit, a preempted cluster) holds
+whole seeds, not every model trained and few evaluated. Workers only return records: the driver is the one writer
 of ``results.jsonl`` (and holds the folder's :class:`~harness.runlock.RunLock`), so a worker
 killed mid-cell loses only that cell, and a killed driver loses none that it had written.
 
@@ -24,6 +26,7 @@ every reader of the store would have to skip records without metrics.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 import traceback
@@ -357,6 +360,17 @@ class SweepSummary:
 
 
 @dataclass
+class _Queued:
+    """A task waiting for a free worker."""
+
+    rank: tuple[int, int, int]
+    fn: Callable[[Any], Any]
+    task: Any
+    tag: tuple[str, Any]
+    cells: list[Cell]
+
+
+@dataclass
 class _Driver:
     """Submits tasks, writes finished cells and failures; the only writer of the folder."""
 
@@ -366,6 +380,9 @@ class _Driver:
     summary: SweepSummary
     log: Log
     pending: dict[Any, tuple[str, Any]] = field(default_factory=dict)
+    backlog: list[_Queued] = field(default_factory=list)
+    """Tasks not yet handed to the executor, taken in :attr:`_Queued.rank` order."""
+    arrivals: Iterator[int] = field(default_factory=itertools.count)
 
     def start(self, cells: Sequence[Cell]) -> None:
         """One prepare task per (config, seed, variant) that has selected cells."""
@@ -373,7 +390,7 @@ class _Driver:
         for cell in cells:
             key = (cell.config.model_dump_json(), cell.seed, cell.poisoned)
             groups.setdefault(key, []).append(cell)
-        for members in groups.values():
+        for members in sorted(groups.values(), key=lambda m: (m[0].seed, not m[0].poisoned)):
             first = members[0]
             task = PrepareTask(
                 first.config,
@@ -384,10 +401,11 @@ class _Driver:
                 self.executor.threads_per_worker,
                 progress=True if isinstance(self.executor, SerialExecutor) else "lines",
             )
-            self._submit(run_prepare, task, ("prepare", members), members)
+            self._enqueue(run_prepare, task, ("prepare", members), members, kind_rank=1)
+        self._fill()
 
     def drain(self) -> None:
-        """Handle finished tasks until none is left."""
+        """Handle finished tasks until none is running or queued."""
         while self.pending:
             for handle in self.executor.wait(list(self.pending)):
                 kind, payload = self.pending.pop(handle)
@@ -401,6 +419,7 @@ class _Driver:
                     self._prepared(payload, outcome)
                 else:
                     self._finished(payload.cell, outcome)
+            self._fill()
 
     def _prepared(self, cells: list[Cell], outcome: PrepareOutcome) -> None:
         if outcome.error is not None:
@@ -409,7 +428,26 @@ class _Driver:
             return
         for cell in cells:
             task = CellTask(cell, str(self.out), self.executor.threads_per_worker, outcome.timings)
-            self._submit(run_cell, task, ("cell", task), [cell])
+            self._enqueue(run_cell, task, ("cell", task), [cell], kind_rank=0)
+
+    def _enqueue(
+        self,
+        fn: Callable[[Any], Any],
+        task: Any,
+        tag: tuple[str, Any],
+        cells: Sequence[Cell],
+        kind_rank: int,
+    ) -> None:
+        """Queue a task: cells before training, lower seeds first, in arrival order otherwise."""
+        rank = (kind_rank, cells[0].seed, next(self.arrivals))
+        self.backlog.append(_Queued(rank, fn, task, tag, list(cells)))
+
+    def _fill(self) -> None:
+        """Hand queued tasks to the executor until every worker has one."""
+        self.backlog.sort(key=lambda queued: queued.rank)
+        while self.backlog and len(self.pending) < max(1, self.executor.workers):
+            queued = self.backlog.pop(0)
+            self._submit(queued.fn, queued.task, queued.tag, queued.cells)
 
     def _submit(
         self, fn: Callable[[Any], Any], task: Any, tag: tuple[str, Any], cells: Sequence[Cell]

@@ -340,6 +340,32 @@ def test_executor_choice_is_checked():
         make_executor("processes", workers=0)
 
 
+class _RecordingExecutor(SerialExecutor):
+    """Serial execution posing as two workers; records what the driver hands it, in order."""
+
+    workers = 2
+
+    def __init__(self) -> None:
+        super().__init__(threads_per_worker=1)
+        self.submitted: list[tuple[str, int]] = []
+
+    def submit(self, fn, arg):
+        seed = arg.seed if hasattr(arg, "seed") else arg.cell.seed
+        self.submitted.append((fn.__name__, seed))
+        return super().submit(fn, arg)
+
+
+def test_cells_run_before_the_next_seed_trains(tmp_path):
+    """A sweep cut short holds whole seeds: seed 1 trains only once seed 0's cells are handed out."""
+    executor = _RecordingExecutor()
+    summary = run_sweep(build_config({**SWEEP, "seeds": [0, 1]}), tmp_path, executor, log=_quiet)
+    assert (summary.done, summary.exit_code) == (8, 0)
+    seeds = [seed for _, seed in executor.submitted]
+    assert seeds == sorted(seeds), executor.submitted
+    kinds = [name for name, _ in executor.submitted]
+    assert kinds.count("run_prepare") == 4 and kinds.count("run_cell") == 8
+
+
 # --- the executors agree --------------------------------------------------------------------
 
 
