@@ -1,8 +1,8 @@
 """Where a sweep's wall time went: training, export + quantization, evaluation, each defense.
 
 A finished run folder already holds every number this needs — each cell's record carries the
-timings of the model it was cut from (``train_s``, ``export_s`` for the ONNX export plus every
-quantized precision, ``evaluate_s`` for accuracy and ASR) and each defense's ``wall_time_s`` —
+timings of the model it was cut from (``train_s``, ``export_s`` for the ONNX export,
+``quantize_<precision>_s`` per precision, ``evaluate_s`` for accuracy and ASR) and each defense's ``wall_time_s`` —
 so the split is read from the store, not re-measured. A model's training and export are shared
 by its precisions' cells and counted once per model.
 
@@ -44,7 +44,12 @@ def timing_split(records: list[dict[str, Any]]) -> dict[str, Any]:
                 per_defense[name][record["precision"]].append(float(seconds))
     totals = {
         "train_s": sum(float(t.get("train_s", 0.0)) for t in models.values()),
-        "export_quantize_s": sum(float(t.get("export_s", 0.0)) for t in models.values()),
+        "export_quantize_s": sum(
+            float(seconds)
+            for t in models.values()
+            for name, seconds in t.items()
+            if name == "export_s" or name.startswith("quantize_")
+        ),
         "evaluate_s": evaluate,
         **{f"{name}_s": sum(sum(v) for v in by_p.values()) for name, by_p in per_defense.items()},
     }

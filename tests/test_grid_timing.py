@@ -14,7 +14,12 @@ def _record(seed: int, poisoned: bool, precision: str, nc_s: float) -> dict:
         "seed": seed,
         "poisoned": poisoned,
         "precision": precision,
-        "timings": {"train_s": 100.0, "export_s": 10.0, "evaluate_s": 2.0},
+        "timings": {
+            "train_s": 100.0,
+            "export_s": 10.0,
+            "quantize_int8-static_s": 1.5,
+            "evaluate_s": 2.0,
+        },
         "defenses": {
             "neural_cleanse": {"wall_time_s": nc_s},
             "strip": {"wall_time_s": 5.0},
@@ -33,7 +38,7 @@ def test_training_counts_once_per_model_and_defenses_per_cell():
     assert split["models"] == 2 and split["cells"] == 3
     totals = split["totals_s"]
     assert totals["train_s"] == 200.0  # two models, not three cells
-    assert totals["export_quantize_s"] == 20.0
+    assert totals["export_quantize_s"] == 23.0  # export + every precision's quantization
     assert totals["evaluate_s"] == 6.0
     assert totals["neural_cleanse_s"] == 100.0 and totals["strip_s"] == 15.0
     assert split["mean_s"]["neural_cleanse"] == {"fp32": 25.0, "int8-static": 50.0}
