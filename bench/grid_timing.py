@@ -2,8 +2,8 @@
 
 A finished run folder already holds every number this needs — each cell's record carries the
 timings of the model it was cut from (``train_s``, ``export_s`` for the ONNX export,
-``quantize_<precision>_s`` per precision, ``evaluate_s`` for accuracy and ASR) and each defense's ``wall_time_s`` —
-so the split is read from the store, not re-measured. A model's training and export are shared
+``quantize_<precision>_s`` per precision, ``evaluate_s`` for accuracy and ASR) and each
+defense's ``wall_time_s`` — so the split is read from the store, not re-measured. A model's training and export are shared
 by its precisions' cells and counted once per model.
 
 Seconds are worker seconds (one thread each in a parallel sweep), so the totals add up to more
@@ -30,12 +30,15 @@ def timing_split(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals per phase and mean seconds per (defense, precision) over the store's records."""
     if not records:
         raise BlindspotsError("the run folder has no finished cells to time")
-    models: dict[tuple[Any, ...], dict[str, float]] = {}
+    models: dict[tuple[str, ...], dict[str, float]] = {}
     evaluate = 0.0
     per_defense: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
         timings = record.get("timings", {})
-        model_key = (record.get("dataset"), record.get("seed"), record.get("poisoned"))
+        model_key = tuple(
+            json.dumps(record.get(k), sort_keys=True)
+            for k in ("dataset", "model", "attack", "attack_params", "seed", "poisoned")
+        )
         models.setdefault(model_key, timings)
         evaluate += float(timings.get("evaluate_s", 0.0))
         for name, result in record.get("defenses", {}).items():
@@ -71,7 +74,8 @@ def render(split: dict[str, Any]) -> str:
         "|---|---:|---:|",
     ]
     for phase, seconds in totals.items():
-        lines.append(f"| {phase.removesuffix('_s')} | {seconds:.0f} | {seconds / grand:.1%} |")
+        share = f"{seconds / grand:.1%}" if grand > 0 else "–"
+        lines.append(f"| {phase.removesuffix('_s')} | {seconds:.0f} | {share} |")
     lines.append(f"| **total** | {grand:.0f} | 100% |")
     precisions = sorted({p for by_p in split["mean_s"].values() for p in by_p})
     lines += ["", "Mean seconds per cell:", "", "| defense | " + " | ".join(precisions) + " |"]

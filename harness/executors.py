@@ -65,6 +65,10 @@ class Executor(ABC):
     def close(self) -> None:
         """Release workers (idempotent)."""
 
+    def slots(self) -> int:
+        """Tasks worth keeping in flight now: one per worker (at least one)."""
+        return max(1, self.workers)
+
     def __enter__(self) -> Executor:
         return self
 
@@ -178,6 +182,14 @@ class DaskExecutor(Executor):
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         # pure=False: two identical submissions (a retry) must both run.
         return self._client.submit(fn, arg, pure=False)
+
+    def slots(self) -> int:
+        """Worker threads the scheduler has *now*: a cluster's workers may join after the start."""
+        try:
+            live = sum(self._client.nthreads().values())
+        except (OSError, TimeoutError):  # scheduler briefly unreachable: keep the last count
+            live = 0
+        return max(1, live or self.workers)
 
     def wait(self, pending: Collection[Any]) -> list[Any]:
         return list(distributed.wait(list(pending), return_when="FIRST_COMPLETED").done)

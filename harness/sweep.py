@@ -14,9 +14,11 @@ Work is split in two task kinds so that every finished cell reaches the store on
 Cell tasks of a variant are queued once its prepare task has finished. The driver keeps at most
 one task per worker in flight and fills a free worker with a ready cell before it starts training
 another model, seeds in order: a sweep stopped early (a time limit, a preempted cluster) holds
-whole seeds, not every model trained and few evaluated. Workers only return records: the driver is the one writer
-of ``results.jsonl`` (and holds the folder's :class:`~harness.runlock.RunLock`), so a worker
-killed mid-cell loses only that cell, and a killed driver loses none that it had written.
+whole seeds, not every model trained and few evaluated.
+
+Workers only return records: the driver is the one writer of ``results.jsonl`` (and holds the
+folder's :class:`~harness.runlock.RunLock`), so a worker killed mid-cell loses only that cell,
+and a killed driver loses none that it had written.
 
 Failed attempts are kept as ``failed/<cell id>.json`` (one line of error plus the traceback),
 written atomically and deleted when a retry succeeds. They are not lines of ``results.jsonl``:
@@ -443,9 +445,10 @@ class _Driver:
         self.backlog.append(_Queued(rank, fn, task, tag, list(cells)))
 
     def _fill(self) -> None:
-        """Hand queued tasks to the executor until every worker has one."""
+        """Hand queued tasks to the executor until every worker has one (workers may join)."""
         self.backlog.sort(key=lambda queued: queued.rank)
-        while self.backlog and len(self.pending) < max(1, self.executor.workers):
+        slots = self.executor.slots()
+        while self.backlog and len(self.pending) < slots:
             queued = self.backlog.pop(0)
             self._submit(queued.fn, queued.task, queued.tag, queued.cells)
 

@@ -11,6 +11,7 @@ from harness.errors import BlindspotsError
 def _record(seed: int, poisoned: bool, precision: str, nc_s: float) -> dict:
     return {
         "dataset": "npz",
+        "model": "cifar_cnn",
         "seed": seed,
         "poisoned": poisoned,
         "precision": precision,
@@ -45,6 +46,12 @@ def test_training_counts_once_per_model_and_defenses_per_cell():
     assert "fine_pruning" not in split["mean_s"]  # no time recorded is not 0 s
     table = render(split)
     assert "| neural_cleanse | 25.0 | 50.0 |" in table and "| strip | 5.0 | 5.0 |" in table
+
+
+def test_models_of_different_architectures_are_counted_apart():
+    a = _record(0, True, "fp32", 1.0)
+    b = {**_record(0, True, "fp32", 1.0), "model": "resnet18"}
+    assert timing_split([a, b])["models"] == 2
 
 
 def test_empty_or_missing_store_is_a_one_line_error(tmp_path, capsys):

@@ -348,11 +348,14 @@ class _RecordingExecutor(SerialExecutor):
     def __init__(self) -> None:
         super().__init__(threads_per_worker=1)
         self.submitted: list[tuple[str, int]] = []
+        self.most_in_flight = 0
 
     def submit(self, fn, arg):
         seed = arg.seed if hasattr(arg, "seed") else arg.cell.seed
         self.submitted.append((fn.__name__, seed))
-        return super().submit(fn, arg)
+        future = super().submit(fn, arg)
+        self.most_in_flight = max(self.most_in_flight, len(self._queued))
+        return future
 
 
 def test_cells_run_before_the_next_seed_trains(tmp_path):
@@ -364,6 +367,28 @@ def test_cells_run_before_the_next_seed_trains(tmp_path):
     assert seeds == sorted(seeds), executor.submitted
     kinds = [name for name, _ in executor.submitted]
     assert kinds.count("run_prepare") == 4 and kinds.count("run_cell") == 8
+    assert executor.most_in_flight == 2  # every worker busy, none given a queue of its own
+
+
+class _GrowingClient:
+    """A Dask client stand-in whose cluster gains workers after the sweep started."""
+
+    def __init__(self) -> None:
+        self.threads: dict[str, int] = {}
+
+    def scheduler_info(self) -> dict:
+        return {"workers": {key: {} for key in self.threads}}
+
+    def nthreads(self) -> dict[str, int]:
+        return dict(self.threads)
+
+
+def test_dask_slots_follow_workers_that_join_later():
+    client = _GrowingClient()
+    executor = DaskExecutor(client=client, workers=2)
+    assert executor.slots() == 2  # nobody has joined yet: the size asked for
+    client.threads = {"tcp://a": 1, "tcp://b": 1, "tcp://c": 2}
+    assert executor.slots() == 4
 
 
 # --- the executors agree --------------------------------------------------------------------
