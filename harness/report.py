@@ -40,7 +40,8 @@ byte (no timestamps, no absolute paths).
          "arrays": "arrays/<cell>.npz"}   # per-sample scores, reversed triggers (optional)
       ],
       "summary": [                # aggregated over seeds, one per (dataset, model, attack,
-                                  # precision, poisoned)
+                                  # precision, poisoned); *_std is the sample standard
+                                  # deviation (ddof=1), null where only one seed ran
         {"dataset", "model", "attack", "precision", "poisoned", "n_seeds", "clean_acc_mean",
          "clean_acc_std", "asr_mean", "asr_std", "agreement_fp32_mean", "agreement_fp32_std",
          "defenses": {name: {"group", "ok", "errors", "not_applicable",
@@ -50,16 +51,20 @@ byte (no timestamps, no absolute paths).
                              "other_flagged", "false_alarm_labels": {label: runs}}}}
       ]
     }
+
+JSON has no NaN or infinity: a non-finite number (a defense score that came out NaN) is written
+as ``null``, so ``report.json`` stays a document any strict JSON reader accepts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import zipfile
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +84,7 @@ from harness.report_plots import (
     overview_plots,
 )
 from harness.store import FinishedCell, ResultStore, read_json
+from harness.verdicts import record_verdict
 
 SCHEMA_VERSION = 1
 TITLE = "quant-blindspots report"
@@ -90,17 +96,38 @@ GroupKey = tuple[Any, Any, Any]
 
 # ----------------------------------------------------------------------------- data
 def group_key(run: dict[str, Any]) -> GroupKey:
+    """(dataset, model, attack) of a run record or a summary row (both carry the three)."""
     return (run.get("dataset"), run.get("model"), run.get("attack"))
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1) over seeds; ``None`` for a single seed.
+
+    Seeds are a sample of training runs, so the spread is the sample's (ddof=0 would understate
+    it, most of all for the two or three seeds a grid runs); one seed has no spread at all, which
+    ``None`` says and ``0.0`` would hide.
+    """
+    mean = float(np.mean(values))
+    return mean, (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Aggregate runs over seeds per (dataset, model, attack, precision, poisoned), in order."""
+    """Aggregate runs over seeds per (dataset, model, attack, precision, poisoned), in order.
+
+    Within a row the seeds are taken in seed order, so the numbers do not depend on the order in
+    which a parallel sweep appended its cells.
+    """
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         groups[(*group_key(run), run["precision"], run["poisoned"])].append(run)
     rows = []
-    for (dataset, model, attack, precision, poisoned), members in groups.items():
+    for (dataset, model, attack, precision, poisoned), unordered in groups.items():
+        members = sorted(unordered, key=lambda r: _seed_order(r.get("seed")))
         names = list(dict.fromkeys(name for run in members for name in run.get("defenses", {})))
+        stats: dict[str, float | None] = {}
+        for key in ("clean_acc", "asr", "agreement_fp32"):
+            mean, std = mean_std([r[key] for r in members])
+            stats |= {f"{key}_mean": mean, f"{key}_std": std}
         defenses = {
             name: tally_defense(
                 [run["defenses"][name] for run in members if name in run["defenses"]]
@@ -115,30 +142,24 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "precision": precision,
                 "poisoned": poisoned,
                 "n_seeds": len(members),
-                "clean_acc_mean": float(np.mean([r["clean_acc"] for r in members])),
-                "clean_acc_std": float(np.std([r["clean_acc"] for r in members])),
-                "asr_mean": float(np.mean([r["asr"] for r in members])),
-                "asr_std": float(np.std([r["asr"] for r in members])),
-                "agreement_fp32_mean": float(np.mean([r["agreement_fp32"] for r in members])),
-                "agreement_fp32_std": float(np.std([r["agreement_fp32"] for r in members])),
+                **stats,
                 "defenses": defenses,
             }
         )
     return rows
 
 
-def record_verdict(res: dict[str, Any]) -> str | None:
-    """A stored result's three-valued verdict; ``None`` unless it completed (status ``ok``).
+def _seed_order(seed: Any) -> tuple[int, Any]:
+    """Sort key for seeds: integers by value, anything else after them by its text."""
+    return (0, seed) if isinstance(seed, int) else (1, str(seed))
 
-    Records written before verdicts existed carry only ``detected``: ``True``/``False`` map to
-    detected / not detected, ``None`` to inconclusive.
-    """
-    if res.get("status") != "ok":
-        return None
-    if res.get("verdict"):
-        return str(res["verdict"])
-    detected = res.get("detected")
-    return "inconclusive" if detected is None else ("detected" if detected else "not_detected")
+
+def _label_order(label: Any) -> tuple[int, Any]:
+    """Sort key for class labels stored as text ("3", "10"): numerically, others after."""
+    try:
+        return (0, int(label))
+    except (TypeError, ValueError):
+        return (1, str(label))
 
 
 def tally_defense(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -148,6 +169,8 @@ def tally_defense(results: list[dict[str, Any]]) -> dict[str, Any]:
     only: an inconclusive cell is neither a hit nor a miss. ``target_hit``/``exact_target_hit``
     and ``other_flagged`` (false-alarm labels summed over decided cells) are counted where the
     defense names labels and the target is known (``target_known`` cells).
+    ``inconclusive_reasons`` is ordered by reason and ``false_alarm_labels`` by label, whatever
+    the order of ``results``.
     """
     tally: dict[str, Any] = {
         "group": next((r.get("group") for r in results if r.get("group")), None),
@@ -178,6 +201,10 @@ def tally_defense(results: list[dict[str, Any]]) -> dict[str, Any]:
         tally["decided"] += 1
         tally["detected"] += verdict == "detected"
         _count_flagged(tally, res)
+    tally["inconclusive_reasons"] = dict(sorted(tally["inconclusive_reasons"].items()))
+    tally["false_alarm_labels"] = dict(
+        sorted(tally["false_alarm_labels"].items(), key=lambda kv: _label_order(kv[0]))
+    )
     rate = tally["detected"] / tally["decided"] if tally["decided"] else None
     tally["detection_rate"] = rate
     tally["detection_ci"] = list(wilson_interval(tally["detected"], tally["decided"]))
@@ -247,9 +274,8 @@ def _ordered(values: set[Any] | list[Any], listed: list[Any]) -> list[Any]:
 def report_groups(report: dict[str, Any]) -> list[GroupKey]:
     """The (dataset, model, attack) groups of the runs, in the config's order."""
     config = report.get("config", {})
-    keys = {group_key(run) for run in report["runs"]} | {
-        (r.get("dataset"), r.get("model"), r.get("attack")) for r in report["summary"]
-    }
+    rows = report.get("summary") or []
+    keys = {group_key(run) for run in report["runs"]} | {group_key(r) for r in rows}
     ranks = [_listed(config.get(axis)) for axis in ("dataset", "model", "attack")]
 
     def rank(key: GroupKey) -> tuple[Any, ...]:
@@ -273,26 +299,23 @@ def group_slug(key: GroupKey) -> str:
 
 def report_precisions(report: dict[str, Any], key: GroupKey | None = None) -> list[str]:
     """Precisions present (in ``key``'s group, or anywhere), in the config's order."""
-    rows = [r for r in report["summary"] if key is None or _row_key(r) == key]
+    rows = [*(report.get("summary") or []), *report["runs"]]
     return _ordered(
-        {r["precision"] for r in rows}, _listed(report.get("config", {}).get("precisions"))
+        {r["precision"] for r in rows if key is None or group_key(r) == key},
+        _listed(report.get("config", {}).get("precisions")),
     )
 
 
 def report_defenses(report: dict[str, Any]) -> list[str]:
     """The configured defenses, then any others the runs carry (so a column never goes missing)."""
     listed = _listed(report.get("config", {}).get("defenses"))
-    seen = {name for row in report["summary"] for name in row["defenses"]}
+    seen = {name for row in report.get("summary") or [] for name in row["defenses"]}
     return listed + sorted(seen - set(listed))
-
-
-def _row_key(row: dict[str, Any]) -> GroupKey:
-    return (row.get("dataset"), row.get("model"), row.get("attack"))
 
 
 def group_summary(report: dict[str, Any], key: GroupKey) -> GroupSummary:
     """One group's summary rows in the shape :mod:`harness.report_plots` draws."""
-    rows = [r for r in report["summary"] if _row_key(r) == key]
+    rows = [r for r in report["summary"] if group_key(r) == key]
     present = {name for row in rows for name in row["defenses"]}
     return GroupSummary(
         label=group_label(key),
@@ -300,7 +323,14 @@ def group_summary(report: dict[str, Any], key: GroupKey) -> GroupSummary:
         precisions=report_precisions(report, key),
         rows=rows,
         defenses=[name for name in report_defenses(report) if name in present],
+        n_seeds=len(group_seeds(report, key)) or None,
     )
+
+
+def group_seeds(report: dict[str, Any], key: GroupKey) -> list[Any]:
+    """The seeds any finished cell of the group ran, in order."""
+    seeds = {run.get("seed") for run in report["runs"] if group_key(run) == key}
+    return sorted(seeds, key=_seed_order)
 
 
 # ----------------------------------------------------------------------------- evidence
@@ -377,9 +407,18 @@ def cell_state(result: dict[str, Any] | None) -> tuple[str, str]:
 
 
 def evidence_seed(runs: list[dict[str, Any]]) -> int | None:
-    """The seed whose cells the per-defense figures show: the smallest in the group."""
-    seeds = [run["seed"] for run in runs]
-    return min(seeds) if seeds else None
+    """The seed whose cells the per-defense figures show: the one with the most finished cells
+    in the group (the smallest among ties).
+
+    A seed whose cells failed has fewer of them in the store; showing it would fill a figure
+    with "not run" panels while another seed has the evidence.
+    """
+    counts: dict[Any, int] = defaultdict(int)
+    for run in runs:
+        counts[run["seed"]] += 1
+    if not counts:
+        return None
+    return min(counts, key=lambda seed: (-counts[seed], _seed_order(seed)))
 
 
 def defense_evidence(
@@ -478,8 +517,19 @@ def _cell(tally: dict[str, Any] | None, poisoned: bool = True) -> str:
     return "; ".join(parts) or "—"
 
 
-def _mean_std(mean: float, std: float, n: int) -> str:
-    return f"{mean:.4f} ± {std:.3f}" if n > 1 else f"{mean:.4f}"
+def _mean_std(mean: float, std: float | None) -> str:
+    """``mean ± std``; the mean alone where there is no spread (one seed), never ``± 0``."""
+    if std is None or not math.isfinite(std):
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {std:.3f}"
+
+
+def _variant(row: dict[str, Any], group_n_seeds: int | None) -> str:
+    """The row's variant (poisoned or clean), marked ``(n=k)`` where the row ran fewer (or more)
+    seeds than its group — a failed or unfinished cell — so its mean is not read as the group's."""
+    words = "poisoned" if row["poisoned"] else "clean"
+    n = row.get("n_seeds")
+    return words if group_n_seeds is None or n == group_n_seeds else f"{words} (n={n})"
 
 
 PAPER_TABLE_LEGEND = [
@@ -490,6 +540,9 @@ PAPER_TABLE_LEGEND = [
     "*removed* = backdoor removed within the accuracy bound; on clean models *acc kept* only "
     "says the repair did not cost accuracy. *Inconclusive* runs (reasons below) are neither hits "
     "nor misses and are left out of every rate; errors and not-applicable runs are shown as such.",
+    "Clean accuracy and ASR: mean ± sample standard deviation over seeds (the mean alone where "
+    "one seed ran: one seed has no spread); *(n=k)* marks a row over k seeds where its group ran "
+    "a different number.",
 ]
 
 
@@ -498,15 +551,21 @@ def _sorted_rows(rows: list[dict[str, Any]], precisions: list[str]) -> list[dict
     return sorted(rows, key=lambda r: (order.get(r["precision"], len(order)), not r["poisoned"]))
 
 
-def paper_table(rows: list[dict[str, Any]], defenses: list[str]) -> Table:
-    """Accuracy, ASR, FP32 agreement and every defense's rate, per precision and model."""
-    header = ("precision", "model", "clean acc", "ASR", "agree FP32", *defenses)
+def paper_table(
+    rows: list[dict[str, Any]], defenses: list[str], n_seeds: int | None = None
+) -> Table:
+    """Accuracy, ASR, FP32 agreement and every defense's rate, per precision and variant
+    (poisoned model or clean control); ``n_seeds`` is the group's seed count (default: the
+    largest row's), a row over another count is marked."""
+    if n_seeds is None:
+        n_seeds = max((row.get("n_seeds") or 0 for row in rows), default=0) or None
+    header = ("precision", "variant", "clean acc", "ASR", "agree FP32", *defenses)
     body = tuple(
         (
             row["precision"],
-            "poisoned" if row["poisoned"] else "clean",
-            _mean_std(row["clean_acc_mean"], row["clean_acc_std"], row["n_seeds"]),
-            _mean_std(row["asr_mean"], row["asr_std"], row["n_seeds"]),
+            _variant(row, n_seeds),
+            _mean_std(row["clean_acc_mean"], row["clean_acc_std"]),
+            _mean_std(row["asr_mean"], row["asr_std"]),
             f"{row['agreement_fp32_mean']:.4f}",
             *[_cell(row["defenses"].get(d), row["poisoned"]) for d in defenses],
         )
@@ -529,7 +588,8 @@ def false_alarm_blocks(rows: list[dict[str, Any]], defenses: list[str]) -> list[
             labels = ", ".join(
                 f"{label} ({count})"
                 for label, count in sorted(
-                    tally.get("false_alarm_labels", {}).items(), key=lambda kv: -kv[1]
+                    tally.get("false_alarm_labels", {}).items(),
+                    key=lambda kv: (-kv[1], _label_order(kv[0])),
                 )
             )
             body.append(
@@ -558,9 +618,9 @@ def inconclusive_items(rows: list[dict[str, Any]], defenses: list[str]) -> list[
         f"{reason} ({count}×)"
         for name in defenses
         for row in rows
-        for reason, count in (row["defenses"].get(name) or {})
-        .get("inconclusive_reasons", {})
-        .items()
+        for reason, count in sorted(
+            ((row["defenses"].get(name) or {}).get("inconclusive_reasons") or {}).items()
+        )
     ]
 
 
@@ -569,12 +629,15 @@ def group_sections(report: dict[str, Any], key: GroupKey) -> list[Section]:
     summary = group_summary(report, key)
     defenses = report_defenses(report)
     rows = _sorted_rows(summary.rows, summary.precisions)
-    runs = [r for r in report["runs"] if group_key(r) == key]
+    runs = sorted(
+        (r for r in report["runs"] if group_key(r) == key),
+        key=lambda r: _seed_order(r.get("seed")),
+    )
     config = report.get("config", {})
     params = next((r["attack_params"] for r in runs if "attack_params" in r), None)
     if params is None and not isinstance(config.get("attack"), list):
         params = config.get("attack_params", {})
-    seeds = sorted({r["seed"] for r in runs}) or config.get("seeds")
+    seeds = group_seeds(report, key) or config.get("seeds")
     dataset, model, attack = (
         v if v is not None else config.get(axis)
         for v, axis in zip(key, ("dataset", "model", "attack"), strict=True)
@@ -588,7 +651,7 @@ def group_sections(report: dict[str, Any], key: GroupKey) -> list[Section]:
         Section(
             "Accuracy, attack success and defense verdicts per precision",
             3,
-            [paper_table(rows, defenses)],
+            [paper_table(rows, defenses, summary.n_seeds)],
         ),
         Section("Clean controls: false alarms", 3, false_alarm_blocks(rows, defenses)),
     ]
@@ -598,25 +661,33 @@ def group_sections(report: dict[str, Any], key: GroupKey) -> list[Section]:
     return sections
 
 
+def run_order(report: dict[str, Any]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """Sort key for run records: group (config order), seed, poisoned first, precision — the
+    order of every per-run table, whatever order the store holds the cells in."""
+    keys = report_groups(report)
+    precisions = {p: i for i, p in enumerate(report_precisions(report))}
+
+    def key(run: dict[str, Any]) -> tuple[Any, ...]:
+        return (
+            keys.index(group_key(run)),
+            _seed_order(run.get("seed")),
+            not run["poisoned"],
+            precisions.get(run["precision"], len(precisions)),
+            str(run["precision"]),
+        )
+
+    return key
+
+
 def runs_table(report: dict[str, Any]) -> Table:
     """Every run's verdict, what it flagged and its score, ordered by cell."""
-    keys = report_groups(report)
-    several = len(keys) > 1
-    precisions = {p: i for i, p in enumerate(report_precisions(report))}
+    several = len(report_groups(report)) > 1
     defenses = report_defenses(report)
-    runs = sorted(
-        report["runs"],
-        key=lambda r: (
-            keys.index(group_key(r)),
-            r["seed"],
-            not r["poisoned"],
-            precisions.get(r["precision"], len(precisions)),
-        ),
-    )
+    runs = sorted(report["runs"], key=run_order(report))
     header = (
         *(("dataset",) if several else ()),
         "seed",
-        "model",
+        "variant",
         "precision",
         "defense",
         "verdict",
@@ -693,7 +764,9 @@ def kernel_drift_blocks(report: dict[str, Any]) -> list[Any]:
     kernels differ from int32-exact arithmetic; elsewhere the section says the profiles coincide.
     """
     kernels = report.get("environment", {}).get("int8_kernels") or {}
-    drifted = [run for run in report["runs"] if run.get("kernel_drift")]
+    drifted = sorted(
+        (run for run in report["runs"] if run.get("kernel_drift")), key=run_order(report)
+    )
     if not drifted:
         if kernels.get("profiles_differ") is False:
             return [
@@ -725,7 +798,7 @@ def kernel_drift_blocks(report: dict[str, Any]) -> list[Any]:
         )
     header = (
         "seed",
-        "model",
+        "variant",
         "precision",
         "clean acc",
         "ASR",
@@ -760,11 +833,12 @@ def figure_sections(report: dict[str, Any], plots: Sequence[Plot]) -> list[Secti
             2,
             [
                 "Per defense and dataset one figure: a panel per precision (columns) for the "
-                "poisoned model and the clean control (rows), all of one seed (the smallest in "
-                "the store), since per-label and per-sample evidence cannot be averaged over "
-                "seeds; the tables above give the rates over every seed. A hatched panel says "
-                "why a cell has nothing to draw (not applicable, error, not run); an inconclusive "
-                "cell keeps its evidence under an 'inconclusive' banner."
+                "poisoned model and the clean control (rows), all of one seed (the one with the "
+                "most finished cells, the smallest among ties), since per-label and per-sample "
+                "evidence cannot be averaged over seeds; the tables above give the rates over "
+                "every seed. A hatched panel says why a cell has nothing to draw (not applicable, "
+                "error, not run, damaged evidence); an inconclusive cell keeps its evidence under "
+                "an 'inconclusive' banner."
             ],
         )
     ]
@@ -856,6 +930,47 @@ def render_report_html(report: dict[str, Any], plots: Sequence[Plot] = ()) -> st
 
 
 # ----------------------------------------------------------------------------- files
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None``: JSON has no such
+    numbers, and ``json.dumps`` would otherwise write ``NaN``, which strict readers reject."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """``report.json``'s text: strict JSON (non-finite numbers as ``null``)."""
+    return json.dumps(json_safe(report), indent=2, sort_keys=False, allow_nan=False)
+
+
+def remove_stale_plots(folder: Path, keep: Sequence[Path]) -> list[Path]:
+    """Remove ``folder/*.png`` files that are not in ``keep``; returns what was removed.
+
+    An earlier report over a larger store (another group, a defense since left out) leaves
+    figures the new report no longer shows; left in ``plots/`` they would be read as current.
+    Only visible ``*.png`` files directly in ``folder`` are touched (a hidden ``.partial`` file
+    belongs to a writer still at work); a file that cannot be removed is a warning.
+    """
+    kept = {Path(path).name for path in keep}
+    removed = []
+    for path in sorted(folder.glob("*.png")):
+        if path.name in kept or path.name.startswith(".") or not path.is_file():
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning(f"could not remove the stale figure {path}: {one_line(exc)}")
+            continue
+        removed.append(path)
+    return removed
+
+
 def _write_plots(plots: Sequence[Plot], folder: Path) -> list[Path]:
     paths = []
     for plot in plots:
@@ -877,12 +992,14 @@ def write_report(folder: str | Path) -> dict[str, Path]:
     """Write report.json, report.md, report.html and plots/ for the store in ``folder``.
 
     Everything is computed first, then each file is replaced atomically — plots before the
-    documents that show them — so a crash mid-report never leaves a torn file.
+    documents that show them — so a crash mid-report never leaves a torn file. Once the new
+    documents are in place, figures in ``plots/`` that this report did not draw (left by an
+    earlier one) are removed.
     """
     folder = Path(folder)
     report = build_report(folder)
     plots = build_plots(report, folder)
-    document = json.dumps(report, indent=2, sort_keys=False)
+    document = report_json(report)
     markdown = render_markdown(report, plots)
     page = render_report_html(report, plots)
     plot_paths = _write_plots(plots, folder / "plots")
@@ -891,4 +1008,5 @@ def write_report(folder: str | Path) -> dict[str, Path]:
         "markdown": atomic_write_text(folder / "report.md", markdown),
         "html": atomic_write_text(folder / "report.html", page),
     }
+    remove_stale_plots(folder / "plots", plot_paths)
     return {**paths, **{p.stem: p for p in plot_paths}}

@@ -11,13 +11,15 @@ Which figures, and why this scheme (a 40-cell grid would otherwise need 200 pane
 
 * ``accuracy_asr.png`` — per (dataset, model, attack) one panel: clean accuracy, attack success
   and FP32 agreement per precision, poisoned models and clean controls, mean over seeds
-  (whiskers: ± one standard deviation).
+  (whiskers: ± the sample standard deviation, none for a single seed; ``n=k`` over a bar whose
+  seed count differs from its group's).
 * ``detection_rates.png`` — per (dataset, model, attack) × defense one panel: detection rate
   (repair: backdoor removed) on poisoned models and false-alarm rate on clean controls per
   precision, over *decided* seeds, with Wilson 95% whiskers.
 * per defense and (dataset, model, attack) one figure, ``<defense>-<dataset>-<model>-<attack>
   .png``: a panel per precision (columns) for the poisoned model and the clean control (rows),
-  all for **one seed** — the smallest seed in the store for that dataset/model/attack — because
+  all for **one seed** — the seed with the most finished cells in that dataset/model/attack (the
+  smallest among ties; see :func:`harness.report.evidence_seed`) — because
   the evidence behind a verdict (per-label anomaly indices, entropy histograms, pruning curves)
   cannot be averaged over seeds; the tables give the rates over every seed. Neural Cleanse
   (``neural_cleanse-…``: anomaly index per label and threshold) has a second figure,
@@ -31,12 +33,16 @@ Which figures, and why this scheme (a 40-cell grid would otherwise need 200 pane
 
 A cell that has no number to draw never looks like a zero: a not-applicable, failed or missing
 cell is a hatched panel (or a hatched full-height outline bar) with the reason written on it,
-and an inconclusive cell keeps its evidence under an "inconclusive" banner with the reason.
+and an inconclusive cell keeps its evidence under an "inconclusive" banner with the reason. A
+stored value that cannot be drawn (a field missing or of the wrong type, lists of mismatched
+lengths) damages only its own panel: it is hatched as "damaged evidence" with the error in one
+line, and a warning is logged — one bad record never costs the reader the whole report.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import textwrap
 from collections.abc import Callable, Sequence
@@ -47,6 +53,9 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+
+from harness.errors import one_line
+from harness.verdicts import record_verdict
 
 DPI = 100
 POISONED_COLOR = "#c0392b"
@@ -64,8 +73,13 @@ STATE_WORDS = {
     "not_run": "not run",
     "no_result": "defense not run",
     "missing": "evidence not stored",
+    "damaged": "damaged evidence",
 }
 """Panel states (see :class:`Evidence`) in the words a panel shows."""
+DAMAGE = (KeyError, TypeError, ValueError, IndexError)
+"""What drawing a stored value that is not what its panel expects raises (a field missing or of
+the wrong type, lists of different lengths, non-finite data a histogram cannot bin)."""
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,13 +116,19 @@ class Plot:
 
 @dataclass(frozen=True)
 class GroupSummary:
-    """The summary rows of one (dataset, model, attack) group, in the report's precision order."""
+    """The summary rows of one (dataset, model, attack) group, in the report's precision order.
+
+    ``n_seeds`` is how many seeds the group ran (``None``: unknown); a row over fewer seeds (a
+    cell that failed or is still running) is marked ``n=k`` so its mean is not read as the
+    group's.
+    """
 
     label: str
     slug: str
     precisions: list[str]
     rows: list[dict[str, Any]]
     defenses: list[str]
+    n_seeds: int | None = None
 
     def row(self, precision: str, poisoned: bool) -> dict[str, Any] | None:
         return next(
@@ -233,10 +253,7 @@ REPAIR_WORDS = {
 
 def _verdict_words(result: dict[str, Any], poisoned: bool) -> str:
     """The verdict in a panel title (a repair's in its own words), with the flagged labels."""
-    detected = result.get("detected")
-    verdict = result.get("verdict") or (
-        "inconclusive" if detected is None else ("detected" if detected else "not_detected")
-    )
+    verdict = record_verdict(result) or str(result.get("status"))
     if result.get("group") == "repair" and verdict != "inconclusive":
         return REPAIR_WORDS[(poisoned, verdict == "detected")]
     flagged = result.get("flagged_labels")
@@ -271,7 +288,7 @@ def accuracy_figure(groups: Sequence[GroupSummary]) -> tuple[Figure, list[PanelN
                     notes.append(PanelNote(f"{group.label} {precision} {label}", "not_run"))
                     continue
                 mean = row.get(f"{key}_mean")
-                std = row.get(f"{key}_std") if row.get("n_seeds", 1) > 1 else None
+                std = _spread(row, key)
                 ax.bar(
                     x,
                     mean,
@@ -283,6 +300,10 @@ def accuracy_figure(groups: Sequence[GroupSummary]) -> tuple[Figure, list[PanelN
                     label=label if i == 0 else None,
                     gid=gid,
                 )
+                n = row.get("n_seeds")
+                if group.n_seeds is not None and n != group.n_seeds:
+                    top = (mean if _finite(mean) else 0.0) + (std or 0.0)
+                    ax.text(x, min(top, 1.0) + 0.01, f"n={n}", ha="center", va="bottom", fontsize=5)
         ax.set_xticks(range(len(group.precisions)), group.precisions, fontsize=8)
         ax.set_ylim(0, 1.08)
         ax.set_ylabel("rate", fontsize=8)
@@ -290,6 +311,19 @@ def accuracy_figure(groups: Sequence[GroupSummary]) -> tuple[Figure, list[PanelN
         ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     return fig, notes
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _spread(row: dict[str, Any], key: str) -> float | None:
+    """A summary row's sample standard deviation of ``key``; ``None`` where there is none (one
+    seed, or a value that is not a finite number) — never a whisker of length zero."""
+    std = row.get(f"{key}_std")
+    if (row.get("n_seeds") or 0) < 2 or not _finite(std):
+        return None
+    return float(std)
 
 
 def _outline_bar(ax: Axes, x: float, width: float, words: str, gid: str) -> None:
@@ -429,14 +463,17 @@ def _label_bars(
 ) -> None:
     """Per-label bars with the decision threshold: flagged red, ineligible grey, target outlined.
 
-    A label without a value (never converged / not scorable) is a hatched full-height outline
-    marked '?', so it cannot be read as a zero; negative values (robust z-scores) go below 0.
+    A label without a value (never converged / not scorable, or NaN) is a hatched full-height
+    outline marked '?', so it cannot be read as a zero; only a true infinity is a full bar marked
+    '∞' (a '−∞' bar reaches below 0); negative values (robust z-scores) go below 0.
     """
     finite = [v for v in values if v is not None and math.isfinite(v)]
     top = max([*finite, threshold, 0.0]) * 1.15 or 1.0
     bottom = min([*finite, 0.0]) * 1.15
+    if any(v is not None and math.isinf(v) and v < 0 for v in values):
+        bottom = min(bottom, -0.15 * top)
     for label, value in enumerate(values):
-        if value is None:
+        if value is None or math.isnan(value):
             ax.bar(
                 label,
                 top - bottom,
@@ -449,7 +486,7 @@ def _label_bars(
             )
             ax.text(label, (top + bottom) / 2, "?", ha="center", va="center", fontsize=7)
             continue
-        shown = value if math.isfinite(value) else top
+        shown = value if math.isfinite(value) else (top if value > 0 else bottom)
         color = (
             POISONED_COLOR
             if label in flagged
@@ -464,8 +501,9 @@ def _label_bars(
             edgecolor="black" if is_target else color,
             linewidth=1.4 if is_target else 0,
         )
-        if not math.isfinite(value):
-            ax.text(label, top, "∞", ha="center", va="bottom", fontsize=7)
+        if math.isinf(value):
+            words, where = ("∞", "bottom") if value > 0 else ("−∞", "top")
+            ax.text(label, shown, words, ha="center", va=where, fontsize=7)
     ax.axhline(threshold, color=POISONED_COLOR, linestyle="--", linewidth=1)
     ax.text(
         len(values) - 0.5,
@@ -515,21 +553,28 @@ def draw_nc_anomaly(ax: Axes, ev: Evidence) -> None:
 
 
 def draw_strip(ax: Axes, ev: Evidence) -> None:
-    """STRIP: entropy histograms of clean vs triggered inputs with the threshold line."""
+    """STRIP: entropy histograms of clean vs triggered inputs with the threshold line.
+
+    Only finite entropies are binned (a NaN cannot be placed on the axis); how many were left
+    out is said in the legend, and a cell with none left has nothing to draw (:class:`Missing`).
+    """
     clean, triggered = ev.arrays.get("clean_entropy"), ev.arrays.get("triggered_entropy")
     if clean is None or triggered is None:
         raise Missing("entropy arrays not stored")
+    clean, dropped_clean = _finite_values(clean)
+    triggered, dropped_triggered = _finite_values(triggered)
+    if not clean.size and not triggered.size:
+        raise Missing("no finite entropy stored")
     both = np.r_[clean, triggered]
-    both = both[np.isfinite(both)]
-    bins = np.linspace(both.min(), both.max(), 25) if both.size and np.ptp(both) > 0 else 10
-    ax.hist(clean, bins=bins, alpha=0.6, color=CLEAN_COLOR, label=f"clean (n={len(clean)})")
-    ax.hist(
-        triggered,
-        bins=bins,
-        alpha=0.6,
-        color=POISONED_COLOR,
-        label=f"triggered (n={len(triggered)})",
-    )
+    bins = np.linspace(both.min(), both.max(), 25) if np.ptp(both) > 0 else 10
+    for values, dropped, color, kind in (
+        (clean, dropped_clean, CLEAN_COLOR, "clean"),
+        (triggered, dropped_triggered, POISONED_COLOR, "triggered"),
+    ):
+        left_out = f", {dropped} non-finite left out" if dropped else ""
+        ax.hist(
+            values, bins=bins, alpha=0.6, color=color, label=f"{kind} (n={values.size}{left_out})"
+        )
     threshold = ev.result.get("threshold")
     if threshold is not None and math.isfinite(threshold):
         ax.axvline(
@@ -547,6 +592,13 @@ def draw_strip(ax: Axes, ev: Evidence) -> None:
     ax.set_ylabel("inputs", fontsize=7)
     ax.set_ylim(0, ax.get_ylim()[1] * 1.5)  # headroom: the legend sits above the bars
     ax.legend(fontsize=5.5, title=" · ".join(rates) or None, title_fontsize=6, loc="upper right")
+
+
+def _finite_values(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """The finite entries of a stored array (flattened, as floats) and how many were not."""
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    keep = flat[np.isfinite(flat)]
+    return keep, int(flat.size - keep.size)
 
 
 def draw_ac(ax: Axes, ev: Evidence) -> None:
@@ -785,7 +837,8 @@ def defense_plots(defense: str, group: GroupSummary, evidence: Sequence[Evidence
     """The evidence figures of one defense on one group (grid: kind × precision, one seed)."""
     seeds = sorted({ev.seed for ev in evidence if ev.seed is not None})
     seed_text = (
-        f" Seed {', '.join(map(str, seeds))} (one seed per figure; rates over every seed are in the tables)."
+        f" Seed {', '.join(map(str, seeds))} "
+        "(one seed per figure; rates over every seed are in the tables)."
         if seeds
         else ""
     )
@@ -845,14 +898,35 @@ def _grid(
     for row, poisoned in zip(axes, kinds, strict=True):
         for ax, precision in zip(row, group.precisions, strict=True):
             ev = cells.get((poisoned, precision)) or Evidence(precision, poisoned, None, "not_run")
-            notes.append(draw_panel(ax, ev, draw))
+            notes.append(draw_panel(ax, ev, draw, f"{title} — {group.label}"))
     fig.suptitle(f"{title} — {group.label}", fontsize=9)
     fig.tight_layout()
     return fig, notes
 
 
-def draw_panel(ax: Axes, ev: Evidence, draw: Drawer) -> PanelNote:
-    """One cell: its evidence (with a banner if inconclusive) or a hatched reason panel."""
+def damaged(ax: Axes, ev: Evidence, exc: BaseException, figure: str = "", **text: Any) -> PanelNote:
+    """Replace whatever a drawer left on ``ax`` with a hatched "damaged evidence" panel naming
+    the error in one line, and log it once: one bad stored value costs one panel, not the
+    report."""
+    why = _damage_words(exc)
+    ax.clear()
+    unavailable(ax, "damaged", why, gid=f"unavailable:damaged:{ev.label}", **text)
+    where = f"{figure}, {ev.label}" if figure else ev.label
+    logger.warning(f"{where}: damaged evidence ({why}); its panel is drawn hatched")
+    return PanelNote(ev.label, "damaged", why)
+
+
+def _damage_words(exc: BaseException) -> str:
+    """The error in one line; a missing key says so (a bare ``'acc'`` reads as nothing)."""
+    text = one_line(exc)
+    return f"no {text} stored" if isinstance(exc, KeyError) else text
+
+
+def draw_panel(ax: Axes, ev: Evidence, draw: Drawer, figure: str = "") -> PanelNote:
+    """One cell: its evidence (with a banner if inconclusive) or a hatched reason panel.
+
+    ``figure`` names the figure in the warning logged when the cell's evidence is damaged.
+    """
     kind = "poisoned" if ev.poisoned else "clean control"
     title = f"{ev.precision} · {kind}"
     note = PanelNote(ev.label, ev.state, ev.note)
@@ -863,6 +937,8 @@ def draw_panel(ax: Axes, ev: Evidence, draw: Drawer) -> PanelNote:
             ax.clear()
             unavailable(ax, "missing", str(exc), gid=f"unavailable:missing:{ev.label}")
             note = PanelNote(ev.label, "missing", str(exc))
+        except DAMAGE as exc:
+            note = damaged(ax, ev, exc, figure)
         else:
             title += f"\n{_verdict_words(ev.result, ev.poisoned)}"
             if ev.state == "inconclusive":
@@ -908,15 +984,27 @@ MAX_REVERSED = 4
 def trigger_figure(
     group: GroupSummary, evidence: Sequence[Evidence]
 ) -> tuple[Figure, list[PanelNote]]:
-    """Neural Cleanse's reversed triggers (mask·pattern) beside the attack's true trigger."""
+    """Neural Cleanse's reversed triggers (mask·pattern) beside the attack's true trigger.
+
+    A row whose stored evidence cannot be drawn (a flagged label without a reversed trigger,
+    masks and patterns that do not fit) shows a hatched "damaged evidence" panel instead; the
+    other rows are drawn as usual.
+    """
     order = {p: i for i, p in enumerate(group.precisions)}
     rows = sorted(evidence, key=lambda ev: (not ev.poisoned, order.get(ev.precision, 99)))
-    shown = {id(ev): _shown_labels(ev)[:MAX_REVERSED] if ev.drawable else [] for ev in rows}
-    n_cols = 1 + max([1, *(len(labels) for labels in shown.values())])
+    shown: dict[int, list[tuple[int, str]] | Exception] = {}
+    for ev in rows:
+        try:
+            shown[id(ev)] = _shown_labels(ev) if ev.drawable else []
+        except DAMAGE as exc:
+            shown[id(ev)] = exc
+    widths = [min(len(v), MAX_REVERSED) for v in shown.values() if isinstance(v, list)]
+    n_cols = 1 + max([1, *widths])
     fig = Figure(figsize=(max(4.8, 1.7 * n_cols + 0.6), 1.75 * max(1, len(rows)) + 0.6))
     axes = fig.subplots(max(1, len(rows)), n_cols, squeeze=False)
     notes = []
     small = {"width": 18, "fontsize": 5.5}
+    figure = f"Neural Cleanse reversed triggers — {group.label}"
     for row_axes, ev in zip(axes, rows, strict=False):
         for ax in row_axes[1:]:
             ax.set_axis_off()
@@ -930,28 +1018,48 @@ def trigger_figure(
         first.set_ylabel(
             f"{ev.precision}\n{'poisoned' if ev.poisoned else 'clean ctl'}", fontsize=7
         )
-        note = PanelNote(ev.label, ev.state, ev.note)
-        masks, patterns = ev.arrays.get("masks"), ev.arrays.get("patterns")
         second.set_axis_on()
-        if not ev.drawable:
-            gid = f"unavailable:{ev.state}:{ev.label}"
-            unavailable(second, ev.state, ev.note, gid=gid, **small)
-        elif masks is None or patterns is None:
-            unavailable(second, "missing", "reversed triggers not stored", **small)
-            note = PanelNote(ev.label, "missing", "reversed triggers not stored")
-        else:
-            for ax, (label, title) in zip(row_axes[1:], shown[id(ev)], strict=False):
-                ax.set_axis_on()
-                _show(ax, masks[label][..., None] * patterns[label], f"reversed: {title}")
-            extra = len(_shown_labels(ev)) - MAX_REVERSED
-            if extra > 0:
-                row_axes[-1].set_xlabel(f"… +{extra} more flagged", fontsize=6)
-            if ev.state == "inconclusive":
-                inconclusive_banner(second, ev.note, width=24)
+        try:
+            note = _reversed_row(row_axes, ev, shown[id(ev)], small)
+        except DAMAGE as exc:
+            for ax in row_axes[2:]:
+                ax.clear()
+                ax.set_axis_off()
+            note = damaged(second, ev, exc, figure, **small)
         notes.append(note)
     fig.suptitle(f"Neural Cleanse reversed triggers\n{group.label}", fontsize=9)
     fig.tight_layout()
     return fig, notes
+
+
+def _reversed_row(
+    row_axes: Sequence[Axes],
+    ev: Evidence,
+    labels: list[tuple[int, str]] | Exception,
+    small: dict[str, Any],
+) -> PanelNote:
+    """One row's reversed triggers (from the second column on); raises what damaged them."""
+    second = row_axes[1]
+    if not ev.drawable:
+        unavailable(second, ev.state, ev.note, gid=f"unavailable:{ev.state}:{ev.label}", **small)
+        return PanelNote(ev.label, ev.state, ev.note)
+    masks, patterns = ev.arrays.get("masks"), ev.arrays.get("patterns")
+    if masks is None or patterns is None:
+        unavailable(second, "missing", "reversed triggers not stored", **small)
+        return PanelNote(ev.label, "missing", "reversed triggers not stored")
+    if isinstance(labels, Exception):
+        raise labels
+    for ax, (label, title) in zip(row_axes[1:], labels[:MAX_REVERSED], strict=False):
+        if not 0 <= label < min(len(masks), len(patterns)):
+            raise IndexError(f"label {label} has no stored reversed trigger (of {len(masks)})")
+        ax.set_axis_on()
+        _show(ax, masks[label][..., None] * patterns[label], f"reversed: {title}")
+    extra = len(labels) - MAX_REVERSED
+    if extra > 0:
+        row_axes[-1].set_xlabel(f"… +{extra} more flagged", fontsize=6)
+    if ev.state == "inconclusive":
+        inconclusive_banner(second, ev.note, width=24)
+    return PanelNote(ev.label, ev.state, ev.note)
 
 
 def overview_plots(groups: Sequence[GroupSummary]) -> list[Plot]:
@@ -963,9 +1071,10 @@ def overview_plots(groups: Sequence[GroupSummary]) -> list[Plot]:
         _plot(
             "accuracy_asr",
             "Clean accuracy, attack success and FP32 agreement per precision",
-            "Mean over seeds (whiskers: ± one standard deviation); solid bars: poisoned models, "
-            "pale bars: clean controls. ASR counts triggered non-target test images classified "
-            "as the target.",
+            "Mean over seeds (whiskers: ± the sample standard deviation; none where one seed "
+            "ran; 'n=k' over a bar whose seed count differs from its group's); solid bars: "
+            "poisoned models, pale bars: clean controls. ASR counts triggered non-target test "
+            "images classified as the target.",
             fig,
             notes,
         )

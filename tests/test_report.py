@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import math
 import os
+import random
 import re
+from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ import pytest
 from matplotlib.figure import Figure
 
 import harness.report as report_module
+import harness.report_plots as plots_module
 from harness.atomic import PARTIAL_MARK
 from harness.attacks.base import build_attack
 from harness.metrics import wilson_interval
@@ -33,20 +38,29 @@ from harness.report import (
     CellArrays,
     build_report,
     defense_evidence,
+    evidence_seed,
     group_summary,
     rebuild_attack,
     render_markdown,
     report_groups,
+    runs_table,
     write_report,
 )
 from harness.report_plots import (
     Evidence,
+    Plot,
+    accuracy_figure,
     detection_figure,
+    draw_ac,
+    draw_fine_pruning,
     draw_nc_anomaly,
     draw_panel,
+    draw_ss_z,
     draw_strip,
+    trigger_figure,
 )
 from harness.store import ResultStore
+from harness.verdicts import record_verdict
 
 GOLDEN = Path(__file__).parent / "golden" / "report.md"
 REGEN = os.environ.get("BLINDSPOTS_REGEN_GOLDEN") == "1"
@@ -300,11 +314,41 @@ BUILDERS = {
 }
 
 
-def make_store(folder: Path) -> Path:
-    """The fixed small store every test here reads (deterministic: seeded, rounded)."""
+def _make_order_sensitive(record: dict[str, Any]) -> None:
+    """Give a cell what the report must order itself, not take in store order: false alarms on
+    different labels in different seeds (a tie in count), a different inconclusive reason per
+    seed, and a host-vs-exact kernel drift row per quantized cell."""
+    seed, poisoned, precision = record["seed"], record["poisoned"], record["precision"]
+    if not poisoned and precision == "fp32":
+        label = 7 if seed == 0 else 2
+        record["defenses"]["neural_cleanse"].update(
+            flagged_labels=[label], false_alarm_labels=[label], verdict="detected", detected=True
+        )
+    if poisoned and precision == "int8-static":
+        record["defenses"]["strip"]["verdict_reason"] = f"reason {'zb'[seed]} (seed {seed})"
+    if precision != "fp32":
+        record["kernel_drift"] = {
+            "kernels": {"profile": "host"},
+            "clean_acc": _r(record["clean_acc"] - 0.01),
+            "asr": _r(record["asr"] - 0.1),
+            "agreement_fp32": _r(record["agreement_fp32"] - 0.02),
+            "defenses": {"strip": {"status": "ok", "detected": not poisoned}},
+        }
+
+
+def make_store(folder: Path, order_sensitive: bool = False) -> Path:
+    """The fixed small store every test here reads (deterministic: seeded, rounded).
+
+    ``order_sensitive`` adds ties and per-seed differences whose order the report must fix
+    itself (see :func:`_make_order_sensitive`), on a host whose kernel profiles differ.
+    """
     store = ResultStore(folder)
+    environment = ENVIRONMENT
+    if order_sensitive:
+        kernels = {"kernel_class": "saturating-int16", "profiles_differ": True}
+        environment = {**ENVIRONMENT, "int8_kernels": {**kernels, "exact_verified": True}}
     (folder / "config.json").write_text(json.dumps(CONFIG, indent=2))
-    (folder / "environment.json").write_text(json.dumps(ENVIRONMENT, indent=2))
+    (folder / "environment.json").write_text(json.dumps(environment, indent=2))
     for seed in (0, 1):
         for poisoned in (True, False):
             for p_index, precision in enumerate(PRECISIONS):
@@ -329,8 +373,23 @@ def make_store(folder: Path) -> Path:
                     res, own = BUILDERS[name](rng, poisoned, precision, seed)
                     record["defenses"][name] = res
                     arrays |= {f"{name}.{key}": value for key, value in own.items()}
+                if order_sensitive:
+                    _make_order_sensitive(record)
                 store.append(record, arrays)
     return folder
+
+
+def rewrite_store(folder: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Apply ``change`` to every stored record in place (as damage or an old writer would)."""
+    path = folder / "results.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:
+        change(record)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def is_cell(record: dict[str, Any], seed: int, poisoned: bool, precision: str) -> bool:
+    return (record["seed"], record["poisoned"], record["precision"]) == (seed, poisoned, precision)
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +426,7 @@ def test_paper_table_has_rates_with_wilson_intervals_and_says_inconclusive(repor
     row = next(line for line in text.splitlines() if line.startswith("| fp32 | poisoned |"))
     assert f"2/2 [{low:.2f}–{high:.2f}]" in row and "exact 2/2" in row
     row = next(line for line in text.splitlines() if line.startswith("| int8-static | poisoned |"))
-    strip_cell = row.split(" | ")[6]  # columns: precision, model, acc, ASR, agree, NC, STRIP
+    strip_cell = row.split(" | ")[6]  # columns: precision, variant, acc, ASR, agree, NC, STRIP
     assert strip_cell == "0 decided; 2 inconclusive"  # neither a hit nor a miss, not 0/2
     row = next(line for line in text.splitlines() if line.startswith("| int8-static | clean |"))
     assert row.split(" | ")[5] == "2 n/a"
@@ -461,7 +520,7 @@ def test_report_html_is_self_contained_with_every_plot_embedded(reported):
     assert "Inconclusive runs" in page.headings
     headers = [" ".join(cells) for cells in page.tables]
     assert any(
-        h.startswith("precision model clean acc ASR agree FP32 neural_cleanse") for h in headers
+        h.startswith("precision variant clean acc ASR agree FP32 neural_cleanse") for h in headers
     )
     assert any("false alarms / decided [95% CI]" in h for h in headers)
 
@@ -607,3 +666,286 @@ def test_nc_panel_shows_an_infinite_index_and_a_label_without_norm_apart_from_ze
     assert bars[0].get_height() > 0.5 * top  # ∞ reaches the top of the axis
     assert {t.get_text() for t in ax.texts} >= {"∞", "?"}
     assert bars[3].get_hatch() and not bars[3].get_fill()  # no norm: hatched outline, not 0.7
+
+
+# ----------------------------------------------------------------------------- damaged evidence
+def _evidence(name: str, change: Callable[[dict[str, Any], dict[str, Any]], None]) -> Evidence:
+    """A poisoned fp32 cell's evidence of defense ``name``, shaped like the store's, then
+    damaged by ``change(result, arrays)``."""
+    rng = np.random.default_rng([0, 1, 0])
+    result, arrays = BUILDERS[name](rng, True, "fp32", 0)
+    result, arrays = json.loads(json.dumps(result)), dict(arrays)  # as read back from the store
+    change(result, arrays)
+    return Evidence("fp32", True, 0, "ok", result=result, arrays=arrays, target=TARGET)
+
+
+def _drop_acc(result, arrays):
+    del result["details"]["curve"][3]["acc"]
+
+
+def _null_silhouette(result, arrays):
+    result["details"]["per_class"]["4"]["silhouette"] = None
+
+
+def _short_norms(result, arrays):
+    result["details"]["l1_norms"] = result["details"]["l1_norms"][:5]
+
+
+def _text_threshold(result, arrays):
+    result["threshold"] = "0.4 bits"
+
+
+DAMAGED = {
+    "fine_pruning curve point without acc": ("fine_pruning", draw_fine_pruning, _drop_acc),
+    "activation_clustering silhouette null": ("activation_clustering", draw_ac, _null_silhouette),
+    "neural_cleanse l1_norms shorter than indices": (
+        "neural_cleanse",
+        draw_nc_anomaly,
+        _short_norms,
+    ),
+    "strip threshold not a number": ("strip", draw_strip, _text_threshold),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_damaged_stored_value_costs_its_panel_not_the_report(case, caplog):
+    name, draw, change = DAMAGED[case]
+    ev = _evidence(name, change)
+    ax = Figure().subplots()
+    with caplog.at_level(logging.WARNING, logger="harness.report_plots"):
+        note = draw_panel(ax, ev, draw)
+    assert note.state == "damaged" and note.note  # the error, in one line
+    assert "\n" not in note.note
+    assert any(str(p.get_gid()).startswith("unavailable:damaged") for p in ax.patches)
+    assert any(p.get_hatch() for p in ax.patches)
+    assert any(t.get_text().startswith("damaged evidence") for t in ax.texts)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "fp32, poisoned, seed 0" in warnings[0].getMessage()
+    assert "damaged evidence" in warnings[0].getMessage()
+
+
+def test_a_missing_key_is_named_on_the_damaged_panel():
+    note = draw_panel(Figure().subplots(), _evidence("fine_pruning", _drop_acc), draw_fine_pruning)
+    assert note.note == "no 'acc' stored"
+
+
+def test_strip_bins_finite_entropies_only_and_none_finite_is_missing():
+    def nan_some(result, arrays):
+        arrays["clean_entropy"] = arrays["clean_entropy"].copy()
+        arrays["clean_entropy"][:10] = np.nan
+
+    def nan_all(result, arrays):
+        arrays["clean_entropy"] = np.full(100, np.nan)
+        arrays["triggered_entropy"] = np.full(100, np.inf)
+
+    ax = Figure().subplots()
+    assert draw_panel(ax, _evidence("strip", nan_some), draw_strip).state == "ok"
+    binned = sum(p.get_height() for p in ax.patches if hasattr(p, "get_height"))
+    assert binned == 90 + 100  # every finite entropy, and only those
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "clean (n=90, 10 non-finite left out)" in legend
+    ax = Figure().subplots()
+    note = draw_panel(ax, _evidence("strip", nan_all), draw_strip)
+    assert (note.state, note.note) == ("missing", "no finite entropy stored")
+
+
+def _nc_evidence(folder: Path) -> list[Evidence]:
+    report = build_report(folder)
+    return defense_evidence(report["runs"], "neural_cleanse", CellArrays(folder))
+
+
+def test_trigger_figure_hatches_only_the_row_whose_flagged_label_has_no_trigger(reported, caplog):
+    folder, _ = reported
+    evidence = _nc_evidence(folder)
+    bad = next(ev for ev in evidence if ev.poisoned and ev.precision == "fp32")
+    evidence[evidence.index(bad)] = Evidence(
+        bad.precision,
+        bad.poisoned,
+        bad.seed,
+        bad.state,
+        result={**bad.result, "flagged_labels": [0, LABELS + 2]},  # 10 masks stored
+        arrays=bad.arrays,
+        target=bad.target,
+        true_trigger=bad.true_trigger,
+    )
+    group = group_summary(build_report(folder), report_groups(build_report(folder))[0])
+    with caplog.at_level(logging.WARNING, logger="harness.report_plots"):
+        _fig, notes = trigger_figure(group, evidence)
+    states = {n.label: n.state for n in notes}
+    assert states["fp32, poisoned, seed 0"] == "damaged"
+    assert states["int8-static, poisoned, seed 0"] == "ok"  # the other rows are drawn as usual
+    assert "label 12" in next(n.note for n in notes if n.state == "damaged")
+    assert len([r for r in caplog.records if "damaged evidence" in r.getMessage()]) == 1
+
+
+def test_a_store_with_a_damaged_record_still_gives_every_document(tmp_path, caplog):
+    folder = make_store(tmp_path)
+
+    def damage(record):
+        if is_cell(record, 0, True, "fp32"):
+            del record["defenses"]["fine_pruning"]["details"]["curve"][0]["acc"]
+            record["defenses"]["activation_clustering"]["details"]["per_class"]["1"][
+                "silhouette"
+            ] = None
+
+    rewrite_store(folder, damage)
+    paths = write_report(folder)
+    page = _Page()
+    page.feed(paths["html"].read_text())
+    for figure in (f"fine_pruning-{SLUG}", f"activation_clustering-{SLUG}"):
+        assert "fp32, poisoned, seed 0: damaged evidence" in page.images[figure]["alt"]
+    damaged = [message for message in caplog.messages if "damaged evidence" in message]
+    assert len(damaged) == 2  # one warning per damaged panel, naming its figure
+    assert any(m.startswith("Fine-Pruning") and "no 'acc' stored" in m for m in damaged)
+
+
+# ----------------------------------------------------------------------------- NaN is unknown
+def test_a_nan_score_is_drawn_as_unknown_not_as_infinite():
+    def nan_z(result, arrays):
+        result["details"]["per_class"]["2"]["robust_z"] = math.nan
+
+    ax = Figure().subplots()
+    assert draw_panel(ax, _evidence("spectral_signatures", nan_z), draw_ss_z).state == "ok"
+    bar = ax.patches[2]
+    assert bar.get_hatch() and not bar.get_fill()  # hatched outline, like a missing value
+    texts = [t.get_text() for t in ax.texts]
+    assert "?" in texts and "∞" not in texts
+
+
+# ----------------------------------------------------------------------------- determinism
+def _report_md_after(folder: Path, order: Callable[[list[str]], None]) -> str:
+    path = folder / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    order(lines)
+    path.write_text("".join(lines))
+    return write_report(folder)["markdown"].read_text()
+
+
+def test_report_md_does_not_depend_on_the_order_of_store_lines(tmp_path):
+    """A parallel sweep appends cells as they finish: the same cells in another order must give
+    the same report.md (false-alarm ties, inconclusive reasons, kernel-drift rows)."""
+    unshuffled = _report_md_after(make_store(tmp_path / "a", order_sensitive=True), lambda _: None)
+    assert "| neural_cleanse | fp32 | 2/2 [0.34–1.00] | 0 | 2 (1), 7 (1) |" in unshuffled
+    assert unshuffled.index("reason b (seed 1)") < unshuffled.index("reason z (seed 0)")
+    assert "| 0 | poisoned | int8-static | 0.9600 → 0.9500 |" in unshuffled
+    for k, order in enumerate((list.reverse, random.Random(3).shuffle)):
+        folder = make_store(tmp_path / f"shuffled{k}", order_sensitive=True)
+        assert _report_md_after(folder, order) == unshuffled
+
+
+# ----------------------------------------------------------------------------- spread
+def _without(folder: Path, seed: int, poisoned: bool, precision: str) -> None:
+    path = folder / "results.jsonl"
+    lines = [
+        line
+        for line in path.read_text().splitlines(keepends=True)
+        if not is_cell(json.loads(line), seed, poisoned, precision)
+    ]
+    path.write_text("".join(lines))
+
+
+def test_spread_is_the_sample_std_and_a_single_seed_has_none(tmp_path):
+    folder = make_store(tmp_path)
+    _without(folder, 1, False, "int8-static")  # that cell failed: one seed left
+    report = build_report(folder)
+    rows = {(r["poisoned"], r["precision"]): r for r in report["summary"]}
+    accs = [r["clean_acc"] for r in report["runs"] if r["poisoned"] and r["precision"] == "fp32"]
+    assert rows[(True, "fp32")]["clean_acc_std"] == pytest.approx(np.std(accs, ddof=1))
+    single = rows[(False, "int8-static")]
+    assert single["n_seeds"] == 1 and single["clean_acc_std"] is None  # no spread, not 0
+    text = render_markdown(report)
+    row = next(line for line in text.splitlines() if line.startswith("| int8-static | clean"))
+    assert row.startswith("| int8-static | clean (n=1) | 0.9600 | 0.0150 |")  # no "± 0.000"
+    row = next(line for line in text.splitlines() if line.startswith("| fp32 | clean"))
+    assert row.startswith(f"| fp32 | clean | 0.9675 ± {np.std(accs, ddof=1):.3f} |")
+    groups = [group_summary(report, key) for key in report_groups(report)]
+    fig, _ = accuracy_figure(groups)
+    assert "n=1" in {t.get_text() for ax in fig.axes for t in ax.texts}
+
+
+# ----------------------------------------------------------------------------- report.json
+def test_report_json_is_strict_json_with_non_finite_numbers_as_null(tmp_path, monkeypatch):
+    monkeypatch.setattr(report_module, "build_plots", lambda report, folder: [])  # speed only
+    folder = make_store(tmp_path)
+
+    def nan_score(record):
+        if is_cell(record, 0, True, "fp32"):
+            record["defenses"]["strip"]["score"] = math.nan
+            record["defenses"]["neural_cleanse"]["details"]["anomaly_indices"][1] = math.inf
+
+    rewrite_store(folder, nan_score)
+    paths = write_report(folder)
+
+    def reject(constant: str) -> None:
+        raise AssertionError(f"report.json holds {constant}")
+
+    document = json.loads(paths["json"].read_text(), parse_constant=reject)
+    run = next(r for r in document["runs"] if is_cell(r, 0, True, "fp32"))
+    assert run["defenses"]["strip"]["score"] is None
+    assert run["defenses"]["neural_cleanse"]["details"]["anomaly_indices"][1] is None
+
+
+# ----------------------------------------------------------------------------- evidence seed
+def test_figures_show_the_seed_with_the_most_finished_cells():
+    def runs(counts: dict[int, int]) -> list[dict[str, Any]]:
+        return [{"seed": seed} for seed, n in counts.items() for _ in range(n)]
+
+    assert evidence_seed(runs({0: 1, 1: 4, 2: 4})) == 1  # seed 0's other cells failed
+    assert evidence_seed(runs({3: 2, 2: 2})) == 2  # a tie: the smallest
+    assert evidence_seed([]) is None
+
+
+# ----------------------------------------------------------------------------- stale plots
+def test_write_report_removes_figures_an_earlier_report_left(tmp_path, monkeypatch):
+    png = b"\x89PNG\r\n\x1a\n"
+    plot = Plot("accuracy_asr", "t", "c", png)
+    monkeypatch.setattr(report_module, "build_plots", lambda report, folder: [plot])
+    folder = make_store(tmp_path)
+    plots = folder / "plots"
+    (plots / "nested").mkdir(parents=True)
+    stale = plots / f"neural_cleanse-{SLUG}.png"
+    keep = [
+        plots / "notes.txt",
+        plots / "nested" / "old.png",
+        plots / ".x.png.0a1b2c3d.partial.png",
+    ]
+    for path in (stale, *keep):
+        path.write_bytes(png)
+    write_report(folder)
+    assert not stale.exists()  # drawn by an earlier report, not by this one
+    assert (plots / "accuracy_asr.png").read_bytes() == png
+    assert all(path.exists() for path in keep)  # only this report's kind of file is touched
+
+
+# ----------------------------------------------------------------------------- one verdict
+def test_panels_and_tables_read_a_legacy_verdict_with_one_function(tmp_path):
+    """A record from before verdicts existed (only ``detected``) reads the same in a panel
+    title and in the runs table, because both use :func:`harness.verdicts.record_verdict`."""
+    assert plots_module.record_verdict is report_module.record_verdict is record_verdict
+    legacy = {"status": "ok", "detected": False, "flagged_labels": []}
+    ax = Figure().subplots()
+    draw_panel(ax, Evidence("fp32", True, 0, "ok", result=legacy), lambda ax, ev: None)
+    assert ax.get_title().endswith("\nnot detected")
+    report = {"config": {}, "runs": [], "summary": []}
+    report["runs"] = [{**CONFIG, "seed": 0, "poisoned": True, "precision": "fp32"}]
+    report["runs"][0]["defenses"] = {"strip": legacy}
+    table = runs_table(report)
+    assert table.rows[0][table.header.index("verdict")] == "not detected"
+
+
+# ----------------------------------------------------------------------------- column names
+def test_the_poisoned_or_clean_column_is_called_variant_not_model(reported):
+    _, paths = reported
+    headers = [line for line in paths["markdown"].read_text().splitlines() if line.startswith("| ")]
+    for prefix in ("| precision |", "| seed |"):
+        header = next(line for line in headers if line.startswith(prefix)).split(" | ")
+        assert "variant" in header and "model" not in header
+
+
+def test_report_modules_keep_lines_within_100_characters():
+    root = Path(report_module.__file__).parent
+    for name in ("report.py", "report_plots.py", "report_html.py", "verdicts.py"):
+        long = [
+            k for k, line in enumerate((root / name).read_text().splitlines(), 1) if len(line) > 100
+        ]
+        assert long == [], f"{name}: lines {long} exceed 100 characters"
