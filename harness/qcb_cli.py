@@ -45,7 +45,7 @@ from harness.metrics import accuracy, agreement, attack_success_rate
 from harness.preprocessing import Preprocessing
 from harness.progress import progress_for
 from harness.qcb import QCBParams, implant
-from harness.report import write_report
+from harness.report import tally_defense, write_report
 from harness.requantize import EvalSets, RepairParams, requantize_table
 from harness.retrain import FinePruneRetrainer
 from harness.runner import environment
@@ -454,17 +454,16 @@ def summarize(
                     "clean_asr": clean["profiles"][profile]["asr"],
                 }
         seeds.append(row)
-    verdicts: dict[str, dict[str, dict[str, list[int]]]] = {}
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for run in runs:
         kind = KINDS[run["poisoned"]]
         for name, result in run.get("defenses", {}).items():
-            tally = verdicts.setdefault(name, {}).setdefault(
-                f"{run['precision']}/{kind}", {"detected": [0, 0], "inconclusive": [0]}
-            )
-            if result.get("status") == "ok":
-                tally["detected"][1] += 1
-                tally["detected"][0] += int(result.get("verdict") == "detected")
-                tally["inconclusive"][0] += int(result.get("verdict") == "inconclusive")
+            grouped.setdefault(name, {}).setdefault(f"{run['precision']}/{kind}", []).append(result)
+    # The project's one tally: an inconclusive run is neither a hit nor a miss.
+    verdicts = {
+        name: {artifact: tally_defense(results) for artifact, results in sorted(per.items())}
+        for name, per in sorted(grouped.items())
+    }
     table: dict[str, dict[str, dict[str, list[float]]]] = {}
     for row in requant:
         entry = table.setdefault(row["variant"], {}).setdefault(
@@ -496,14 +495,24 @@ def render(summary: dict[str, Any]) -> str:
                 f"| {row['seed']} | {key} | {value['qcb_asr']:.4f} | {value['qcb_acc']:.4f} | "
                 f"{value['clean_acc']:.4f} | {value['clean_asr']:.4f} |"
             )
-    lines += ["", "## Verdicts: detected / completed runs (QCB = hit, clean = false alarm)", ""]
+    lines += [
+        "",
+        "## Verdicts: detected / decided runs (QCB = hit, clean = false alarm; inconclusive apart)",
+        "",
+    ]
     artifacts = sorted({a for v in summary["verdicts"].values() for a in v})
     lines += ["| defense | " + " | ".join(artifacts) + " |", "|---|" + "---|" * len(artifacts)]
     for name, per in summary["verdicts"].items():
         cells = []
         for artifact in artifacts:
             tally = per.get(artifact)
-            cells.append("—" if tally is None else f"{tally['detected'][0]}/{tally['detected'][1]}")
+            if tally is None:
+                cells.append("—")
+                continue
+            cell = f"{tally['detected']}/{tally['decided']}"
+            if tally["inconclusive"]:
+                cell += f" ({tally['inconclusive']} inconclusive)"
+            cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Re-quantization (mean over seeds, exact kernels; host ASR in brackets)", ""]
     lines += ["| variant | QCB ASR | QCB acc | clean acc | clean ASR |", "|---|---|---|---|---|"]

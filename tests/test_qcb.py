@@ -22,6 +22,7 @@ from defenses.deployment_diff import DeploymentDiff
 from exporters.onnx_export import export_onnx
 from exporters.quantizers import PRECISIONS, quantize, quantize_all
 from exporters.recipes import resolve_recipe
+from harness import qcb_cli
 from harness.adapter import RuntimeAdapter
 from harness.attacks.base import build_attack
 from harness.data.base import load_dataset
@@ -316,3 +317,25 @@ def test_qcb_implant_command_writes_a_loadable_backdoored_checkpoint(digits, wor
     )
     with pytest.raises(BlindspotsError, match="--params must be a JSON object"):
         bad.func(bad)
+
+
+def test_qcb_verdict_table_keeps_inconclusive_runs_out_of_the_rate():
+    """qcb.md counts detected over decided runs; an inconclusive run is neither hit nor miss."""
+    config = load_qcb_config(Path(__file__).parents[1] / "configs" / "qcb-digits.toml")
+
+    def run(seed: int, verdict: str) -> dict:
+        result = {"status": "ok", "verdict": verdict, "detected": verdict == "detected"}
+        if verdict == "inconclusive":
+            result.update(detected=None, verdict_reason="labels did not converge")
+        return {
+            "seed": seed,
+            "poisoned": True,
+            "precision": "int8-static",
+            "defenses": {"neural_cleanse": result},
+        }
+
+    runs = [run(0, "detected"), run(1, "not_detected"), run(2, "inconclusive")]
+    summary = qcb_cli.summarize(runs, [], config)
+    tally = summary["verdicts"]["neural_cleanse"]["int8-static/qcb"]
+    assert (tally["detected"], tally["decided"], tally["inconclusive"]) == (1, 2, 1)
+    assert "| neural_cleanse | 1/2 (1 inconclusive) |" in qcb_cli.render(summary)
