@@ -278,8 +278,13 @@ def test_op_zoo_fp32_and_dynamic_int8_match_onnxruntime(tmp_path):
     pp = Preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     fp32, dyn = tmp_path / "zoo.onnx", tmp_path / "zoo-dyn.onnx"
     _export(zoo, 12, fp32, pp)
-    logging.getLogger().setLevel(logging.ERROR)
-    quantize_dynamic(str(fp32), str(dyn), weight_type=QuantType.QInt8)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's chatter; restored so later tests see warnings
+    try:
+        quantize_dynamic(str(fp32), str(dyn), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     ops = {n.op_type for n in onnx.load(str(dyn)).graph.node}
     assert {"Slice", "Shape", "Gather", "DynamicQuantizeLinear", "ConvInteger"} <= ops
     images = np.random.default_rng(2).integers(0, 256, (8, 12, 12, 3), dtype=np.uint8)

@@ -614,7 +614,8 @@ def test_damaged_arrays_give_a_report_with_the_evidence_marked_missing(tmp_path,
     folder = make_store(tmp_path)
     for npz in (folder / "arrays").glob("*-s0-poisoned-fp32.npz"):
         npz.write_bytes(b"not a zip")
-    paths = write_report(folder)
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        paths = write_report(folder)
     assert any("is damaged" in message for message in caplog.messages)
     page = _Page()
     page.feed(paths["html"].read_text())
@@ -789,7 +790,8 @@ def test_a_store_with_a_damaged_record_still_gives_every_document(tmp_path, capl
             ] = None
 
     rewrite_store(folder, damage)
-    paths = write_report(folder)
+    with caplog.at_level(logging.WARNING, logger="harness"):
+        paths = write_report(folder)
     page = _Page()
     page.feed(paths["html"].read_text())
     for figure in (f"fine_pruning-{SLUG}", f"activation_clustering-{SLUG}"):
