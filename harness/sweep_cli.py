@@ -32,7 +32,37 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed_list(text: str) -> list[int]:
+    """argparse type: ``0,1,2`` — distinct whole numbers ≥ 0 (else a usage error)."""
+    seeds = [int(part) for part in text.split(",") if part.strip()]
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(text)
+    return seeds
+
+
+def with_seeds(config: ExperimentConfig, seeds: list[int] | None) -> ExperimentConfig:
+    """``config`` over ``seeds`` instead of its own list (None: unchanged).
+
+    A cell's id leaves out the other seeds of the sweep, so a run with ``--seeds 0`` fills
+    exactly the cells a later run of every seed would, and that run keeps them.
+    """
+    if seeds is None:
+        return config
+    return build_config({**config.model_dump(), "seeds": seeds}, "--seeds")
+
+
+def _seeds_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        metavar="0,1,...",
+        help="run these seeds instead of the config's (finished cells are shared either way)",
+    )
+
+
 def _executor_args(parser: argparse.ArgumentParser) -> None:
+    _seeds_arg(parser)
     parser.add_argument(
         "--executor",
         choices=EXECUTORS,
@@ -113,7 +143,7 @@ def _format_plan(planned: list[PlannedCell]) -> str:
 
 
 def cmd_sweep_plan(args: argparse.Namespace) -> int:
-    planned = plan(load_config(args.config), args.out)
+    planned = plan(with_seeds(load_config(args.config), args.seeds), args.out)
     print(_format_plan(planned))
     return 1 if count_states(planned)["failed"] else 0
 
@@ -160,7 +190,7 @@ def _run(config: ExperimentConfig, out: Path, args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_run(args: argparse.Namespace) -> int:
-    return _run(load_config(args.config), Path(args.out), args)
+    return _run(with_seeds(load_config(args.config), args.seeds), Path(args.out), args)
 
 
 def paper_config_path(dataset: str, small: bool) -> Path:
@@ -190,7 +220,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     config = load_config(source)
     configured = config.data_root if isinstance(config.data_root, str) else None
     overrides: dict[str, Any] = {"data_root": resolve_data_root(args.data_root, configured)}
-    config = build_config({**config.model_dump(), **overrides}, str(source))
+    config = with_seeds(build_config({**config.model_dump(), **overrides}, str(source)), args.seeds)
     out = Path(args.out or f"runs/paper-{args.dataset}{'-small' if args.small else ''}")
     stderr_log(f"reproduce: {source.name} into {out}")
     return _run(config, out, args)
@@ -206,6 +236,7 @@ def add_commands(subparsers: Any) -> None:
     p = commands.add_parser("plan", help="list a config's cells with their state")
     p.add_argument("config", help="TOML/JSON config (lists allowed for dataset, model, attack)")
     p.add_argument("--out", default=None, help="output folder to read states from")
+    _seeds_arg(p)
     p.set_defaults(func=cmd_sweep_plan)
 
     p = commands.add_parser("run", help="compute the pending cells of a config")

@@ -454,3 +454,18 @@ def test_reproduce_finds_the_data_file_in_a_folder(tmp_path):
     assert resolve_data_root(str(tmp_path / "cifar10_25k.npz"), None).endswith("cifar10_25k.npz")
     with pytest.raises(BlindspotsError, match="does not exist"):
         resolve_data_root(str(tmp_path / "missing"), None)
+
+
+def test_seeds_flag_selects_the_same_cells_a_full_run_would_fill(serial_run, tmp_path, capsys):
+    """``--seeds 0`` of a two-seed config plans exactly the full run's seed-0 cells (done)."""
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    config_path = serial_run / "config.json"
+    two_seeds = {**json.loads(config_path.read_text()), "seeds": [0, 1]}
+    path = tmp_path / "two-seeds.json"
+    path.write_text(json.dumps(two_seeds))
+    args = parser.parse_args(["sweep", "plan", str(path), "--out", str(serial_run), "--seeds", "0"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "4 cells: 4 done, 0 pending, 0 failed"
+    with pytest.raises(SystemExit):  # a repeated seed is a usage error, not a silent dedupe
+        parser.parse_args(["sweep", "plan", str(path), "--seeds", "0,0"])
