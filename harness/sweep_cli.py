@@ -220,7 +220,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     config = load_config(source)
     configured = config.data_root if isinstance(config.data_root, str) else None
     overrides: dict[str, Any] = {"data_root": resolve_data_root(args.data_root, configured)}
-    config = with_seeds(build_config({**config.model_dump(), **overrides}, str(source)), args.seeds)
+    if args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    config = build_config({**config.model_dump(), **overrides}, str(source))
     out = Path(args.out or f"runs/paper-{args.dataset}{'-small' if args.small else ''}")
     stderr_log(f"reproduce: {source.name} into {out}")
     return _run(config, out, args)
