@@ -30,35 +30,22 @@ import pytest
 from matplotlib.figure import Figure
 
 import harness.report as report_module
-import harness.report_plots as plots_module
+import harness.report_figure_model as figure_model
 from harness.atomic import PARTIAL_MARK
 from harness.attacks.base import build_attack
 from harness.metrics import wilson_interval
 from harness.report import (
-    CellArrays,
     build_report,
-    defense_evidence,
-    evidence_seed,
     group_summary,
-    rebuild_attack,
     render_markdown,
     report_groups,
     runs_table,
     write_report,
 )
-from harness.report_plots import (
-    Evidence,
-    Plot,
-    accuracy_figure,
-    detection_figure,
-    draw_ac,
-    draw_fine_pruning,
-    draw_nc_anomaly,
-    draw_panel,
-    draw_ss_z,
-    draw_strip,
-    trigger_figure,
-)
+from harness.report_evidence import CellArrays, defense_evidence, evidence_seed, rebuild_attack
+from harness.report_figure_model import Evidence, Plot
+from harness.report_panels import draw_ac, draw_fine_pruning, draw_nc_anomaly, draw_ss_z, draw_strip
+from harness.report_plots import accuracy_figure, detection_figure, draw_panel, trigger_figure
 from harness.store import ResultStore
 from harness.verdicts import record_verdict
 
@@ -923,7 +910,7 @@ def test_write_report_removes_figures_an_earlier_report_left(tmp_path, monkeypat
 def test_panels_and_tables_read_a_legacy_verdict_with_one_function(tmp_path):
     """A record from before verdicts existed (only ``detected``) reads the same in a panel
     title and in the runs table, because both use :func:`harness.verdicts.record_verdict`."""
-    assert plots_module.record_verdict is report_module.record_verdict is record_verdict
+    assert figure_model.record_verdict is report_module.record_verdict is record_verdict
     legacy = {"status": "ok", "detected": False, "flagged_labels": []}
     ax = Figure().subplots()
     draw_panel(ax, Evidence("fp32", True, 0, "ok", result=legacy), lambda ax, ev: None)
@@ -946,7 +933,8 @@ def test_the_poisoned_or_clean_column_is_called_variant_not_model(reported):
 
 def test_report_modules_keep_lines_within_100_characters():
     root = Path(report_module.__file__).parent
-    for name in ("report.py", "report_plots.py", "report_html.py", "verdicts.py"):
+    modules = ("report", "report_evidence", "report_figure_model", "report_panels", "report_plots")
+    for name in [f"{m}.py" for m in modules] + ["report_html.py", "verdicts.py"]:
         long = [
             k for k, line in enumerate((root / name).read_text().splitlines(), 1) if len(line) > 100
         ]

