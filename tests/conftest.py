@@ -103,13 +103,22 @@ def digits_world(tmp_path_factory) -> DigitsWorld:
 @pytest.fixture(scope="session")
 def rgb_npz(tmp_path_factory) -> Path:
     """A tiny 8×8 RGB 10-class dataset in the npz layout (the foreign corpus's 3-channel models)."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("rgb") / "rgb8.npz"
+    return write_rgb_npz(tmp_path_factory.mktemp("rgb") / "rgb8.npz", 200, 120, classes=10)
+
+
+def write_rgb_npz(
+    path: Path, n_train: int, n_test: int, classes: int, seed: int = 0, side: int = 8
+) -> Path:
+    """Random ``side``×``side`` RGB images with balanced labels, in the npz dataset layout.
+
+    ``seed`` changes the pixels (and so the file's content hash, which sweeps key cells on).
+    """
+    rng = np.random.default_rng(seed)
     np.savez(
         path,
-        x_train=rng.integers(0, 256, (200, 8, 8, 3), dtype=np.uint8),
-        y_train=np.arange(200) % 10,
-        x_test=rng.integers(0, 256, (120, 8, 8, 3), dtype=np.uint8),
-        y_test=np.arange(120) % 10,
+        x_train=rng.integers(0, 256, (n_train, side, side, 3), dtype=np.uint8),
+        y_train=np.arange(n_train) % classes,
+        x_test=rng.integers(0, 256, (n_test, side, side, 3), dtype=np.uint8),
+        y_test=np.arange(n_test) % classes,
     )
     return path

@@ -69,7 +69,7 @@ def test_plain_lines_carry_time_position_loss_and_eta_without_carriage_returns()
     assert lines[-1].endswith("epoch 3/3 done loss 0.500 acc 0.750 1.0 batch/s in 5m00s")
 
 
-def test_plain_lines_are_rate_limited_but_every_epoch_end_is_printed():
+def test_plain_lines_are_rate_limited_but_long_epochs_and_the_last_one_report_their_end():
     clock, out = FakeClock(), io.StringIO()
     reporter = LineProgress("t", out, interval=10.0, clock=clock)
     _run(reporter, clock, epochs=4, batches=25, step_s=1.0)
@@ -81,13 +81,24 @@ def test_plain_lines_are_rate_limited_but_every_epoch_end_is_printed():
     assert len(batch_lines) == 8
     assert [int(re.search(r"batch (\d+)/", line)[1]) for line in batch_lines[:2]] == [10, 20]
 
-    # A slow loop (60 s per batch) prints each batch; a fast one (1 ms) only its epoch ends.
+    # A slow loop (60 s per batch) prints each batch; a fast one (1 ms) only its last epoch end.
     slow, fast = io.StringIO(), io.StringIO()
     slow_clock, fast_clock = FakeClock(), FakeClock()
     _run(LineProgress("t", slow, 30.0, slow_clock), slow_clock, 1, 3, step_s=60.0)
     _run(LineProgress("t", fast, 30.0, fast_clock), fast_clock, 2, 500, step_s=0.001)
     assert len(_lines(slow)) == 3  # batches 1 and 2, then the epoch end (not batch 3 twice)
-    assert len(_lines(fast)) == 2
+    assert len(_lines(fast)) == 1
+    assert " epoch 2/2 done " in _lines(fast)[0]
+
+
+def test_fast_epochs_log_one_line_per_interval_and_the_result():
+    # 40 one-second epochs (the digits demo's pace) at a 10 s interval: an epoch-end line when
+    # one is due (every 10 s), and the last epoch's line with its total time.
+    clock, out = FakeClock(), io.StringIO()
+    _run(LineProgress("t", out, 10.0, clock), clock, epochs=40, batches=8, step_s=0.125)
+    lines = _lines(out)
+    assert [re.search(r"epoch (\d+)/40", line)[1] for line in lines] == ["10", "20", "30", "40"]
+    assert lines[-1].endswith("in 40s")
 
 
 def test_silenced_progress_prints_nothing(capfd):

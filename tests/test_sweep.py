@@ -17,7 +17,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import harness.config
@@ -29,6 +28,7 @@ from harness.runner import run_experiment
 from harness.store import ResultStore
 from harness.sweep import plan, run_sweep, select
 from harness.sweep_cli import CONFIGS_DIR, add_commands, resolve_data_root
+from tests.conftest import write_rgb_npz
 
 SWEEP = {
     "dataset": "digits",
@@ -49,15 +49,7 @@ def _quiet(_: str) -> None:
 
 
 def _tiny_npz(path: Path, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8),
-        y_train=np.arange(40) % 4,
-        x_test=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8),
-        y_test=np.arange(20) % 4,
-    )
-    return path
+    return write_rgb_npz(path, 40, 20, classes=4, seed=seed)
 
 
 def _cells(config: dict) -> dict[str, tuple]:
@@ -348,14 +340,21 @@ class _RecordingExecutor(SerialExecutor):
     def __init__(self) -> None:
         super().__init__(threads_per_worker=1)
         self.submitted: list[tuple[str, int]] = []
+        self.outstanding: set = set()  # handed out, not yet reported finished to the driver
         self.most_in_flight = 0
 
     def submit(self, fn, arg):
         seed = arg.seed if hasattr(arg, "seed") else arg.cell.seed
         self.submitted.append((fn.__name__, seed))
         future = super().submit(fn, arg)
-        self.most_in_flight = max(self.most_in_flight, len(self._queued))
+        self.outstanding.add(future)
+        self.most_in_flight = max(self.most_in_flight, len(self.outstanding))
         return future
+
+    def wait(self, pending):
+        finished = super().wait(pending)
+        self.outstanding.difference_update(finished)
+        return finished
 
 
 def test_cells_run_before_the_next_seed_trains(tmp_path):
