@@ -80,4 +80,6 @@ def test_compose_services_run_cli_commands_on_the_mounted_volumes():
         assert args.out.startswith("/results/")
         data_root = getattr(args, "data_root", None)
         assert data_root is None or data_root.startswith("/data/")
+        if args.command == "reproduce":  # the paper tables' seed counts (GTSRB 5, CIFAR-10 3)
+            assert args.seeds == {"gtsrb": [0, 1, 2, 3, 4], "cifar10": [0, 1, 2]}[args.dataset]
     assert "/results" in compose and ":/data:ro" in compose
