@@ -48,11 +48,11 @@ from typing import Any
 import numpy as np
 
 from bench.bench_defenses import (
-    DEFAULT_ARTIFACTS,
     DEFAULT_DATA,
     SEED,
     Budget,
     artifact_path,
+    default_artifacts,
     environment,
     gtsrb_defense_data,
     ort_run_time,
@@ -329,12 +329,13 @@ def markdown(pairs: list[Pair], budget: Budget) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS)
+    parser.add_argument("--artifacts", type=Path, help="default: the model under runs/gtsrb")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--precisions", default="fp32,int8-static")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    args.artifacts = args.artifacts or default_artifacts()
 
     single_thread_everything()
     # ART's FastICA warns for every class that does not converge; ours records that per class

@@ -43,9 +43,11 @@ from typing import Any
 
 import numpy as np
 
+from defenses.neural_cleanse import NeuralCleanseParams
 from harness.config import load_config
 
-DEFAULT_ARTIFACTS = Path("runs/gtsrb/artifacts/08b1621f8572/poisoned")
+GTSRB_RUN = Path("runs/gtsrb")
+"""Where ``blindspots run --config configs/gtsrb_badnet.toml --out runs/gtsrb`` puts its models."""
 DEFAULT_DATA = Path("../shared/data/gtsrb32.npz")
 ATTACK = "badnet"
 ATTACK_PARAMS: dict[str, Any] = {
@@ -63,16 +65,28 @@ DEFENSES = (
     "fine_pruning",
     "neural_cleanse",
 )
-GRID_NC = {
-    key: value
-    for key, value in load_config(
+_GRID_NC_PARAMS = NeuralCleanseParams(
+    **load_config(
         Path(__file__).resolve().parents[1] / "configs" / "gtsrb_badnet.toml"
-    )
-    .defense_params["neural_cleanse"]
-    .items()
-    if key in ("steps", "n_samples", "batch_size")
-}
-"""Neural Cleanse budget of the GTSRB grid, read from its config so the two never disagree."""
+    ).defense_params["neural_cleanse"]
+)
+GRID_NC = {key: getattr(_GRID_NC_PARAMS, key) for key in ("steps", "n_samples", "batch_size")}
+"""Neural Cleanse budget of ``configs/gtsrb_badnet.toml`` (the defaults where it sets none),
+read from there so the two never disagree."""
+
+
+def default_artifacts(run: Path = GTSRB_RUN) -> Path:
+    """The poisoned model's folder of the one training in ``run`` (its key is a content hash)."""
+    found = sorted(run.glob("artifacts/*/poisoned"))
+    if len(found) != 1:
+        what = "no trained model" if not found else f"{len(found)} trained models"
+        raise SystemExit(
+            f"{what} under {run}/artifacts: run `blindspots run --config "
+            f"configs/gtsrb_badnet.toml --out {run}` first, or pass --artifacts"
+        )
+    return found[0]
+
+
 TARGET_RATIO = 1.2
 SMALL_BATCH = 32  # ORT's fastest batch here (cache-resident activations); for reference
 REPLICA_CHUNK = 128  # replica batch that stays cache-friendly; for reference
@@ -616,8 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--artifacts",
         type=Path,
-        default=DEFAULT_ARTIFACTS,
-        help="folder with <precision>.onnx and model.pt (the poisoned model)",
+        help="folder with <precision>.onnx and model.pt (the poisoned model; default: the one "
+        "under runs/gtsrb/artifacts)",
     )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="gtsrb32.npz")
     parser.add_argument("--precisions", default="fp32,int8-static,int8-dynamic")
@@ -632,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="write every measurement here")
     args = parser.parse_args(argv)
+    args.artifacts = args.artifacts or default_artifacts()
 
     single_thread_everything()
     budget = Budget.quick() if args.quick else Budget()

@@ -23,7 +23,8 @@ from typing import Literal, TextIO
 from tqdm import tqdm
 
 LINE_INTERVAL_S = 30.0
-"""Fewest seconds between two lines of :class:`LineProgress`, unless an epoch this long ends."""
+"""Fewest seconds between two lines of :class:`LineProgress`, unless an epoch this long (or the
+last epoch) ends."""
 
 Metrics = Mapping[str, float]
 

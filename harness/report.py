@@ -2,10 +2,12 @@
 
 Everything here is recomputed from the result store's records and per-cell arrays — never by
 rerunning a model or a defense — so a report can be rebuilt at any time, including after a
-crashed run. Four modules split the work: this one reads the store and builds the tables (the
-data), :mod:`harness.report_evidence` gathers what each defense's figure shows,
-:mod:`harness.report_plots` draws the figures, :mod:`harness.report_html` holds the document
-model both renderers share and writes the self-contained HTML page. The only thing the
+crashed run. Six modules split the work: this one reads the store and builds the tables (the
+data); :mod:`harness.report_evidence` gathers what each defense's figure shows;
+:mod:`harness.report_figure_model` holds the figures' types and shared look,
+:mod:`harness.report_panels` draws one defense's panel and :mod:`harness.report_plots`
+composes the figures; :mod:`harness.report_html` holds the document model both renderers share
+and writes the self-contained HTML page. The only thing the
 report rebuilds from outside the store is the attack's true trigger for Neural Cleanse's
 side-by-side figure: it is a pure function of the stored attack name and parameters, computed
 through the attacks registry (:mod:`harness.attacks`).
@@ -24,7 +26,8 @@ byte (no timestamps, no absolute paths).
                                   # kernel class (int8_kernels) and float kernel settings
       "runs": [                   # one per (dataset, model, attack, seed, poisoned, precision)
         {"dataset", "model", "attack", "attack_params", "seed", "poisoned": bool,
-         "precision", "clean_acc", "asr", "agreement_fp32", "n_test", "n_triggered",
+         "precision", "cell" (the cell's content id, ExperimentConfig.cell_key),
+         "clean_acc", "asr", "agreement_fp32", "n_test", "n_triggered",
          "per_sample_inference", "artifacts": {"onnx", "sidecar", "state"},
          "kernels": {"profile", "host_kernel_class", "profiles_differ_on_host",
                      "exact_profile_verified", "session_config_entries"},
@@ -156,8 +159,9 @@ def tally_defense(results: list[dict[str, Any]]) -> dict[str, Any]:
 
     ``detection_rate``/``detection_ci`` (Wilson 95%) count detections over *decided* cells
     only: an inconclusive cell is neither a hit nor a miss. ``target_hit``/``exact_target_hit``
-    and ``other_flagged`` (false-alarm labels summed over decided cells) are counted where the
-    defense names labels and the target is known (``target_known`` cells).
+    are counted where the defense names labels and the target is known (``target_known``
+    cells); ``other_flagged`` and ``false_alarm_labels`` count the labels flagged beside the
+    target over every decided cell (on a clean control, every flagged label).
     ``inconclusive_reasons`` is ordered by reason and ``false_alarm_labels`` by label, whatever
     the order of ``results``.
     """

@@ -194,11 +194,18 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
 
 
 def paper_config_path(dataset: str, small: bool) -> Path:
-    """``configs/paper-<dataset>[-small].toml`` of this checkout."""
-    path = CONFIGS_DIR / f"paper-{dataset}{'-small' if small else ''}.toml"
-    if not path.is_file():
-        raise BlindspotsError(f"paper config not found: {path} (run from a full checkout)")
-    return path
+    """``paper-<dataset>[-small].toml``: beside the package in a checkout (or an editable
+    install), else in ``./configs`` — a plain ``pip install .`` ships only the packages, and
+    the Docker image runs from ``/app``, which holds the configs."""
+    name = f"paper-{dataset}{'-small' if small else ''}.toml"
+    places = [CONFIGS_DIR, Path.cwd() / "configs"]
+    for folder in places:
+        if (folder / name).is_file():
+            return folder / name
+    looked = " and ".join(str(folder) for folder in dict.fromkeys(places))
+    raise BlindspotsError(
+        f"paper config {name} not found in {looked}: run from a checkout of the repository"
+    )
 
 
 def resolve_data_root(given: str, configured: str | None) -> str:
@@ -263,6 +270,10 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument(
         "--small", action="store_true", help="the variant that fits a 2-core CPU in under an hour"
     )
-    p.add_argument("--out", default=None, help="output folder (default: runs/paper-<dataset>)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: runs/paper-<dataset>, -small with --small)",
+    )
     _executor_args(p)
     p.set_defaults(func=cmd_reproduce)

@@ -21,13 +21,14 @@ import pytest
 
 import harness.config
 import harness.sweep
+import harness.sweep_cli
 from harness.config import build_config, load_config
 from harness.errors import BlindspotsError
 from harness.executors import DaskExecutor, ProcessExecutor, SerialExecutor, make_executor
 from harness.runner import run_experiment
 from harness.store import ResultStore
 from harness.sweep import plan, run_sweep, select
-from harness.sweep_cli import CONFIGS_DIR, add_commands, resolve_data_root
+from harness.sweep_cli import CONFIGS_DIR, add_commands, paper_config_path, resolve_data_root
 from tests.conftest import write_rgb_npz
 
 SWEEP = {
@@ -446,6 +447,20 @@ def test_paper_configs_state_the_studys_setup(dataset):
         assert config.eval_limit is None  # ASR over every non-target test image
     assert full.model == "resnet18" and len(full.seeds) >= 3
     assert small.data_root == full.data_root
+
+
+def test_paper_configs_are_found_from_an_installed_package_run_in_a_checkout(tmp_path, monkeypatch):
+    """``pip install .`` ships no configs beside the package; the Docker image runs from /app,
+    which holds them: ``reproduce`` falls back to ./configs, and says where it looked."""
+    monkeypatch.setattr(harness.sweep_cli, "CONFIGS_DIR", tmp_path / "site-packages" / "configs")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BlindspotsError, match=r"paper-gtsrb-small.toml not found in .* and "):
+        paper_config_path("gtsrb", small=True)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(CONFIGS_DIR / "paper-gtsrb-small.toml", tmp_path / "configs")
+    assert (
+        paper_config_path("gtsrb", small=True) == Path("configs/paper-gtsrb-small.toml").resolve()
+    )
 
 
 def test_reproduce_finds_the_data_file_in_a_folder(tmp_path):
