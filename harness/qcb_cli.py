@@ -139,7 +139,8 @@ def load_qcb_config(path: str | Path, overrides: dict[str, Any] | None = None) -
 
 
 # ------------------------------------------------------------------------------------- models
-def _dataset(config: QCBConfig) -> ImageDataset:
+def qcb_dataset(config: QCBConfig) -> ImageDataset:
+    """The config's dataset, its training set cut to the stratified ``train_limit`` subset."""
     data = load_dataset(config.dataset, config.data_root, **config.dataset_options)
     if config.train_limit is None or config.train_limit >= len(data.x_train):
         return data
@@ -397,7 +398,7 @@ def run_qcb(config: QCBConfig, out: str | Path, log: Log = print) -> dict[str, A
     timings: dict[int, float] = {}
     for seed in config.seeds:
         started = time.perf_counter()
-        data = _dataset(config)
+        data = qcb_dataset(config)
         folder = out / "artifacts" / f"s{seed}"
         states, preprocessing, attack, _ = build_models(config, seed, data, folder, log)
         rng = np.random.default_rng(stable_seed("calibration", seed))
