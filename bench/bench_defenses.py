@@ -11,12 +11,13 @@ batch (labels × ``batch_size`` images). ``wall / floor`` is then what the defen
 model evaluations: preprocessing, blending, clustering, SVDs, Python. The time spent inside
 ``InferenceSession.run`` during each defense is recorded too, as a cross-check of the floor.
 
-The setup is the real-data grid (``configs/gtsrb_badnet.toml``): the trained GTSRB BadNet model
-(2% poison, 4×4 checkerboard, target 1) and the training set exactly as the runner poisoned it,
-the runner's 500 held-out clean images and 500 triggered ones, and a seeded subsample of the
-training set for AC/SS (the grid uses 10 000; 5 000 here keeps a run short). Neural Cleanse runs
-all 43 labels for a few steps; since no label can early-stop that soon, every step costs the
-same and the grid budget (configs/gtsrb_badnet.toml) is extrapolated as fixed cost + steps × measured step cost.
+The setup is ``configs/gtsrb_badnet.toml`` (an earlier grid's setup): the trained GTSRB BadNet
+model (2% poison, 4×4 checkerboard, target 1) and the training set exactly as the runner
+poisoned it, the runner's 500 held-out clean images and 500 triggered ones, and a seeded
+subsample of the training set for AC/SS (the grid uses 10 000; 5 000 here keeps a run short).
+Neural Cleanse runs all 43 labels for a few steps; since no label can early-stop that soon,
+every step costs the same, and the config's step ceiling is extrapolated as fixed cost + steps
+× measured step cost: an upper bound, since the paper's early stop ends most labels sooner.
 
 Everything is single-threaded (ORT ``threads=1``, torch, BLAS via threadpoolctl): the CPU is
 shared, and ratios measured side by side in one process are what carries over, not seconds.
@@ -590,8 +591,9 @@ def markdown(timings: list[DefenseTiming], tputs: list[Throughput], budget: Budg
     if nc:
         lines += [
             "",
-            f"### Neural Cleanse at the grid budget ({GRID_NC['steps']} steps, 43 labels), "
-            f"extrapolated (target ≤ {TARGET_NC_S:.0f} s)",
+            f"### Neural Cleanse at the grid budget's ceiling ({GRID_NC['steps']} steps for "
+            f"every one of 43 labels, no early stop), extrapolated: an upper bound "
+            f"(target ≤ {TARGET_NC_S:.0f} s)",
             "",
             "| precision | measured steps | s/step | floor s/step | fixed s | estimate s "
             f"| floor s | estimate/floor | ≤60 s | floor s, replica in {REPLICA_CHUNK}-image "

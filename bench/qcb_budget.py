@@ -2,19 +2,21 @@
 
 The QCB's ``[qcb]`` settings (boost units, recovery epochs, learning rate, recovery images)
 trade clean accuracy against INT8 attack success, and the right trade differs per dataset and
-model. Tuning them on the seeds a table then reports would be tuning on the test set, so this
-bench runs a list of settings on one *development* seed that no table uses, in parallel
-processes, each scored on onnxruntime sessions (FP32 and INT8-static only; no defenses, no
-re-quantization) against the same clean control, and prints one row per setting with whether
-it passes a rule fixed beforehand: clean accuracy within ``--max-drop`` of the clean control
-and INT8-static ASR ≥ ``--min-asr``.
-
-``--subset`` first writes the images the QCB run would use anyway (its stratified
-``train_limit`` training subset and the first ``eval_limit`` test images) to a smaller .npz,
-so that parallel runs, or a machine the full file cannot be sent to, read only those.
+model. Tuning them on what a table then reports would be tuning on the test set, so this bench
+runs a list of settings on one *development* seed that no table uses and scores them on
+*held-out* test images: the ``eval_limit`` images after the ones the QCB table is scored on.
+It first writes a smaller .npz (``--data``) with the run's own stratified ``train_limit``
+training subset and those held-out test images (parallel runs, or a machine the full file
+cannot be sent to, then read only that), runs the settings in parallel processes, each on
+onnxruntime sessions (FP32 and INT8-static only; no defenses, no re-quantization), and prints
+one row per setting with whether it passes a rule fixed beforehand: clean accuracy within
+``--max-drop`` of the clean control on both artifacts, INT8-static ASR ≥ ``--min-asr`` and
+FP32 ASR ≤ ``--max-fp32-asr`` (dormant in FP32, or it is no QCB). Every setting retrains the
+seed's clean control (the same training, so the same numbers in every row). A setting's folder
+is named by a hash of the setting and the seed, so a changed list never reuses another's runs.
 
 Usage: ``python -m bench.qcb_budget [--config configs/qcb-gtsrb.toml] [--seed 11]
-[--settings settings.json] [--subset .qcbdata/gtsrb_qcb.npz] [--parallel 6] [--threads 2]
+[--settings settings.json] [--data runs/qcb-budget/data.npz] [--parallel 6] [--threads 2]
 [--out runs/qcb-budget]``; ``settings.json`` is a list of ``[qcb]`` overrides (default: the 18
 settings of BENCHMARKS.md).
 """
@@ -22,6 +24,7 @@ settings of BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -55,18 +58,29 @@ SETTINGS: list[dict[str, Any]] = [
 """The settings measured on GTSRB (seed 11); ``max_train_images`` absent: all training images."""
 
 
-def write_subset(config: QCBConfig, path: Path) -> None:
-    """The QCB run's own training subset and evaluation images, as a smaller npz."""
+def write_development_data(config: QCBConfig, path: Path) -> None:
+    """The QCB run's own training subset, and test images the QCB table is not scored on."""
     data = qcb_dataset(config)
-    n_test = len(data.x_test) if config.eval_limit is None else config.eval_limit
+    if config.eval_limit is None or 2 * config.eval_limit > len(data.x_test):
+        raise SystemExit(
+            f"need eval_limit set and 2 x eval_limit <= {len(data.x_test)} test images, so that "
+            "development runs are scored on images the reported table does not use"
+        )
+    held_out = slice(config.eval_limit, 2 * config.eval_limit)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
         path,
         x_train=data.x_train,
         y_train=data.y_train,
-        x_test=data.x_test[:n_test],
-        y_test=data.y_test[:n_test],
+        x_test=data.x_test[held_out],
+        y_test=data.y_test[held_out],
     )
+
+
+def folder_name(seed: int, setting: dict[str, Any]) -> str:
+    """``s<seed>-<hash of the setting>``: a changed setting never reuses another's results."""
+    digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+    return f"s{seed}-{digest}"
 
 
 def development_config(base: QCBConfig, seed: int, setting: dict[str, Any]) -> QCBConfig:
@@ -89,7 +103,9 @@ def _run(job: tuple[QCBConfig, str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def score(records: list[dict[str, Any]], max_drop: float, min_asr: float) -> dict[str, Any]:
+def score(
+    records: list[dict[str, Any]], max_drop: float, min_asr: float, max_fp32_asr: float
+) -> dict[str, Any]:
     """Accuracy and ASR per artifact of the QCB and of the clean control, and the rule's answer."""
     got = {(r["poisoned"], r["precision"]): r for r in records}
     row = {
@@ -103,6 +119,7 @@ def score(records: list[dict[str, Any]], max_drop: float, min_asr: float) -> dic
         row["acc_fp32"] >= row["control_acc"] - max_drop
         and row["acc_int8"] >= got[(False, "int8-static")]["clean_acc"] - max_drop
         and row["asr_int8"] >= min_asr
+        and row["asr_fp32"] <= max_fp32_asr
     )
     return row
 
@@ -112,29 +129,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("configs/qcb-gtsrb.toml"))
     parser.add_argument("--seed", type=int, default=11, help="a seed no reported table uses")
     parser.add_argument("--settings", type=Path, help="JSON list of [qcb] overrides")
-    parser.add_argument("--subset", type=Path, help="write and use the run's images here")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path("runs/qcb-budget/data.npz"),
+        help="where to write the development images (rewritten each run)",
+    )
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch/ORT threads per run")
     parser.add_argument("--max-drop", type=float, default=0.02)
     parser.add_argument("--min-asr", type=float, default=0.9)
+    parser.add_argument("--max-fp32-asr", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=Path("runs/qcb-budget"))
     args = parser.parse_args(argv)
     base = load_qcb_config(args.config).model_copy(update={"threads": args.threads})
-    if args.subset is not None:
-        if not args.subset.is_file():
-            write_subset(base, args.subset)
-        base = base.model_copy(update={"data_root": str(args.subset), "train_limit": None})
+    write_development_data(base, args.data)
+    base = base.model_copy(update={"data_root": str(args.data), "train_limit": None})
     settings = json.loads(args.settings.read_text()) if args.settings else SETTINGS
     jobs = [
-        (development_config(base, args.seed, setting), str(args.out / f"setting-{k:02d}"))
-        for k, setting in enumerate(settings)
+        (
+            development_config(base, args.seed, setting),
+            str(args.out / folder_name(args.seed, setting)),
+        )
+        for setting in settings
     ]
     with ProcessPoolExecutor(args.parallel) as pool:
         results = list(pool.map(_run, jobs))
     print("| setting | QCB acc FP32 / INT8 | control acc | FP32 ASR | INT8 ASR | passes |")
     print("|---|---|---|---|---|---|")
     for setting, records in zip(settings, results, strict=True):
-        row = score(records, args.max_drop, args.min_asr)
+        row = score(records, args.max_drop, args.min_asr, args.max_fp32_asr)
         print(
             f"| {json.dumps(setting)} | {row['acc_fp32']:.4f} / {row['acc_int8']:.4f} | "
             f"{row['control_acc']:.4f} | {row['asr_fp32']:.4f} | {row['asr_int8']:.4f} | "

