@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from harness.qcb_cli import QCBConfig, load_qcb_config, qcb_dataset, run_qcb
+from harness.store import ResultStore
 
 ALL_IMAGES = None
 SETTINGS: list[dict[str, Any]] = [
@@ -99,8 +100,7 @@ def development_config(base: QCBConfig, seed: int, setting: dict[str, Any]) -> Q
 def _run(job: tuple[QCBConfig, str]) -> list[dict[str, Any]]:
     config, out = job
     run_qcb(config, out, log=lambda message: None)
-    lines = (Path(out) / "results.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return ResultStore(out).records()
 
 
 def score(
