@@ -12,11 +12,10 @@ Usage: ``python -m bench.qcb_heldout runs/qcb-gtsrb [--threads 2]``
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from harness.attacks.base import build_attack
-from harness.qcb_cli import QCBConfig, qcb_dataset
+from harness.qcb_cli import QCBConfig, load_qcb_config, qcb_dataset
 from harness.requantize import EvalSets, evaluate_file
 
 KINDS = {"qcb": "QCB", "clean": "clean control"}
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a `blindspots qcb run` output folder")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    config = QCBConfig.model_validate(json.loads((args.run / "qcb_config.json").read_text()))
+    config = load_qcb_config(args.run / "qcb_config.json")  # one-line errors, as the CLI's
     sets = held_out_sets(config)
     print(
         f"{len(sets.y_test)} held-out test images (after the first {config.eval_limit}), "
