@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from harness.attacks.base import build_attack
+from harness.errors import BlindspotsError
 from harness.qcb_cli import QCBConfig, load_qcb_config, qcb_dataset
 from harness.requantize import EvalSets, evaluate_file
 
@@ -39,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a `blindspots qcb run` output folder")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    config = load_qcb_config(args.run / "qcb_config.json")  # one-line errors, as the CLI's
+    try:
+        config = load_qcb_config(args.run / "qcb_config.json")
+    except BlindspotsError as exc:  # a bad folder is one line, as in the CLI
+        raise SystemExit(f"error: {exc}") from None
     sets = held_out_sets(config)
     print(
         f"{len(sets.y_test)} held-out test images (after the first {config.eval_limit}), "
