@@ -14,11 +14,10 @@ QLinearAveragePool, QLinearGlobalAveragePool, QLinearConcat, QLinearSigmoid, QLi
 ``quantize_static(..., quant_format=QuantFormat.QOperator)`` writes them) are interpreted with
 onnxruntime's own integer rounding; any other op of a non-default domain is refused at build time.
 
-Fused fake-quant: every activation QuantizeLinear → DequantizeLinear pair with the same constant
-per-tensor scale and zero point (what ``quantize_static`` writes around each activation) runs as
-one op computing the same float32 operations in the same order (identical values), with the
-STE gradient from one saved mask. The unfused pair builds about ten autograd nodes per
-activation, which took more than half of an INT8 replica's forward+backward time.
+Rewrites (:mod:`harness.replica_rewrites`): each activation QuantizeLinear → DequantizeLinear
+pair with one constant scale and zero point runs as one fused fake-quant, a re-quantization with
+the same parameters after a value-selecting op (MaxPool, Flatten) is dropped, and Relu → MaxPool
+runs as MaxPool → Relu. Each leaves every value and gradient bit-identical and only saves time.
 
 Output quantizer: when the graph's output is such a pair, :class:`OutputQuantizer` records the
 tensor entering it (the logits before quantization) and its parameters, so a caller can see which
@@ -45,7 +44,14 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from harness.errors import ModelError
-from harness.replica_ops import MS, OPS, QUANT_RANGES, Converter, NodeSpec
+from harness.replica_ops import MS, OPS, QUANT_RANGES, NodeSpec
+from harness.replica_rewrites import (
+    FAKE_QUANTIZE,
+    Step,
+    drop_repeated_quantizers,
+    fuse_fake_quant,
+    pool_before_relu,
+)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 #: Custom domains whose ops the replica may interpret: only those :data:`OPS` registers under
@@ -71,17 +77,6 @@ _NARROW_INTS = {"int4": np.int8, "uint4": np.uint8, "uint16": np.int32, "uint32"
 
 
 @dataclass(frozen=True)
-class Step:
-    """One node to interpret: its spec, tensor names ('' = omitted input) and, for steps the
-    replica builds itself (fused ops), its converter (otherwise :data:`OPS` of ``spec.op``)."""
-
-    spec: NodeSpec
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    convert: Converter | None = None
-
-
-@dataclass(frozen=True)
 class OutputQuantizer:
     """The QuantizeLinear → DequantizeLinear pair producing the graph's output."""
 
@@ -98,48 +93,6 @@ class OutputQuantizer:
         scale = torch.tensor(self.scale, dtype=torch.float32)
         code = torch.round(pre_quantizer.detach().float() / scale) + self.zero_point
         return code > self.qrange[1]
-
-
-class _FakeQuantize(torch.autograd.Function):
-    """``(clamp(round(x / s) + zp) - zp) · s`` with the STE gradient ``1[unclamped]``.
-
-    Computed as ``clamp(round(x / s), qmin - zp, qmax - zp) · s``: the codes are integers far
-    below 2**24, so adding and removing the zero point is exact in float32 and the values are
-    bit-identical to ``QuantizeLinear`` then ``DequantizeLinear`` in :mod:`harness.replica_ops`
-    (same division, same half-to-even rounding). The gradient is exactly 1 inside the range and
-    0 outside, as there. vmap-safe (``generate_vmap_rule``).
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, scale, low, high):
-        code = torch.div(x, scale).round_()  # in place: fewer large allocations
-        clamped = torch.clamp(code, low, high)
-        inside = clamped == code
-        return clamped.mul_(scale), inside
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1])
-
-    @staticmethod
-    def backward(ctx, grad, _unused):
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None
-
-
-def _fake_quantize(spec: NodeSpec, inputs: list, dtype: torch.dtype) -> list[torch.Tensor]:
-    x, scale, zero_point = inputs
-    low, high = spec.attrs["_qrange"]
-    zp = float(zero_point.reshape(()))
-    fused, _ = _FakeQuantize.apply(x.to(dtype), scale.reshape(()).to(dtype), low - zp, high - zp)
-    return [fused]
-
-
-FAKE_QUANTIZE = "blindspots.FakeQuantize"
-"""Op name of a fused QuantizeLinear → DequantizeLinear step (not an ONNX op: never in a graph)."""
 
 
 class ReplicaModule(nn.Module):
@@ -212,8 +165,13 @@ def run_steps(steps: list[Step], env: dict[str, torch.Tensor], dtype: torch.dtyp
                 env[name] = value
 
 
-def build_replica(model: onnx.ModelProto, dynamic_per_sample: bool = True) -> ReplicaModule:
+def build_replica(
+    model: onnx.ModelProto, dynamic_per_sample: bool = True, rewrites: bool = True
+) -> ReplicaModule:
     """Differentiable float32 torch module computing ``model``'s first output from its input.
+
+    ``rewrites=False`` interprets every node as it stands (the reference the rewrites are tested
+    and benchmarked against; same values and gradients, slower).
 
     Fails at build time with a one-line :class:`ModelError` on any op or attribute the replica
     cannot reproduce, never by silently computing something else.
@@ -243,7 +201,11 @@ def build_replica(model: onnx.ModelProto, dynamic_per_sample: bool = True) -> Re
         else:
             steps.append(step)
 
-    steps = _fuse_fake_quant(steps, constants, {o.name for o in graph.output})
+    if rewrites:
+        outputs = {o.name for o in graph.output}
+        steps = fuse_fake_quant(steps, constants, outputs)
+        steps = drop_repeated_quantizers(steps, constants, outputs)
+        steps = pool_before_relu(steps, outputs)
     _channels_last_conv_weights(steps, constants)
     used = {name for s in steps for name in s.inputs} | {output_name}
     replica = ReplicaModule(
@@ -258,33 +220,6 @@ def build_replica(model: onnx.ModelProto, dynamic_per_sample: bool = True) -> Re
 
 
 # ---------------------------------------------------------------------------------- build helpers
-def _fuse_fake_quant(
-    steps: list[Step], constants: dict[str, torch.Tensor], graph_outputs: set[str]
-) -> list[Step]:
-    """Replace each QuantizeLinear whose only reader is a DequantizeLinear with the same scalar
-    constant scale and zero point by one :data:`FAKE_QUANTIZE` step (at the reader's place)."""
-    readers: dict[str, list[int]] = {}
-    for i, step in enumerate(steps):
-        for name in step.inputs:
-            if name:
-                readers.setdefault(name, []).append(i)
-    fused: dict[int, Step] = {}
-    dropped: set[int] = set()
-    for i, q in enumerate(steps):
-        if q.spec.op != "QuantizeLinear" or len(q.inputs) < 3 or q.outputs[0] in graph_outputs:
-            continue
-        users = readers.get(q.outputs[0], [])
-        dq = steps[users[0]] if len(users) == 1 else None
-        if dq is None or dq.spec.op != "DequantizeLinear" or dq.inputs[0] != q.outputs[0]:
-            continue
-        if not _same_scalar_params(q.inputs[1:3], dq.inputs[1:3], constants):
-            continue
-        spec = NodeSpec(FAKE_QUANTIZE, f"{q.spec.name}+{dq.spec.name}", q.spec.opset, q.spec.attrs)
-        fused[users[0]] = Step(spec, q.inputs[:3], dq.outputs[:1], _fake_quantize)
-        dropped.add(i)
-    return [fused.get(i, step) for i, step in enumerate(steps) if i not in dropped]
-
-
 def _channels_last_conv_weights(steps: list[Step], constants: dict[str, torch.Tensor]) -> None:
     """Store constant 2-D conv weights channels-last, the layout the replica's activations have
     (pixels arrive NHWC): torch would otherwise convert each weight on every call. Values and
@@ -294,21 +229,6 @@ def _channels_last_conv_weights(steps: list[Step], constants: dict[str, torch.Te
             weight = constants[step.inputs[1]]
             if weight.ndim == 4 and weight.is_floating_point():
                 constants[step.inputs[1]] = weight.contiguous(memory_format=torch.channels_last)
-
-
-def _same_scalar_params(
-    q_params: tuple[str, ...], dq_params: tuple[str, ...], constants: dict[str, torch.Tensor]
-) -> bool:
-    """Both (scale, zero point) pairs are present, constant, one element each and equal."""
-    if len(dq_params) < 2 or not all(q_params) or not all(dq_params):
-        return False
-    if not all(name in constants for name in (*q_params, *dq_params)):
-        return False
-    pairs = [(constants[a], constants[b]) for a, b in zip(q_params, dq_params, strict=True)]
-    return all(
-        a.numel() == 1 and b.numel() == 1 and a.dtype == b.dtype and torch.equal(a, b)
-        for a, b in pairs
-    )
 
 
 def _output_quantizer(
