@@ -48,6 +48,7 @@ from harness.replica_ops import MS, OPS, QUANT_RANGES, NodeSpec
 from harness.replica_rewrites import (
     FAKE_QUANTIZE,
     Step,
+    centre_constant_weights,
     drop_repeated_quantizers,
     fuse_fake_quant,
     pool_before_relu,
@@ -206,6 +207,7 @@ def build_replica(
         steps = fuse_fake_quant(steps, constants, outputs)
         steps = drop_repeated_quantizers(steps, constants, outputs)
         steps = pool_before_relu(steps, outputs)
+        steps = centre_constant_weights(steps, constants)
     _channels_last_conv_weights(steps, constants)
     used = {name for s in steps for name in s.inputs} | {output_name}
     replica = ReplicaModule(
