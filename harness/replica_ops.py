@@ -500,10 +500,59 @@ def _max_pool(spec, inputs, dtype):
     kernel, strides, dilations, pads = _pool_geometry(spec, x)
     n = len(kernel)
     padding: list[int] = pads[:n]
-    if pads[:n] != pads[n:] or any(2 * p > k for p, k in zip(pads[:n], kernel, strict=True)):
-        x, padding = F.pad(x, torch_pad_order(pads), value=-math.inf), [0] * n
     ceil = bool(spec.attrs.get("ceil_mode", 0))
-    return [pool(x, kernel, strides, padding, dilations, ceil_mode=ceil)]
+    if pads[:n] == pads[n:] and all(2 * p <= k for p, k in zip(pads[:n], kernel, strict=True)):
+        out = pool(x, kernel, strides, padding, dilations, ceil_mode=ceil)
+    else:
+        padded = F.pad(x, torch_pad_order(pads), value=-math.inf)
+        out = pool(padded, kernel, strides, [0] * n, dilations, ceil_mode=ceil)
+        out = ceil_mode_crop(out, x.shape, kernel, strides, dilations, pads) if ceil else out
+    if not pool_windows_hold_input(spec):  # onnxruntime starts each window at the lowest float
+        out = out.clamp_min(torch.finfo(torch.float32).min)
+    return [out]
+
+
+def ceil_mode_crop(
+    out: Tensor,
+    shape: torch.Size,
+    kernel: list[int],
+    strides: list[int],
+    dilations: list[int],
+    pads: list[int],
+) -> Tensor:
+    """Drop the ceil-mode windows that would start in the end padding, as onnxruntime does.
+
+    Given an input padded beforehand, torch counts the end padding as input and keeps a last
+    window that starts there; onnxruntime (like torch with its own padding) drops it.
+    """
+    n = len(kernel)
+    for i in range(n):
+        size, span = shape[2 + i], (kernel[i] - 1) * dilations[i] + 1
+        count = math.ceil((size + pads[i] + pads[i + n] - span) / strides[i]) + 1
+        if (count - 1) * strides[i] >= size + pads[i]:
+            count -= 1
+        out = out.narrow(2 + i, 0, min(count, out.shape[2 + i]))
+    return out
+
+
+def pool_windows_hold_input(spec: NodeSpec) -> bool:
+    """Every pooling window contains at least one input element (none lies wholly in padding).
+
+    True with dilation 1, no ceil mode and each pad smaller than the kernel (``SAME_*`` and
+    ``VALID`` padding always qualify); otherwise a window may see padding only.
+    """
+    kernel = ints(spec.attrs.get("kernel_shape", []))
+    if not kernel or int(spec.attrs.get("ceil_mode", 0)):
+        return False
+    if any(d != 1 for d in ints(spec.attrs.get("dilations", [1] * len(kernel)))):
+        return False
+    auto = spec.attrs.get("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+        return True  # SAME pads total kernel - 1 at most, so each is below the kernel
+    if auto not in ("NOTSET", ""):
+        return False
+    pads = ints(spec.attrs.get("pads", [0] * 2 * len(kernel)))
+    return all(pad < k for pad, k in zip(pads, kernel + kernel, strict=True))
 
 
 @register("AveragePool")
@@ -520,11 +569,13 @@ def _average_pool(spec, inputs, dtype):
         return [pool(x, kernel, strides, pads[:n], ceil_mode=ceil, count_include_pad=include)]
     padded = F.pad(x, torch_pad_order(pads))
     total = pool(padded, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
-    if include:
-        return [total]
     ones = F.pad(torch.ones_like(x[:1, :1]), torch_pad_order(pads))
     share = pool(ones, kernel, strides, 0, ceil_mode=ceil, count_include_pad=True)
-    return [total / share]  # average over the real (unpadded) elements only
+    if ceil:
+        total, share = (
+            ceil_mode_crop(t, x.shape, kernel, strides, dilations, pads) for t in (total, share)
+        )
+    return [total if include else total / share]  # else: over the real elements only
 
 
 @register("GlobalAveragePool")

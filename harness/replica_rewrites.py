@@ -27,7 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.replica_ops import Converter, NodeSpec, centred, channel_param, conv_float, row_zp
+from harness.replica_ops import (
+    Converter,
+    NodeSpec,
+    centred,
+    channel_param,
+    conv_float,
+    pool_windows_hold_input,
+    row_zp,
+)
 
 
 @dataclass(frozen=True)
@@ -74,9 +82,10 @@ class _FakeQuantize(torch.autograd.Function):
     below 2**24, so adding and removing the zero point is exact in float32 and the values are
     bit-identical to ``QuantizeLinear`` then ``DequantizeLinear`` in :mod:`harness.replica_ops`
     (same division, same half-to-even rounding). The gradient is exactly 1 inside the range and
-    0 outside, as there: the unclamped code is saved, and since it is an integer, ``hardtanh``'s
-    fused backward with the range widened by one half (open interval) is that indicator in a
-    single pass, where a saved boolean mask costs a compare forward and a cast backward.
+    0 outside, as there: the unclamped code is saved (NaN codes as out of range), and since it
+    is an integer, ``hardtanh``'s fused backward with the range widened by one half (open
+    interval) is that indicator in a single pass, where a saved boolean mask costs a compare
+    forward and a cast backward.
     vmap-safe (``generate_vmap_rule``).
     """
 
@@ -85,7 +94,10 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(x, scale, low, high):
         code = torch.div(x, scale).round_()
-        return torch.clamp(code, low, high).mul_(scale), code
+        out = torch.clamp(code, low, high).mul_(scale)
+        # a NaN code must count as clamped (as the mask and the unfused pair have it): the
+        # backward kernel's comparisons give NaN a gradient in some lanes and not in others
+        return out, code.nan_to_num_(nan=high + 1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -191,8 +203,12 @@ def drop_repeated_quantizers(
 
 
 def _selects_values(step: Step) -> bool:
-    """A :data:`VALUE_SELECTING` op with a data input and a single output."""
+    """A :data:`VALUE_SELECTING` op with a data input and a single output (a MaxPool only when
+    each of its windows holds an input element: a window of padding only is the lowest float,
+    which neither a quantizer nor a Relu leaves alone)."""
     single = step.spec.attrs.get("_n_outputs", 1) == 1
+    if step.spec.op == "MaxPool" and not pool_windows_hold_input(step.spec):
+        return False
     return step.spec.op in VALUE_SELECTING and bool(step.inputs) and single
 
 
@@ -207,10 +223,10 @@ def _fake_quant_params(
         return None
     s, z = float(scale.reshape(())), float(zero_point.reshape(()))
     low, high = step.spec.attrs["_qrange"]
-    if (
-        not (math.isfinite(s) and s >= torch.finfo(torch.float32).tiny)
-        or high - low > _EXACT_CODE_SPAN
-    ):
+    finfo = torch.finfo(torch.float32)
+    if not (math.isfinite(s) and s >= finfo.tiny) or high - low > _EXACT_CODE_SPAN:
+        return None
+    if s * max(abs(low - z), abs(high - z)) >= finfo.max:  # a code times s would overflow
         return None
     return s, z, (low, high)
 
@@ -272,7 +288,7 @@ def pool_before_relu(steps: list[Step], graph_outputs: set[str]) -> list[Step]:
         if len(users) != 1:
             continue
         pool = steps[users[0]]
-        if pool.spec.op != "MaxPool" or pool.spec.attrs.get("_n_outputs", 1) != 1:
+        if pool.spec.op != "MaxPool" or not _selects_values(pool):
             continue
         order[i] = Step(pool.spec, relu.inputs[:1], relu.outputs, pool.convert)
         order[users[0]] = Step(relu.spec, relu.outputs, pool.outputs, relu.convert)

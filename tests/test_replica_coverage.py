@@ -10,6 +10,7 @@ built as the harness builds them (``session_options("exact", threads=1)``) and t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import warnings
 import zlib
@@ -550,3 +551,47 @@ def test_unknown_custom_op_is_refused_in_one_line(op, domain, shown):
     with pytest.raises(ModelError, match=f"unsupported ONNX op {shown} \\(node odd_node\\)") as err:
         build_replica(model)
     assert "\n" not in str(err.value)
+
+
+def _pool_cases() -> list[tuple]:
+    """Pooling geometries where a pre-padded input and onnxruntime's rules can part: ceil mode
+    with asymmetric pads (a last window starting in the end padding), dilation, pads as large
+    as the kernel allows."""
+    cases = []
+    for op, size, kernel, stride, begin, end, dilation in itertools.product(
+        ("MaxPool", "AveragePool"), (6, 7), (2, 3), (2, 3), (0, 1, 2), (0, 1, 2), (1, 2)
+    ):
+        if begin >= kernel or end >= kernel or (op == "AveragePool" and dilation > 1):
+            continue
+        cases.append((op, size, kernel, stride, begin, end, dilation))
+    return cases
+
+
+@pytest.mark.parametrize("ceil_mode", [0, 1])
+def test_pooling_geometry_matches_onnxruntime(ceil_mode):
+    rng = np.random.default_rng(0)
+    for op, size, kernel, stride, begin, end, dilation in _pool_cases():
+        attrs = {
+            "kernel_shape": [kernel, kernel],
+            "strides": [stride, stride],
+            "pads": [begin, begin, end, end],
+            "ceil_mode": ceil_mode,
+        }
+        if dilation > 1:
+            attrs["dilations"] = [dilation, dilation]
+        model = _model([helper.make_node(op, ["x"], ["y"], **attrs)], [1, 2, size, size], opset=19)
+        x = rng.normal(size=(1, 2, size, size)).astype(np.float32)
+        expected = _ort(model, x)
+        got = build_replica(model)(torch.from_numpy(x)).detach().numpy()
+        where = f"{op} size {size} kernel {kernel} stride {stride} pads {begin}/{end} d {dilation}"
+        assert got.shape == expected.shape, where
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6, err_msg=where)
+
+
+def test_max_pool_window_of_padding_only_gives_the_lowest_float_as_onnxruntime():
+    node = helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2], dilations=[5], pads=[1, 1])
+    model = _model([node], [1, 1, 4])
+    x = np.array([[[-1.0, 2.0, -3.0, 4.0]]], dtype=np.float32)
+    expected = _ort(model, x)
+    assert expected.min() == np.finfo(np.float32).min  # onnxruntime's empty window
+    np.testing.assert_array_equal(build_replica(model)(torch.from_numpy(x)).numpy(), expected)

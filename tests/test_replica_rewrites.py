@@ -44,6 +44,7 @@ def _fused_only(model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch) -> Repl
     with monkeypatch.context() as patch:
         patch.setattr(replica_module, "drop_repeated_quantizers", lambda steps, *_: steps)
         patch.setattr(replica_module, "pool_before_relu", lambda steps, *_: steps)
+        patch.setattr(replica_module, "centre_constant_weights", lambda steps, *_: steps)
         return build_replica(model)
 
 
@@ -95,11 +96,11 @@ def _qdq(src: str, dst: str, scale: str, zp: str) -> list[onnx.NodeProto]:
     ]
 
 
-def _graph_model(nodes, inits, outputs=("y",)) -> onnx.ModelProto:
+def _graph_model(nodes, inits, outputs=("y",), shape=(2, 2, 6, 6)) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "rewrites",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 6, 6])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
         inits,
     )
@@ -110,15 +111,19 @@ def _pool() -> onnx.NodeProto:
     return helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2])
 
 
-def _same_as_fused_only(model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.randn(2, 2, 6, 6, generator=torch.Generator().manual_seed(3)) * 3
+def _same_as_fused_only(
+    model: onnx.ModelProto, monkeypatch: pytest.MonkeyPatch, x: torch.Tensor | None = None
+) -> None:
+    if x is None:
+        x = torch.randn(2, 2, 6, 6, generator=torch.Generator().manual_seed(3)) * 3
     outs = []
     for replica in (_fused_only(model, monkeypatch), build_replica(model)):
         xi = x.clone().requires_grad_(True)
         y = replica(xi)
         y.sum().backward()
         outs.append((y.detach(), xi.grad))
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for a, b in zip(outs[0], outs[1], strict=True):  # bit for bit, NaN where NaN
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
 
 
 def test_requantization_with_other_parameters_is_kept(monkeypatch):
@@ -159,3 +164,116 @@ def test_a_relu_read_twice_stays_before_its_pool(monkeypatch):
     alone = _graph_model([helper.make_node("Relu", ["x"], ["a"]), _pool()], [], outputs=("p",))
     assert [s.spec.op for s in build_replica(alone).steps] == ["MaxPool", "Relu"]
     _same_as_fused_only(alone, monkeypatch)
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [s.spec.op for s in build_replica(model).steps]
+
+
+@pytest.mark.parametrize(
+    ("between", "why"),
+    [
+        (helper.make_node("AveragePool", ["a"], ["p"], kernel_shape=[2, 2]), "averages"),
+        (
+            helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], dilations=[4, 4]),
+            "a dilated window may hold padding only",
+        ),
+        (
+            helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], pads=[0, 0, 2, 2]),
+            "a window may hold padding only",
+        ),
+    ],
+)
+def test_requantization_after_a_non_selecting_op_is_kept(between, why, monkeypatch):
+    inits = [_const("s", 0.1, np.float32), _const("z", 128, np.uint8)]
+    nodes = [*_qdq("x", "a", "s", "z"), between, *_qdq("p", "r", "s", "z")]
+    model = _graph_model([*nodes, helper.make_node("Relu", ["r"], ["y"])], inits)
+    assert _ops(model).count(FAKE_QUANTIZE) == 2, why
+    _same_as_fused_only(model, monkeypatch)
+
+
+def test_requantization_to_another_range_is_kept(monkeypatch):
+    """Same scale and zero point value, but uint8 then int8 codes: the second clamps others."""
+    inits = [
+        _const("s", 0.1, np.float32),
+        _const("zu", 0, np.uint8),
+        _const("zi", 0, np.int8),
+    ]
+    nodes = [*_qdq("x", "a", "s", "zu"), _pool(), *_qdq("p", "r", "s", "zi")]
+    model = _graph_model([*nodes, helper.make_node("Relu", ["r"], ["y"])], inits)
+    assert _ops(model).count(FAKE_QUANTIZE) == 2
+    _same_as_fused_only(model, monkeypatch)
+
+
+def test_requantization_that_could_overflow_is_kept(monkeypatch):
+    """A scale so large that a code times it overflows float32: the repeat is not an identity."""
+    inits = [_const("s", 9.7e37, np.float32), _const("z", 0, np.int8)]
+    nodes = [*_qdq("x", "a", "s", "z"), _pool(), *_qdq("p", "r", "s", "z")]
+    model = _graph_model([*nodes, helper.make_node("Relu", ["r"], ["y"])], inits)
+    assert _ops(model).count(FAKE_QUANTIZE) == 2
+    _same_as_fused_only(model, monkeypatch, torch.full((2, 2, 6, 6), 3.5 * 9.7e37))
+
+
+def test_nan_codes_get_no_gradient_wherever_they_sit(monkeypatch):
+    """The fused backward kernel compares in vector lanes and a scalar tail; NaN must count as
+    clamped in both (as in the unfused pair), whatever its position in memory."""
+    inits = [_const("s", 0.1, np.float32), _const("z", 128, np.uint8)]
+    nodes = [
+        *_qdq("x", "a", "s", "z"),
+        helper.make_node("Transpose", ["a"], ["t"], perm=[0, 1, 3, 2]),
+        helper.make_node("Flatten", ["t"], ["p"], axis=1),
+        *_qdq("p", "y", "s", "z"),
+    ]
+    model = _graph_model(nodes, inits, shape=(1, 1, 6, 6))
+    x = torch.zeros(1, 1, 6, 6)
+    nan_at = [0, 17, 33, 35]  # inside the vectorised blocks and in the tail of 36 elements
+    x.view(-1)[nan_at] = float("nan")
+    for replica in (build_replica(model, rewrites=False), build_replica(model)):
+        xi = x.clone().requires_grad_(True)
+        replica(xi).sum().backward()
+        assert xi.grad.view(-1)[nan_at].tolist() == [0.0] * len(nan_at)
+        assert xi.grad.view(-1)[1].item() == 1.0
+    _same_as_fused_only(model, monkeypatch, x)
+
+
+def test_relu_stays_before_a_pool_whose_window_may_be_padding_only(monkeypatch):
+    pool = helper.make_node("MaxPool", ["a"], ["y"], kernel_shape=[2, 2], dilations=[5, 5])
+    pool.attribute.extend([helper.make_attribute("pads", [1, 1, 1, 1])])
+    model = _graph_model([helper.make_node("Relu", ["x"], ["a"]), pool], [])
+    assert _ops(model) == ["Relu", "MaxPool"]
+    _same_as_fused_only(model, monkeypatch)
+
+
+def test_centred_integer_weights_match_node_by_node_with_per_channel_zero_points():
+    """Dynamic INT8 graphs: ConvInteger (per-channel weight zero points) and MatMulInteger
+    (per-column ones) with their weights centred once must equal node-by-node interpretation
+    exactly: both are integer arithmetic."""
+    rng = np.random.default_rng(0)
+    inits = [
+        _const("w", rng.integers(-100, 100, (3, 2, 3, 3)), np.int8),
+        _const("wz", [-3, 0, 5], np.int8),
+        _const("b", rng.integers(-100, 100, (12, 4)), np.int8),
+        _const("bz", [1, -2, 0, 7], np.int8),
+        _const("shape", [-1, 12], np.int64),
+    ]
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+        helper.make_node("ConvInteger", ["xq", "w", "xz", "wz"], ["acc"], kernel_shape=[3, 3]),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+        helper.make_node("MaxPool", ["accf"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Reshape", ["p", "shape"], ["flat"]),
+        helper.make_node("DynamicQuantizeLinear", ["flat"], ["fq", "fs", "fz"]),
+        helper.make_node("MatMulInteger", ["fq", "b", "fz", "bz"], ["mm"]),
+        helper.make_node("Cast", ["mm"], ["y"], to=TensorProto.FLOAT),
+    ]
+    model = _graph_model(nodes, inits)
+    assert _ops(model).count("ConvInteger") == 0 and _ops(model).count("MatMulInteger") == 0
+    x = torch.randn(2, 2, 6, 6, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for rewrites in (False, True):
+        xi = x.clone().requires_grad_(True)
+        y = build_replica(model, rewrites=rewrites)(xi)
+        (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+        outs.append((y.detach(), xi.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert outs[1][1].abs().sum() > 0
