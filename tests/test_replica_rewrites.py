@@ -126,15 +126,21 @@ def _same_as_fused_only(
         torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
 
 
-def test_requantization_with_other_parameters_is_kept(monkeypatch):
+@pytest.mark.parametrize(
+    ("second_scale", "second_zero_point"),
+    [(0.2, np.uint8(0)), (0.1, np.int8(0))],
+    ids=["another scale", "another range (int8 codes after uint8 ones, same zero point value)"],
+)
+def test_requantization_with_other_parameters_is_kept(second_scale, second_zero_point, monkeypatch):
     inits = [
         _const("s1", 0.1, np.float32),
-        _const("s2", 0.2, np.float32),
-        _const("z", 0, np.uint8),
+        _const("s2", second_scale, np.float32),
+        _const("z1", 0, np.uint8),
+        _const("z2", second_zero_point, second_zero_point.dtype),
     ]
-    nodes = [*_qdq("x", "a", "s1", "z"), _pool(), *_qdq("p", "y", "s2", "z")]
-    model = _graph_model(nodes, inits)
-    assert [s.spec.op for s in build_replica(model).steps].count(FAKE_QUANTIZE) == 2
+    nodes = [*_qdq("x", "a", "s1", "z1"), _pool(), *_qdq("p", "r", "s2", "z2")]
+    model = _graph_model([*nodes, helper.make_node("Relu", ["r"], ["y"])], inits)
+    assert _ops(model).count(FAKE_QUANTIZE) == 2
     _same_as_fused_only(model, monkeypatch)
 
 
@@ -189,19 +195,6 @@ def test_requantization_after_a_non_selecting_op_is_kept(between, why, monkeypat
     nodes = [*_qdq("x", "a", "s", "z"), between, *_qdq("p", "r", "s", "z")]
     model = _graph_model([*nodes, helper.make_node("Relu", ["r"], ["y"])], inits)
     assert _ops(model).count(FAKE_QUANTIZE) == 2, why
-    _same_as_fused_only(model, monkeypatch)
-
-
-def test_requantization_to_another_range_is_kept(monkeypatch):
-    """Same scale and zero point value, but uint8 then int8 codes: the second clamps others."""
-    inits = [
-        _const("s", 0.1, np.float32),
-        _const("zu", 0, np.uint8),
-        _const("zi", 0, np.int8),
-    ]
-    nodes = [*_qdq("x", "a", "s", "zu"), _pool(), *_qdq("p", "r", "s", "zi")]
-    model = _graph_model([*nodes, helper.make_node("Relu", ["r"], ["y"])], inits)
-    assert _ops(model).count(FAKE_QUANTIZE) == 2
     _same_as_fused_only(model, monkeypatch)
 
 
