@@ -21,7 +21,8 @@ import harness.replica as replica_module
 from harness.adapter import RuntimeAdapter
 from harness.oracle import PixelReplica
 from harness.replica import ReplicaModule, build_replica
-from harness.replica_rewrites import FAKE_QUANTIZE
+from harness.replica_ops import NodeSpec
+from harness.replica_rewrites import FAKE_QUANTIZE, fake_quantize
 from tests.conftest import PRECISIONS
 
 
@@ -270,3 +271,28 @@ def test_centred_integer_weights_match_node_by_node_with_per_channel_zero_points
         outs.append((y.detach(), xi.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert outs[1][1].abs().sum() > 0
+
+
+def test_fake_quant_under_vmap_matches_the_eager_path():
+    """Per-sample dynamic quantization runs the replica under ``vmap``, where the fake-quant
+    takes its transform-safe form; elsewhere the eager form. Same values, same gradients,
+    NaN and clamped codes included."""
+    spec = NodeSpec(FAKE_QUANTIZE, "fq", 13, {"_qrange": (0, 255)})
+    scale, zero_point = torch.tensor(0.05), torch.tensor(128, dtype=torch.uint8)
+    x = torch.randn(4, 3, 40, generator=torch.Generator().manual_seed(0)) * 8
+    x[1, 2, 7] = float("nan")
+    weights = torch.randn(4, 3, 40, generator=torch.Generator().manual_seed(1))
+
+    def one(sample: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(spec, [sample, scale, zero_point], torch.float32)[0]
+
+    results = []
+    for run in (one, torch.func.vmap(one)):
+        xi = x.clone().requires_grad_(True)
+        y = run(xi)
+        (y.nan_to_num(0.0) * weights).sum().backward()
+        results.append((y.detach(), xi.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True)
+    grad = results[0][1]
+    assert grad[1, 2, 7] == 0 and (grad == 0).any() and (grad != 0).any()
