@@ -357,10 +357,10 @@ def _cast(spec, inputs, dtype):
 def _conv(spec, inputs, dtype):
     x, w = inputs[0], inputs[1]
     bias = inputs[2] if len(inputs) > 2 else None
-    return [conv_float(spec, x, w.to(x.dtype), bias)]
+    return [_conv_float(spec, x, w.to(x.dtype), bias)]
 
 
-def conv_float(spec: NodeSpec, x: Tensor, w: Tensor, bias: MaybeTensor) -> Tensor:
+def _conv_float(spec: NodeSpec, x: Tensor, w: Tensor, bias: MaybeTensor) -> Tensor:
     conv = spatial_fn(spec, x, {1: F.conv1d, 2: F.conv2d, 3: F.conv3d})
     n = x.ndim - 2
     kernel = ints(spec.attrs.get("kernel_shape", w.shape[2:]))
@@ -382,14 +382,14 @@ def _conv_integer(spec, inputs, dtype):
     w_zp = inputs[3] if len(inputs) > 3 else None
     xc = centred(x, x_zp, dtype)  # ORT pads with x_zero_point, i.e. 0 once centred
     wc = centred(w, channel_param(w_zp, w.ndim), dtype)
-    return [conv_float(spec, xc, wc, None)]
+    return [_conv_float(spec, xc, wc, None)]
 
 
 @register("QLinearConv")
 def _qlinear_conv(spec, inputs, dtype):
     x, xs, xzp, w, ws, wzp, ys, yzp = inputs[:8]
     bias = inputs[8] if len(inputs) > 8 else None
-    acc = conv_float(
+    acc = _conv_float(
         spec, centred(x, xzp, dtype), centred(w, channel_param(wzp, w.ndim), dtype), None
     )
     if bias is not None:
@@ -425,7 +425,7 @@ def _matmul(spec, inputs, dtype):
     return [torch.matmul(a, b.to(a.dtype))]
 
 
-def row_zp(zp: MaybeTensor) -> MaybeTensor:
+def _row_zp(zp: MaybeTensor) -> MaybeTensor:
     """MatMulInteger's A zero point may be per row ``(M,)``: broadcast it over columns."""
     return zp.unsqueeze(-1) if zp is not None and zp.ndim == 1 and zp.numel() > 1 else zp
 
@@ -435,13 +435,13 @@ def _matmul_integer(spec, inputs, dtype):
     a, b = inputs[0], inputs[1]
     a_zp = inputs[2] if len(inputs) > 2 else None
     b_zp = inputs[3] if len(inputs) > 3 else None
-    return [torch.matmul(centred(a, row_zp(a_zp), dtype), centred(b, b_zp, dtype))]
+    return [torch.matmul(centred(a, _row_zp(a_zp), dtype), centred(b, b_zp, dtype))]
 
 
 @register("QLinearMatMul")
 def _qlinear_matmul(spec, inputs, dtype):
     a, a_s, a_zp, b, b_s, b_zp, ys, yzp = inputs
-    acc = torch.matmul(centred(a, row_zp(a_zp), dtype), centred(b, b_zp, dtype))
+    acc = torch.matmul(centred(a, _row_zp(a_zp), dtype), centred(b, b_zp, dtype))
     return [requantize(acc, _output_scale(a_s, b_s, ys), yzp, spec.attrs["_qrange"])]
 
 

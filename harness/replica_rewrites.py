@@ -14,7 +14,8 @@ this against the plain interpretation), so they change nothing an auditor sees:
   exact identity: ``round(((c - z)·s) / s) = c - z`` for every code ``c``, and nothing clamps.
 - :func:`centre_constant_weights`: ``ConvInteger`` / ``MatMulInteger`` with constant weights and
   weight zero points (dynamic INT8) subtract the zero point from the integer weights once, at
-  build time, instead of on every call (exact: integer arithmetic, stored as float32 integers).
+  build time, instead of on every call (exact: integer arithmetic, stored as float32 integers),
+  and read them with the weight zero point omitted, through the same converters.
 - :func:`pool_before_relu`: ``MaxPool(Relu(x))`` runs as ``Relu(MaxPool(x))``; both are
   monotone, so the values agree, and the gradient reaches the same input element (or is zero in
   both orders where the window's maximum is not positive) — on a quarter of the elements.
@@ -27,15 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.replica_ops import (
-    Converter,
-    NodeSpec,
-    centred,
-    channel_param,
-    conv_float,
-    pool_windows_hold_input,
-    row_zp,
-)
+from harness.replica_ops import Converter, NodeSpec, centred, channel_param, pool_windows_hold_input
 
 
 @dataclass(frozen=True)
@@ -51,10 +44,6 @@ class Step:
 
 FAKE_QUANTIZE = "blindspots.FakeQuantize"
 """Op name of a fused QuantizeLinear → DequantizeLinear step (not an ONNX op: never in a graph)."""
-CONV_INTEGER_CENTRED = "blindspots.ConvIntegerCentred"
-"""``ConvInteger`` whose second input is the already centred float weight (never in a graph)."""
-MATMUL_INTEGER_CENTRED = "blindspots.MatMulIntegerCentred"
-"""``MatMulInteger`` whose second input is the already centred float ``B`` (never in a graph)."""
 
 #: Ops whose output elements are elements of their first input (rearranged or selected), so an
 #: exactly quantized input gives an exactly quantized output with the same parameters.
@@ -273,21 +262,10 @@ def _fake_quant_params(
 
 
 # ---------------------------------------------------------------------------------- integer weights
-def _conv_integer_centred(spec: NodeSpec, inputs: list, dtype: torch.dtype) -> list[torch.Tensor]:
-    x, weight = inputs[0], inputs[1]
-    x_zp = inputs[2] if len(inputs) > 2 else None
-    return [conv_float(spec, centred(x, x_zp, dtype), weight.to(dtype), None)]
-
-
-def _matmul_integer_centred(spec: NodeSpec, inputs: list, dtype: torch.dtype) -> list[torch.Tensor]:
-    a, b = inputs[0], inputs[1]
-    a_zp = inputs[2] if len(inputs) > 2 else None
-    return [torch.matmul(centred(a, row_zp(a_zp), dtype), b.to(dtype))]
-
-
 def centre_constant_weights(steps: list[Step], constants: dict[str, torch.Tensor]) -> list[Step]:
     """Give each ConvInteger / MatMulInteger with a constant weight (and weight zero point, if
-    any) a precomputed centred float32 weight, stored in ``constants`` under a new name."""
+    any) a precomputed centred float32 weight, stored in ``constants`` under a new name, and
+    drop the weight zero point input: the op's converter then centres nothing (``w - 0``)."""
     rewritten = []
     for step in steps:
         op, inputs = step.spec.op, step.inputs
@@ -298,18 +276,11 @@ def centre_constant_weights(steps: list[Step], constants: dict[str, torch.Tensor
             continue
         weight = constants[inputs[1]]
         zp = constants[weight_zp] if weight_zp else None
-        if op == "ConvInteger":
-            zp, fused_op, convert = (
-                channel_param(zp, weight.ndim),
-                CONV_INTEGER_CENTRED,
-                _conv_integer_centred,
-            )
-        else:
-            fused_op, convert = MATMUL_INTEGER_CENTRED, _matmul_integer_centred
+        if op == "ConvInteger":  # per output channel; MatMulInteger's per column broadcasts
+            zp = channel_param(zp, weight.ndim)
         name = f"{inputs[1]}::centred::{weight_zp}"
         constants[name] = centred(weight, zp, torch.float32)
-        spec = NodeSpec(fused_op, step.spec.name, step.spec.opset, step.spec.attrs)
-        rewritten.append(Step(spec, (inputs[0], name, *inputs[2:3]), step.outputs, convert))
+        rewritten.append(Step(step.spec, (inputs[0], name, *inputs[2:3]), step.outputs))
     return rewritten
 
 
