@@ -42,14 +42,19 @@ QEMU = shutil.which("qemu-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-user (qemu-x86_64) not installed")
 
 
-def _emulated(*args: str, timeout: int = 600) -> dict:
+#: Emulated AVX2-only CPUs without VNNI, one per x86 vendor: an Intel Haswell and an AMD Zen 2.
+#: Libraries below torch choose code paths by vendor as well as by vector width.
+EMULATED_CPUS = ("Haswell-v4", "EPYC-Rome")
+
+
+def _emulated(*args: str, cpu: str = "Haswell-v4", timeout: int = 600) -> dict:
     """Run tests/emulated_cpu.py on an emulated AVX2-only CPU and parse its JSON."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ATEN_", "ONEDNN_", "MKL_"))}
     completed = subprocess.run(
         [
             QEMU,
             "-cpu",
-            "Haswell-v4",
+            cpu,
             sys.executable,
             str(ROOT / "tests" / "emulated_cpu.py"),
             *args,
@@ -195,8 +200,9 @@ def test_runner_measures_every_quantized_cell_under_both_profiles_where_they_dif
 
 # ------------------------------------------------------------------------------- emulated CPU
 @needs_qemu
-def test_emulated_avx2_cpu_is_measured_as_saturating_and_exact_profile_fixes_it():
-    host = _emulated("probe")
+@pytest.mark.parametrize("cpu", EMULATED_CPUS)
+def test_emulated_avx2_cpu_is_measured_as_saturating_and_exact_profile_fixes_it(cpu):
+    host = _emulated("probe", cpu=cpu)
     assert host["kernel_class"] == SATURATING
     assert host["exact_verified"] is True
     for values in host["outputs"].values():
@@ -204,14 +210,15 @@ def test_emulated_avx2_cpu_is_measured_as_saturating_and_exact_profile_fixes_it(
 
 
 @needs_qemu
-def test_exact_profile_gives_the_same_int8_numbers_on_an_avx2_cpu(digits_world, tmp_path):
+@pytest.mark.parametrize("cpu", EMULATED_CPUS)
+def test_exact_profile_gives_the_same_int8_numbers_on_an_avx2_cpu(cpu, digits_world, tmp_path):
     """Same INT8 file, same images: bit-identical logits here and on a saturating CPU under
     ``exact``; under ``host`` the emulated CPU's numbers drift and the parity gate says why."""
     images = np.concatenate([digits_world.x_test[:96], digits_world.triggered_x[:96]])
     pixels = tmp_path / "pixels.npy"
     np.save(pixels, images)
     model = str(digits_world.poisoned["int8-static"])
-    emulated = _emulated("logits", model, str(pixels))
+    emulated = _emulated("logits", model, str(pixels), cpu=cpu)
     native = RuntimeAdapter.from_path(model, kernel_profile="exact").logits(images)
     assert emulated["exact"]["sha256"] == hashlib.sha256(native.tobytes()).hexdigest()
     assert emulated["exact"]["parity_passed"] is True
@@ -220,10 +227,9 @@ def test_exact_profile_gives_the_same_int8_numbers_on_an_avx2_cpu(digits_world, 
     assert "saturate" in emulated["host"]["likely_cause"]
 
 
-@needs_qemu
-def test_training_gives_the_same_weights_on_an_avx2_cpu():
-    """Portable float kernels (harness.determinism): the trained model does not depend on the
-    CPU's vector width, so neither does anything measured on it."""
+@pytest.fixture(scope="module")
+def native_training_digest() -> str:
+    """The one-epoch digits training digest on this machine's own CPU (fresh process)."""
     here = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "emulated_cpu.py"), "train"],
         capture_output=True,
@@ -232,9 +238,16 @@ def test_training_gives_the_same_weights_on_an_avx2_cpu():
         timeout=300,
         check=True,
     )
-    assert (
-        _emulated("train")["sha256"] == json.loads(here.stdout.strip().splitlines()[-1])["sha256"]
-    )
+    return json.loads(here.stdout.strip().splitlines()[-1])["sha256"]
+
+
+@needs_qemu
+@pytest.mark.parametrize("cpu", EMULATED_CPUS)
+def test_training_gives_the_same_weights_on_intel_and_amd_avx2_cpus(cpu, native_training_digest):
+    """Portable float kernels (harness.determinism): the trained model depends neither on the
+    CPU's vector width nor on its vendor, so neither does anything measured on it. Both
+    emulated CPUs are compared with the host, whichever vendor that is."""
+    assert _emulated("train", cpu=cpu)["sha256"] == native_training_digest
 
 
 def test_exact_profile_falls_back_to_int32_kernels_for_s8_activation_qoperator_graphs(tmp_path):
