@@ -21,6 +21,8 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
+	# the tree's floors (.importlinter): a layer imports only the layers below it
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python -m pytest -q
 
 lint: setup

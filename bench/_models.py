@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.preprocessing import Preprocessing
+from harness.artifacts.preprocessing import Preprocessing
 
 ALL_PRECISIONS = ("fp32", "int8-dynamic", "int8-static", "int4")
 
@@ -93,7 +93,7 @@ def build_artifacts(
 
     from exporters.onnx_export import export_onnx
     from exporters.quantizers import quantize_all
-    from harness.models import build_model
+    from harness.training.models import build_model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Our AC, SS and STRIP against IBM ART 1.20.1's, on the same model, data and forward path.
 
-Both sides query the very same :class:`~harness.adapter.RuntimeAdapter` (one ORT thread): ART
+Both sides query the very same :class:`~harness.runtime.adapter.RuntimeAdapter` (one ORT thread): ART
 through :class:`AdapterClassifier`, a minimal ``BlackBoxClassifier`` whose ``predict`` is the
 adapter's softmax and whose ``get_activations`` is the adapter's penultimate probe. So the
 forward passes cost the same on both sides and the comparison measures the defenses'
@@ -160,7 +160,7 @@ def filter_quality(flagged: np.ndarray, poison_mask: np.ndarray) -> dict[str, fl
 def ours(name: str, params: dict[str, Any], adapter: Any, data: Any) -> Side:
     """Our defense, seeded as the runner seeds it."""
     from defenses.base import build_defense
-    from harness.sampling import stable_seed
+    from harness.core.sampling import stable_seed
 
     defense = build_defense(name, params)
 
@@ -210,7 +210,7 @@ def strip_split(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The clean-fit, clean-eval and triggered inputs our STRIP tests, drawn as it draws them
     (``Strip._run``'s first two draws from the same seeded generator)."""
-    from harness.sampling import stable_seed
+    from harness.core.sampling import stable_seed
 
     rng = np.random.default_rng(stable_seed(*seed_parts))
     n_clean = min(n_test, len(data.clean_x) // 2)
@@ -263,7 +263,7 @@ class Pair:
 
 
 def compare_precision(precision: str, artifacts: Path, data: Any, budget: Budget) -> list[Pair]:
-    from harness.adapter import RuntimeAdapter
+    from harness.runtime.adapter import RuntimeAdapter
 
     adapter = RuntimeAdapter.from_path(artifact_path(artifacts, precision), threads=1)
     adapter.activations(data.clean_x[:1])  # build the probe session outside every timing

@@ -1,6 +1,6 @@
 """How much does the runtime adapter cost on top of a bare onnxruntime call, per precision?
 
-Every metric and defense queries models through :class:`harness.adapter.RuntimeAdapter`, so its
+Every metric and defense queries models through :class:`harness.runtime.adapter.RuntimeAdapter`, so its
 Python overhead multiplies into every experiment. This bench times, in one process and on the
 very same ``InferenceSession`` (same options and threads):
 
@@ -52,11 +52,11 @@ from bench._models import (
     synthetic_images,
     with_saturated_outliers,
 )
-from harness.adapter import RuntimeAdapter
-from harness.errors import DataError, ModelError
-from harness.kernels import cpu_isa_flags
-from harness.metrics import batch_dependence
-from harness.preprocessing import Preprocessing
+from harness.artifacts.preprocessing import Preprocessing
+from harness.core.errors import DataError, ModelError
+from harness.core.metrics import batch_dependence
+from harness.runtime.adapter import RuntimeAdapter
+from harness.runtime.kernels import cpu_isa_flags
 
 VARIANTS = ("raw", "adapter", "adapter-no-pre", "preprocess", "proposed")
 TARGET_OVERHEAD = 1.03

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from defenses.neural_cleanse import NeuralCleanseParams
-from harness.config import load_config
+from harness.pipeline.config import load_config
 
 GTSRB_RUN = Path("runs/gtsrb")
 """Where ``blindspots run --config configs/gtsrb_badnet.toml --out runs/gtsrb`` puts its models."""
@@ -127,13 +127,13 @@ def gtsrb_defense_data(data_path: Path, train_size: int, seed: int = SEED):
     """The grid's defense inputs for the poisoned model, rebuilt exactly as the runner does.
 
     Poisoning with ``stable_seed("poison", seed)`` reproduces the training set the model saw;
-    the held-out clean / triggered split mirrors ``harness.runner._split_for_defenses``; the
+    the held-out clean / triggered split mirrors ``harness.pipeline.runner._split_for_defenses``; the
     AC/SS subsample is drawn as the runner draws ``defense_train_size``.
     """
     from defenses.base import DefenseData
     from harness.attacks.base import build_attack
+    from harness.core.sampling import stable_seed
     from harness.data.base import load_dataset
-    from harness.sampling import stable_seed
 
     dataset = load_dataset("npz", str(data_path))
     attack = build_attack(ATTACK, ATTACK_PARAMS)
@@ -174,7 +174,7 @@ def single_thread_everything() -> None:
 
 def artifact_path(folder: Path, precision: str) -> Path:
     """``<precision>.onnx`` in ``folder``; fp32 falls back to ``exported.onnx`` (same graph)."""
-    from harness.errors import ModelError
+    from harness.core.errors import ModelError
 
     path = folder / f"{precision}.onnx"
     if not path.is_file() and precision == "fp32":
@@ -352,7 +352,7 @@ def torch_native_forward(state_path: Path, preprocessing: Any) -> Callable:
     reference an interpreted FP32 replica should match in speed."""
     import torch
 
-    from harness.training import load_model
+    from harness.training.loop import load_model
 
     model, _ = load_model(state_path)
     model.eval()
@@ -426,7 +426,7 @@ def run_defense(
     """Run one defense (seeded as the runner seeds it); return (result, ORT seconds, replica
     work, cProfile top-N text when ``profile``)."""
     from defenses.base import build_defense
-    from harness.sampling import stable_seed
+    from harness.core.sampling import stable_seed
 
     defense = build_defense(name, params)
     rng = np.random.default_rng(stable_seed("defense", name, SEED))
@@ -492,7 +492,7 @@ def bench_precision(
     log: Callable[[str], None],
 ) -> tuple[list[DefenseTiming], Throughput, dict[str, str]]:
     """Every defense on one precision, with throughput measured before and after."""
-    from harness.adapter import RuntimeAdapter
+    from harness.runtime.adapter import RuntimeAdapter
 
     path = artifact_path(artifacts, precision)
     adapter = RuntimeAdapter.from_path(path, threads=1)

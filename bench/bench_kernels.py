@@ -8,7 +8,7 @@ For each precision of one trained model (the runner's artifact folder), in one p
 - **drift**: clean accuracy, attack success and top-1 agreement with FP32 under both profiles,
   on the test set (identical wherever the host's kernels are int32-exact).
 
-The host's kernel class is measured by :func:`harness.kernels.probe_host` and printed with the
+The host's kernel class is measured by :func:`harness.runtime.kernels.probe_host` and printed with the
 CPU's flags, so every number says which CPU produced it.
 
 Usage: ``python -m bench.bench_kernels --artifacts runs/demo/artifacts/<key>/poisoned
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.adapter import RuntimeAdapter
 from harness.attacks.base import build_attack
+from harness.core.metrics import accuracy, agreement, attack_success_rate
 from harness.data.base import load_dataset
-from harness.kernels import PROFILES, cpu_isa_flags, probe_host
-from harness.metrics import accuracy, agreement, attack_success_rate
+from harness.runtime.adapter import RuntimeAdapter
+from harness.runtime.kernels import PROFILES, cpu_isa_flags, probe_host
 
 PRECISIONS = ("int8-dynamic", "int8-static", "int4")
 

@@ -37,13 +37,13 @@ import torch
 from defenses.base import DefenseData, build_defense
 from exporters.onnx_export import export_onnx
 from exporters.quantizers import quantize_all
-from harness.adapter import RuntimeAdapter
+from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks.base import build_attack
-from harness.config import ExperimentConfig, load_config
+from harness.core.sampling import stable_seed
 from harness.data.base import load_dataset
-from harness.preprocessing import Preprocessing
-from harness.sampling import stable_seed
-from harness.training import TrainConfig, checkpoint_meta, load_model, save_state, train_model
+from harness.pipeline.config import ExperimentConfig, load_config
+from harness.runtime.adapter import RuntimeAdapter
+from harness.training.loop import TrainConfig, checkpoint_meta, load_model, save_state, train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "gtsrb_badnet.toml"

@@ -18,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-from harness.qcb_cli import load_qcb_config, run_qcb
+from harness.qcb.pipeline import load_qcb_config, run_qcb
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Neural Cleanse step time with and without the replica's rewrites, side by side in one process.
 
-The rewrites (:mod:`harness.replica_rewrites`: fused fake-quant, dropped re-quantization after
+The rewrites (:mod:`harness.replica.rewrites`: fused fake-quant, dropped re-quantization after
 pools, MaxPool before Relu) must leave values and gradients unchanged (tested) and exist only to
 make Neural Cleanse cheaper. This bench measures that: for each precision of the GTSRB grid
 model it runs the same Neural Cleanse label steps (16 images, one mini-batch, one torch thread)
@@ -32,9 +32,9 @@ from bench.bench_nc import (
     trained_artifacts,
 )
 from defenses.neural_cleanse import NeuralCleanseParams, TriggerSearch
-from harness.adapter import RuntimeAdapter
-from harness.oracle import PixelReplica
-from harness.replica import build_replica
+from harness.replica.interpreter import build_replica
+from harness.runtime.adapter import RuntimeAdapter
+from harness.runtime.oracle import PixelReplica
 
 LABEL = 1
 

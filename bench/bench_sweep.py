@@ -31,10 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.config import ExperimentConfig, build_config
-from harness.executors import DaskExecutor, Executor, ProcessExecutor, SerialExecutor
-from harness.store import ResultStore
-from harness.sweep import run_sweep
+from harness.pipeline.config import ExperimentConfig, build_config
+from harness.pipeline.executors import DaskExecutor, Executor, ProcessExecutor, SerialExecutor
+from harness.pipeline.store import ResultStore
+from harness.pipeline.sweep import run_sweep
 
 SWEEP: dict[str, Any] = {
     "dataset": "digits",

@@ -3,7 +3,7 @@
 Run this module on two machines over the same ONNX file and pixels: the first run writes a
 reference JSON, the second compares with it. For each kernel profile (``exact``, ``host``) it
 records a SHA-256 of the logits and the top-1 labels, together with the CPU's flags and its
-measured kernel class (:func:`harness.kernels.probe_host`). The ``exact`` profile must match
+measured kernel class (:func:`harness.runtime.kernels.probe_host`). The ``exact`` profile must match
 bit for bit on any x86 CPU; ``host`` matches only where both CPUs are int32-exact.
 
 Usage: ``python -m bench.cross_cpu MODEL.onnx PIXELS.npy --json out.json [--reference ref.json]``
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.adapter import RuntimeAdapter
-from harness.kernels import cpu_isa_flags, probe_host
+from harness.runtime.adapter import RuntimeAdapter
+from harness.runtime.kernels import cpu_isa_flags, probe_host
 
 PROFILES = ("exact", "host")
 

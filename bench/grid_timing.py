@@ -22,8 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BlindspotsError
-from harness.store import ResultStore
+from harness.core.errors import BlindspotsError
+from harness.pipeline.store import ResultStore
 
 
 def timing_split(records: list[dict[str, Any]]) -> dict[str, Any]:

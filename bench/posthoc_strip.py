@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from defenses.strip import empirical_threshold, normal_threshold
-from harness.store import ResultStore
+from harness.pipeline.store import ResultStore
 
 
 def main() -> None:

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.qcb_cli import QCBConfig, load_qcb_config, qcb_dataset, run_qcb
-from harness.store import ResultStore
+from harness.pipeline.store import ResultStore
+from harness.qcb.pipeline import QCBConfig, load_qcb_config, qcb_dataset, run_qcb
 
 ALL_IMAGES = None
 SETTINGS: list[dict[str, Any]] = [

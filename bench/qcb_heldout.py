@@ -4,7 +4,7 @@
 QCB's settings were chosen by looking at scores on those same images (even on another seed),
 the table's numbers are not an unbiased estimate; this bench re-scores every artifact of every
 seed on the test images after them, which no choice has seen, with the same metrics
-(:func:`harness.requantize.evaluate_file`: accuracy and ASR under both INT8 kernel profiles).
+(:func:`harness.qcb.requantize.evaluate_file`: accuracy and ASR under both INT8 kernel profiles).
 
 Usage: ``python -m bench.qcb_heldout runs/qcb-gtsrb [--threads 2]``
 """
@@ -15,9 +15,9 @@ import argparse
 from pathlib import Path
 
 from harness.attacks.base import build_attack
-from harness.errors import BlindspotsError
-from harness.qcb_cli import QCBConfig, load_qcb_config, qcb_dataset
-from harness.requantize import EvalSets, evaluate_file
+from harness.core.errors import BlindspotsError
+from harness.qcb.pipeline import QCBConfig, load_qcb_config, qcb_dataset
+from harness.qcb.requantize import EvalSets, evaluate_file
 
 KINDS = {"qcb": "QCB", "clean": "clean control"}
 

@@ -1,6 +1,6 @@
 """One small interface for every backdoor defense.
 
-A defense receives the :class:`~harness.adapter.RuntimeAdapter` of the model under audit (any
+A defense receives the :class:`~harness.runtime.adapter.RuntimeAdapter` of the model under audit (any
 precision), the data it needs (:class:`DefenseData`) and a seeded ``numpy.random.Generator``, and
 returns a typed :class:`DefenseResult`. It never imports torch training code or onnxruntime,
 never prints and never writes files: only the runner persists, only the report renders.
@@ -42,8 +42,8 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.errors import BlindspotsError, validation_message
-from harness.registry import Registry
+from harness.core.errors import BlindspotsError, validation_message
+from harness.core.registry import Registry
 
 
 class Need(StrEnum):

@@ -38,11 +38,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from onnx import numpy_helper
 from pydantic import BaseModel, ConfigDict, Field
 
 from defenses.base import DEFENSES, Defense, DefenseData, Finding, Group, Need, NotApplicable
-from harness.errors import DataError, ModelError
+from harness.core.errors import DataError, ModelError
 
 
 class DeploymentDiffParams(BaseModel):
@@ -101,13 +100,8 @@ def random_patches(
 def first_layer_stimuli(reference: Any, positions: int, rng: np.random.Generator) -> list[Patch]:
     """Per unit of the FP32 graph's first Conv, the pixel pattern that maximises it, placed at
     ``positions`` random spots (none when the graph has no convolution on its input)."""
-    model = reference.model
-    weights = {init.name: init for init in model.graph.initializer}
-    conv = next((node for node in model.graph.node if node.op_type == "Conv"), None)
-    if conv is None or len(conv.input) < 2 or conv.input[1] not in weights:
-        return []
-    kernel = numpy_helper.to_array(weights[conv.input[1]])
-    if kernel.ndim != 4 or kernel.shape[1] != reference.preprocessing.channels:
+    kernel = reference.input_conv_kernel()
+    if kernel is None or kernel.ndim != 4 or kernel.shape[1] != reference.preprocessing.channels:
         return []
     height, width, channels = reference.input_shape
     bits = (kernel > 0).transpose(0, 2, 3, 1)  # (units, k, k, C) in the model's channel order

@@ -18,7 +18,7 @@ from sklearn.metrics import precision_score, recall_score, roc_auc_score
 from threadpoolctl import ThreadpoolController
 
 from defenses.base import NotApplicable
-from harness.errors import DataError
+from harness.core.errors import DataError
 
 MAD_CONSISTENCY = 1.4826
 """Scales the median absolute deviation to the standard deviation of a normal distribution."""

@@ -50,7 +50,7 @@ from scipy.stats import norm
 
 from defenses.base import DEFENSES, Defense, DefenseData, Finding, Group, Need, NotApplicable
 from defenses.filtering import auroc, input_filter_rates
-from harness.errors import DataError
+from harness.core.errors import DataError
 
 MIN_CLEAN_SPLIT = 2
 """Fewest clean inputs in each of the fit and FRR sets (a normal needs two points)."""

@@ -20,7 +20,7 @@ _LAZY = {
     "read_sidecar": "exporters.quantizers",
     "describe_quantization": "exporters.quantizers",
     "sha256_file": "exporters.quantizers",
-    "cpu_isa_flags": "harness.kernels",
+    "cpu_isa_flags": "harness.runtime.kernels",
 }
 
 __all__ = sorted(_LAZY)

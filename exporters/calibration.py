@@ -21,8 +21,8 @@ from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
 from exporters.recipes import QuantRecipe, calibrator_options, ort_calibration_method
-from harness.errors import DataError
-from harness.preprocessing import Preprocessing
+from harness.artifacts.preprocessing import Preprocessing
+from harness.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 

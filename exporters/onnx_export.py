@@ -20,9 +20,9 @@ import onnxruntime as ort
 from pydantic import BaseModel
 
 from exporters.calibration import check_pixel_images
-from harness.errors import ModelError, one_line
-from harness.kernels import session_options
-from harness.preprocessing import METADATA_KEY, Preprocessing
+from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
+from harness.core.errors import ModelError, one_line
+from harness.runtime.kernels import session_options
 
 if TYPE_CHECKING:  # torch is imported inside the export functions: reading metadata stays cheap
     import torch

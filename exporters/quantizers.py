@@ -47,6 +47,7 @@ from exporters.calibration import (
     select_calibration_images,
     write_calibration_cache,
 )
+from exporters.catalog import PRECISIONS
 from exporters.recipes import (
     QuantRecipe,
     calibrator_options,
@@ -55,12 +56,11 @@ from exporters.recipes import (
     resolve_recipe,
     static_kwargs,
 )
-from harness.adapter import data_inputs, declared_batch
-from harness.errors import BlindspotsError, ModelError, one_line, validation_message
-from harness.kernels import DEFAULT_PROFILE, cpu_isa_flags, session_options
-from harness.preprocessing import METADATA_KEY, Preprocessing
-from harness.registry import Registry
-from harness.sidecar import read_sidecar, sha256_file, sidecar_path
+from harness.artifacts.graph_inputs import data_inputs, declared_batch
+from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
+from harness.artifacts.sidecar import read_sidecar, sha256_file, sidecar_path
+from harness.core.errors import BlindspotsError, ModelError, one_line, validation_message
+from harness.runtime.kernels import DEFAULT_PROFILE, cpu_isa_flags, session_options
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,6 @@ class Quantizer:
         notes: list[str],
     ) -> QuantRecipe:
         raise NotImplementedError
-
-
-PRECISIONS: Registry[type[Quantizer]] = Registry("precision")
 
 
 @PRECISIONS.register("fp32")

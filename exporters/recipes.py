@@ -15,7 +15,7 @@ from typing import Any, Literal
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from harness.errors import ModelError, validation_message
+from harness.core.errors import ModelError, validation_message
 
 DataTypeName = Literal["int8", "uint8", "int4", "uint4", "int16", "uint16"]
 CalibrationName = Literal["minmax", "entropy", "percentile"]

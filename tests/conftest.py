@@ -38,7 +38,7 @@ def _digits():
 
 
 def _train(x: np.ndarray, y: np.ndarray, preprocessing):
-    from harness.training import TrainConfig, train_model
+    from harness.training.loop import TrainConfig, train_model
 
     config = TrainConfig(model="small_cnn", epochs=25, batch_size=64, seed=0, num_threads=1)
     return train_model(x, y, 10, preprocessing, config, progress=False)
@@ -60,8 +60,8 @@ def _export_all(
 @pytest.fixture(scope="session")
 def digits_world(tmp_path_factory) -> DigitsWorld:
     """Poisoned (10% BadNet 2×2, target 0) and clean small_cnn digits models at every precision."""
+    from harness.artifacts.preprocessing import Preprocessing
     from harness.attacks.base import build_attack
-    from harness.preprocessing import Preprocessing
 
     data = _digits()
     attack = build_attack(

@@ -15,14 +15,14 @@ import numpy as np
 
 
 def probe() -> dict:
-    from harness.kernels import probe_host
+    from harness.runtime.kernels import probe_host
 
     return probe_host().as_dict()
 
 
 def logits(model: str, pixels: str) -> dict:
     """Logits under both profiles, and the replica's parity verdict under each."""
-    from harness.adapter import RuntimeAdapter
+    from harness.runtime.adapter import RuntimeAdapter
 
     images = np.load(pixels)
     out = {}
@@ -41,9 +41,9 @@ def logits(model: str, pixels: str) -> dict:
 
 def train_digest() -> dict:
     """Weights of one short seeded training run (portable float kernels are pinned on import)."""
+    from harness.artifacts.preprocessing import Preprocessing
     from harness.data.base import load_dataset
-    from harness.preprocessing import Preprocessing
-    from harness.training import TrainConfig, train_model
+    from harness.training.loop import TrainConfig, train_model
 
     data = load_dataset("digits")
     preprocessing = Preprocessing.from_images(data.x_train)

@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from harness.intake import IntakeOverrides
-from harness.preprocessing import METADATA_KEY, Preprocessing
+from harness.artifacts.intake import IntakeOverrides
+from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
 
 SIZE = 8  # image height and width
 CLASSES = 10

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
-from harness.adapter import RuntimeAdapter, infer_precision, preprocessing_from_metadata
-from harness.errors import ModelError
-from harness.metrics import batch_dependence
-from harness.preprocessing import Preprocessing
+from harness.artifacts.preprocessing import Preprocessing
+from harness.core.errors import ModelError
+from harness.core.metrics import batch_dependence
+from harness.runtime.adapter import RuntimeAdapter, infer_precision, preprocessing_from_metadata
 from tests.conftest import PRECISIONS
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from harness.attacks import ATTACKS, PoisonedSet, build_attack
-from harness.errors import BlindspotsError, DataError
+from harness.core.errors import BlindspotsError, DataError
 
 
 def _gray_images(n: int, h: int, w: int, c: int, seed: int = 0) -> np.ndarray:

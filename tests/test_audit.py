@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from defenses.base import DefenseResult, Group, Status
-from harness.audit import audit_verdict
-from harness.cli import main
-from harness.sampling import stratified_sample
+from harness.audit.run import audit_verdict
+from harness.cli.app import main
+from harness.core.sampling import stratified_sample
 from tests.foreign_models import cli_flags, foreign_corpus
 
 NC_SMALL = {

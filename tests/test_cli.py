@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.cli import main
+from harness.cli.app import main
 
 
 def _error_line(capsys) -> str:
@@ -79,8 +79,8 @@ def test_config_problems_are_caught_before_any_training(tmp_path, capsys):
 
 def test_a_model_of_another_input_shape_gives_a_one_line_error(digits_world, capsys):
     # the digits model expects 8x8x1; ask it about 32x32x1 images via explicit preprocessing
-    from harness.adapter import RuntimeAdapter
-    from harness.errors import ModelError
+    from harness.core.errors import ModelError
+    from harness.runtime.adapter import RuntimeAdapter
 
     adapter = RuntimeAdapter.from_path(digits_world.poisoned["int8-static"])
     import numpy as np

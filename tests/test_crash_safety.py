@@ -22,26 +22,26 @@ import numpy as np
 import pytest
 import torch
 
-from harness.atomic import (
+from harness.artifacts.preprocessing import Preprocessing
+from harness.cli.app import main
+from harness.core.atomic import (
     PARTIAL_MARK,
     atomic_target,
     atomic_write_json,
     atomic_write_text,
     remove_partials,
 )
-from harness.cli import main
-from harness.errors import BlindspotsError, ModelError
-from harness.models import build_model
-from harness.preprocessing import Preprocessing
-from harness.report import build_report
-from harness.runlock import LOCK_NAME, RunLock
-from harness.store import ResultStore, cell_id
-from harness.training import (
+from harness.core.errors import BlindspotsError, ModelError
+from harness.core.runlock import LOCK_NAME, RunLock
+from harness.pipeline.store import ResultStore, cell_id
+from harness.report.document import build_report
+from harness.training.loop import (
     checkpoint_is_valid,
     load_model,
     save_state,
     set_aside_if_corrupt,
 )
+from harness.training.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT_S = 120
@@ -86,7 +86,7 @@ def _kill(child: subprocess.Popen[str]) -> None:
 
 SLOW_WRITER = """
     import sys, time
-    from harness.atomic import atomic_target
+    from harness.core.atomic import atomic_target
     with atomic_target(sys.argv[1]) as partial:
         with open(partial, "wb") as fh:
             while True:
@@ -312,7 +312,7 @@ def test_save_state_writes_through_a_temporary_file(tmp_path, monkeypatch):
 
 HOLDER = """
     import sys, time
-    from harness.runlock import LOCK_NAME, RunLock
+    from harness.core.runlock import LOCK_NAME, RunLock
     with RunLock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(120)
@@ -363,8 +363,8 @@ KILLED_RUN = """
 
         torch.save = save
     elif moment == "second-result":  # the second results line: half written, then killed
-        import harness.store
-        real_write_all = harness.store.write_all
+        import harness.pipeline.store
+        real_write_all = harness.pipeline.store.write_all
         lines = []
 
         def write_all(fd, data):
@@ -374,7 +374,7 @@ KILLED_RUN = """
                 die()
             real_write_all(fd, data)
 
-        harness.store.write_all = write_all
+        harness.pipeline.store.write_all = write_all
     elif moment == "config-rewrite":  # the rerun's new config.json written, not yet renamed
         real_replace = os.replace
 
@@ -385,7 +385,7 @@ KILLED_RUN = """
 
         os.replace = replace
 
-    from harness.cli import main
+    from harness.cli.app import main
 
     sys.exit(main(sys.argv[2:]))
 """
@@ -445,7 +445,7 @@ def test_sigkilled_runs_resume_without_losing_or_recomputing_a_cell(
     assert json.loads((out / "config.json").read_text()) == config_before
 
     with monkeypatch.context() as patch:  # the disk fills up at the next results line
-        patch.setattr("harness.store.write_all", _full_disk())
+        patch.setattr("harness.pipeline.store.write_all", _full_disk())
         assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"blindspots: error: cannot write {out / 'results.jsonl'}: No space left on device"

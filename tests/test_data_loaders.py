@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits as sklearn_digits
 
+from harness.core.errors import BlindspotsError, DataError
 from harness.data import DATASETS, load_dataset
 from harness.data.cifar10 import TRAIN_BATCHES
-from harness.errors import BlindspotsError, DataError
 
 RED, GREEN, BLUE = (220, 10, 30), (15, 200, 40), (5, 25, 240)
 

@@ -27,7 +27,7 @@ from defenses.strip import (
     split_sizes,
     superimpose,
 )
-from harness.adapter import RuntimeAdapter
+from harness.runtime.adapter import RuntimeAdapter
 
 TARGET_CLASS = 2
 PATCH_VALUE = 250  # the fake backdoor fires when the bottom-right 2x2 patch is at least this

@@ -20,9 +20,9 @@ from defenses.neural_cleanse import (
     mad_anomaly_index,
     stamp,
 )
-from harness.adapter import RuntimeAdapter
-from harness.errors import BlindspotsError, ModelError
-from harness.retrain import FinePruneRetrainer
+from harness.core.errors import BlindspotsError, ModelError
+from harness.pipeline.retrain import FinePruneRetrainer
+from harness.runtime.adapter import RuntimeAdapter
 
 NC_BUDGET = {"n_samples": 64, "batch_size": 32, "n_eval": 200, "torch_threads": 1}
 
@@ -191,7 +191,7 @@ def test_nc_is_deterministic_for_a_seed(digits_world):
 
 
 def test_nc_refuses_when_the_replica_disagrees_with_onnxruntime(digits_world, monkeypatch):
-    from harness.oracle import ParityReport
+    from harness.runtime.oracle import ParityReport
 
     adapter = RuntimeAdapter.from_path(digits_world.poisoned["fp32"])
     oracle = adapter.gradient_oracle()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import build_parser
+from harness.cli.app import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"

@@ -32,10 +32,10 @@ from exporters.quantizers import (
     read_sidecar,
     sha256_file,
 )
-from harness.errors import DataError, ModelError
-from harness.models import build_model
-from harness.preprocessing import Preprocessing
-from harness.registry import UnknownNameError
+from harness.artifacts.preprocessing import Preprocessing
+from harness.core.errors import DataError, ModelError
+from harness.core.registry import UnknownNameError
+from harness.training.models import build_model
 
 NUM_CLASSES = 10
 SOURCE_KEY = "blindspots.source_model"

@@ -22,11 +22,11 @@ from exporters import quantizers
 from exporters.onnx_export import read_preprocessing
 from exporters.quantizers import ort_run_problem, quantize
 from exporters.recipes import QuantRecipe
-from harness.cli import main
-from harness.errors import ModelError
-from harness.kernels import DEFAULT_PROFILE, session_options
-from harness.preprocessing import METADATA_KEY, Preprocessing
-from harness.sidecar import read_sidecar, sha256_file, sidecar_precision
+from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
+from harness.artifacts.sidecar import read_sidecar, sha256_file, sidecar_precision
+from harness.cli.app import main
+from harness.core.errors import ModelError
+from harness.runtime.kernels import DEFAULT_PROFILE, session_options
 from tests.foreign_models import cli_flags, foreign_corpus
 
 PRE = Preprocessing(mean=(0.5,), std=(0.25,))

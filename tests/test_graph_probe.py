@@ -25,13 +25,13 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from harness.graph_probe import (
+from harness.artifacts.graph_probe import (
     ProbePoint,
     add_probe_outputs,
     discover_layers,
     mask_channels,
 )
-from harness.kernels import session_options
+from harness.runtime.kernels import session_options
 
 CHANNELS = 4
 FORMATS = ("fp32", "dynamic", "qoperator", "qdq")

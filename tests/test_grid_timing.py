@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.grid_timing import main, render, timing_split
-from harness.errors import BlindspotsError
+from harness.core.errors import BlindspotsError
 
 
 def _record(seed: int, poisoned: bool, precision: str, nc_s: float) -> dict:

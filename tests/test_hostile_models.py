@@ -25,8 +25,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from harness.errors import ModelError
-from harness.model_safety import MAX_DIM, load_untrusted, runtime_limits
+from harness.core.errors import ModelError
+from harness.runtime.model_safety import MAX_DIM, load_untrusted, runtime_limits
 
 OPSET = 13
 IR_VERSION = 8

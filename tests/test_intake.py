@@ -15,12 +15,12 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from harness.adapter import RuntimeAdapter
-from harness.errors import ModelError
-from harness.intake import IntakeOverrides, check_num_classes, intake
-from harness.kernels import session_options
-from harness.oracle import PixelReplica
-from harness.preprocessing import METADATA_KEY, Preprocessing
+from harness.artifacts.intake import IntakeOverrides, check_num_classes, intake
+from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
+from harness.core.errors import ModelError
+from harness.runtime.adapter import RuntimeAdapter
+from harness.runtime.kernels import session_options
+from harness.runtime.oracle import PixelReplica
 from tests.foreign_models import (
     CLASSES,
     CORPUS,

@@ -20,10 +20,12 @@ import numpy as np
 import onnx
 import pytest
 
-from harness.adapter import RuntimeAdapter
-from harness.config import build_config
-from harness.errors import BlindspotsError, ModelError
-from harness.kernels import (
+from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
+from harness.core.errors import BlindspotsError, ModelError
+from harness.pipeline.config import build_config
+from harness.report.document import render_kernel_drift
+from harness.runtime.adapter import RuntimeAdapter
+from harness.runtime.kernels import (
     EXACT,
     PRECISION_MODE_KEY,
     SATURATING,
@@ -33,8 +35,6 @@ from harness.kernels import (
     profile_record,
     session_config_entries,
 )
-from harness.preprocessing import METADATA_KEY, Preprocessing
-from harness.report import render_kernel_drift
 from tests.test_replica_coverage import _qoperator_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,8 +169,8 @@ def test_runner_measures_every_quantized_cell_under_both_profiles_where_they_dif
     tmp_path, monkeypatch
 ):
     """Plumbing of the drift cells, on any host: the probe is told the host saturates."""
-    import harness.runner as runner
-    from harness.report import build_report, render_markdown
+    import harness.pipeline.runner as runner
+    from harness.report.document import build_report, render_markdown
 
     monkeypatch.setattr(runner, "probe_host", lambda: HostKernels(SATURATING, True, {}))
     config = build_config(
@@ -244,7 +244,7 @@ def native_training_digest() -> str:
 @needs_qemu
 @pytest.mark.parametrize("cpu", EMULATED_CPUS)
 def test_training_gives_the_same_weights_on_intel_and_amd_avx2_cpus(cpu, native_training_digest):
-    """Portable float kernels (harness.determinism): the trained model depends neither on the
+    """Portable float kernels (harness.core.determinism): the trained model depends neither on the
     CPU's vector width nor on its vendor, so neither does anything measured on it. Both
     emulated CPUs are compared with the host, whichever vendor that is."""
     assert _emulated("train", cpu=cpu)["sha256"] == native_training_digest

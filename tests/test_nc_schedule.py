@@ -24,7 +24,7 @@ from defenses.neural_cleanse import (
     flag_small_norm_outliers,
     mad_anomaly_index,
 )
-from harness.adapter import RuntimeAdapter
+from harness.runtime.adapter import RuntimeAdapter
 
 
 def _norm_sets(rng: np.random.Generator, count: int) -> list[np.ndarray]:

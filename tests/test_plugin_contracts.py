@@ -8,8 +8,8 @@ import pytest
 
 from defenses.base import DEFENSES, DefenseData, Status, Verdict, build_defense
 from exporters.quantizers import PRECISIONS, quantize
-from harness.adapter import RuntimeAdapter
 from harness.attacks.base import ATTACKS, build_attack
+from harness.runtime.adapter import RuntimeAdapter
 
 # Small budgets so the whole contract suite stays fast; a defense not listed runs its defaults.
 QUICK_PARAMS = {
@@ -78,7 +78,7 @@ def test_every_defense_runs_is_deterministic_and_fills_its_result(digits_world, 
 
 @pytest.mark.parametrize("name", SHIPPED_DEFENSES)
 def test_every_defense_rejects_unknown_parameters(name):
-    from harness.errors import BlindspotsError
+    from harness.core.errors import BlindspotsError
 
     with pytest.raises(BlindspotsError, match=name):
         build_defense(name, {"no_such_parameter": 1})

@@ -11,15 +11,15 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from harness.preprocessing import Preprocessing
-from harness.progress import (
+from harness.artifacts.preprocessing import Preprocessing
+from harness.core.progress import (
     BarProgress,
     LineProgress,
     Progress,
     format_duration,
     progress_for,
 )
-from harness.training import TrainConfig, train_model
+from harness.training.loop import TrainConfig, train_model
 
 STAMP = r"\d\d:\d\d:\d\d"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench.qcb_heldout import held_out_sets
-from harness.qcb_cli import load_qcb_config, qcb_dataset
+from harness.qcb.pipeline import load_qcb_config, qcb_dataset
 
 CONFIG = Path(__file__).parents[1] / "configs" / "qcb-gtsrb.toml"
 

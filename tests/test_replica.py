@@ -13,12 +13,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from harness.adapter import RuntimeAdapter
-from harness.errors import ModelError
-from harness.models import build_model
-from harness.oracle import GradientOracle
-from harness.preprocessing import METADATA_KEY, Preprocessing
-from harness.replica import build_replica
+from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
+from harness.core.errors import ModelError
+from harness.replica.interpreter import build_replica
+from harness.runtime.adapter import RuntimeAdapter
+from harness.runtime.oracle import GradientOracle
+from harness.training.models import build_model
 from tests.conftest import PRECISIONS
 
 

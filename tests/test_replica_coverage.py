@@ -22,10 +22,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from harness.errors import ModelError
-from harness.kernels import EXACT, probe_host, session_options
-from harness.replica import build_replica
-from harness.replica_ops import mlas_logistic
+from harness.core.errors import ModelError
+from harness.replica.interpreter import build_replica
+from harness.replica.ops import mlas_logistic
+from harness.runtime.kernels import EXACT, probe_host, session_options
 
 MS_DOMAIN = "com.microsoft"
 

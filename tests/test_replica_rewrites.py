@@ -17,12 +17,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import harness.replica as replica_module
-from harness.adapter import RuntimeAdapter
-from harness.oracle import PixelReplica
-from harness.replica import ReplicaModule, build_replica
-from harness.replica_ops import NodeSpec
-from harness.replica_rewrites import FAKE_QUANTIZE, fake_quantize
+import harness.replica.interpreter as replica_module
+from harness.replica.interpreter import ReplicaModule, build_replica
+from harness.replica.ops import NodeSpec
+from harness.replica.rewrites import FAKE_QUANTIZE, fake_quantize
+from harness.runtime.adapter import RuntimeAdapter
+from harness.runtime.oracle import PixelReplica
 from tests.conftest import PRECISIONS
 
 

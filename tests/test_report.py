@@ -1,7 +1,7 @@
 """The report built from a store alone: golden report.md, a self-contained report.html with
 every evidence plot, and no undecided cell drawn as a zero.
 
-The store is made by hand through :class:`~harness.store.ResultStore` (no training): 2 seeds ×
+The store is made by hand through :class:`~harness.pipeline.store.ResultStore` (no training): 2 seeds ×
 poisoned/clean × fp32/int8-static, with defense results shaped like the real defenses' (NC
 anomaly indices and reversed triggers, STRIP entropies, AC per-class clusters, SS scores,
 Fine-Pruning curves). STRIP is inconclusive on the poisoned int8-static cells and NC not
@@ -29,12 +29,14 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-import harness.report as report_module
-import harness.report_figure_model as figure_model
-from harness.atomic import PARTIAL_MARK
+import harness.report.document as report_module
+import harness.report.figures.model as figure_model
 from harness.attacks.base import build_attack
-from harness.metrics import wilson_interval
-from harness.report import (
+from harness.core.atomic import PARTIAL_MARK
+from harness.core.metrics import wilson_interval
+from harness.core.verdicts import record_verdict
+from harness.pipeline.store import ResultStore
+from harness.report.document import (
     build_report,
     group_summary,
     render_markdown,
@@ -42,12 +44,26 @@ from harness.report import (
     runs_table,
     write_report,
 )
-from harness.report_evidence import CellArrays, defense_evidence, evidence_seed, rebuild_attack
-from harness.report_figure_model import Evidence, Plot
-from harness.report_panels import draw_ac, draw_fine_pruning, draw_nc_anomaly, draw_ss_z, draw_strip
-from harness.report_plots import accuracy_figure, detection_figure, draw_panel, trigger_figure
-from harness.store import ResultStore
-from harness.verdicts import record_verdict
+from harness.report.figures.evidence import (
+    CellArrays,
+    defense_evidence,
+    evidence_seed,
+    rebuild_attack,
+)
+from harness.report.figures.model import Evidence, Plot
+from harness.report.figures.panels import (
+    draw_ac,
+    draw_fine_pruning,
+    draw_nc_anomaly,
+    draw_ss_z,
+    draw_strip,
+)
+from harness.report.figures.plots import (
+    accuracy_figure,
+    detection_figure,
+    draw_panel,
+    trigger_figure,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "report.md"
 REGEN = os.environ.get("BLINDSPOTS_REGEN_GOLDEN") == "1"
@@ -700,7 +716,7 @@ def test_a_damaged_stored_value_costs_its_panel_not_the_report(case, caplog):
     name, draw, change = DAMAGED[case]
     ev = _evidence(name, change)
     ax = Figure().subplots()
-    with caplog.at_level(logging.WARNING, logger="harness.report_plots"):
+    with caplog.at_level(logging.WARNING, logger="harness.report.figures.plots"):
         note = draw_panel(ax, ev, draw)
     assert note.state == "damaged" and note.note  # the error, in one line
     assert "\n" not in note.note
@@ -757,7 +773,7 @@ def test_trigger_figure_hatches_only_the_row_whose_flagged_label_has_no_trigger(
         true_trigger=bad.true_trigger,
     )
     group = group_summary(build_report(folder), report_groups(build_report(folder))[0])
-    with caplog.at_level(logging.WARNING, logger="harness.report_plots"):
+    with caplog.at_level(logging.WARNING, logger="harness.report.figures.plots"):
         _fig, notes = trigger_figure(group, evidence)
     states = {n.label: n.state for n in notes}
     assert states["fp32, poisoned, seed 0"] == "damaged"
@@ -909,7 +925,7 @@ def test_write_report_removes_figures_an_earlier_report_left(tmp_path, monkeypat
 # ----------------------------------------------------------------------------- one verdict
 def test_panels_and_tables_read_a_legacy_verdict_with_one_function(tmp_path):
     """A record from before verdicts existed (only ``detected``) reads the same in a panel
-    title and in the runs table, because both use :func:`harness.verdicts.record_verdict`."""
+    title and in the runs table, because both use :func:`harness.core.verdicts.record_verdict`."""
     assert figure_model.record_verdict is report_module.record_verdict is record_verdict
     legacy = {"status": "ok", "detected": False, "flagged_labels": []}
     ax = Figure().subplots()

@@ -11,10 +11,10 @@ import pytest
 from pydantic import BaseModel
 
 from defenses.base import DEFENSES, Defense, DefenseData, Finding, Group, Need
-from harness.config import build_config
-from harness.report import write_report
-from harness.runner import run_experiment
-from harness.store import ResultStore
+from harness.pipeline.config import build_config
+from harness.pipeline.runner import run_experiment
+from harness.pipeline.store import ResultStore
+from harness.report.document import write_report
 
 CONFIG = {
     "dataset": "digits",
@@ -170,7 +170,7 @@ def test_a_failing_defense_is_reported_as_error_not_as_not_detected(first_run, t
 
 
 def test_resuming_with_a_different_config_is_refused(first_run):
-    from harness.errors import BlindspotsError
+    from harness.core.errors import BlindspotsError
 
     changed = build_config({**CONFIG, "precisions": ["fp32"]})
     with pytest.raises(BlindspotsError, match="holds results of a different config"):
@@ -206,7 +206,7 @@ def test_fine_pruning_tunes_on_clean_training_images_not_on_the_measured_ones(fi
     # every fine-tuning image is an unpoisoned training sample (none carries the trigger)
     tune_idx = poisoned_cell.retrainer.source_indices
     assert tune_idx is not None and len(tune_idx) == len(tune_x)
-    from harness.runner import prepare_seed
+    from harness.pipeline.runner import prepare_seed
 
     models = prepare_seed(build_config(CONFIG), 0, tmp_path, lambda _: None)
     assert not models.poison_mask[tune_idx].any()

@@ -17,11 +17,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from harness.core.errors import DataError, ModelError
 from harness.data import load_dataset
 from harness.data import npz as npz_loader
-from harness.errors import DataError, ModelError
-from harness.kernels import session_options
-from harness.sanity import (
+from harness.runtime.kernels import session_options
+from harness.runtime.sanity import (
     Finding,
     check_labels,
     check_outputs,

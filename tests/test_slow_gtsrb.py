@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import load_config
-from harness.report import write_report
-from harness.runner import run_experiment
+from harness.pipeline.config import load_config
+from harness.pipeline.runner import run_experiment
+from harness.report.document import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 GTSRB = ROOT.parent / "shared" / "data" / "gtsrb32.npz"

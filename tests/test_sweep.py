@@ -19,16 +19,16 @@ from pathlib import Path
 
 import pytest
 
-import harness.config
-import harness.sweep
-import harness.sweep_cli
-from harness.config import build_config, load_config
-from harness.errors import BlindspotsError
-from harness.executors import DaskExecutor, ProcessExecutor, SerialExecutor, make_executor
-from harness.runner import run_experiment
-from harness.store import ResultStore
-from harness.sweep import plan, run_sweep, select
-from harness.sweep_cli import CONFIGS_DIR, add_commands, paper_config_path, resolve_data_root
+import harness.cli.sweep
+import harness.pipeline.config
+import harness.pipeline.sweep
+from harness.cli.sweep import CONFIGS_DIR, add_commands, paper_config_path, resolve_data_root
+from harness.core.errors import BlindspotsError
+from harness.pipeline.config import build_config, load_config
+from harness.pipeline.executors import DaskExecutor, ProcessExecutor, SerialExecutor, make_executor
+from harness.pipeline.runner import run_experiment
+from harness.pipeline.store import ResultStore
+from harness.pipeline.sweep import plan, run_sweep, select
 from tests.conftest import write_rgb_npz
 
 SWEEP = {
@@ -142,7 +142,7 @@ def test_cell_ids_hash_content_not_paths_thread_counts_or_other_cells(tmp_path, 
     strip = {"strip": {"n_overlays": 11, "n_test": 50}}
     assert not _cells({**config, "defense_params": strip}).keys() & base.keys()
     assert not _cells({**config, "training": {"epochs": 2}}).keys() & base.keys()
-    monkeypatch.setattr(harness.config, "__version__", "9.9.9")
+    monkeypatch.setattr(harness.pipeline.config, "__version__", "9.9.9")
     assert not _cells(config).keys() & base.keys()
 
 
@@ -177,14 +177,14 @@ def test_a_finished_sweep_is_all_done_and_a_rerun_computes_nothing(serial_run):
 
 def test_a_failed_cell_keeps_its_error_and_is_retried_alone(serial_run, tmp_path, monkeypatch):
     shutil.copytree(serial_run / "artifacts", tmp_path / "artifacts")  # skip retraining
-    real = harness.sweep.evaluate_cell
+    real = harness.pipeline.sweep.evaluate_cell
 
     def planted(config, models, sets, poisoned, precision, log):
         if precision == "int8-dynamic" and not poisoned:
             raise RuntimeError("planted failure\nsecond line")
         return real(config, models, sets, poisoned, precision, log)
 
-    monkeypatch.setattr(harness.sweep, "evaluate_cell", planted)
+    monkeypatch.setattr(harness.pipeline.sweep, "evaluate_cell", planted)
     config = build_config(SWEEP)
     with SerialExecutor() as executor:
         summary = run_sweep(config, tmp_path, executor, log=_quiet)
@@ -199,7 +199,7 @@ def test_a_failed_cell_keeps_its_error_and_is_retried_alone(serial_run, tmp_path
         again = run_sweep(config, tmp_path, executor, log=_quiet)
     assert (again.selected, again.failed_before, again.exit_code) == (0, 1, 1)
 
-    monkeypatch.setattr(harness.sweep, "evaluate_cell", real)
+    monkeypatch.setattr(harness.pipeline.sweep, "evaluate_cell", real)
     with SerialExecutor() as executor:
         retried = run_sweep(config, tmp_path, executor, retry_failed=True, log=_quiet)
     assert (retried.selected, retried.done, retried.exit_code) == (1, 1, 0)
@@ -236,11 +236,11 @@ def test_a_folder_filled_under_other_settings_is_refused(serial_run):
 
 KILLED_SWEEP = """
     import os, signal, sys
-    import harness.store
-    from harness.sweep_cli import add_commands
+    import harness.pipeline.store
+    from harness.cli.sweep import add_commands
     import argparse
 
-    real_write_all, lines = harness.store.write_all, []
+    real_write_all, lines = harness.pipeline.store.write_all, []
 
     def write_all(fd, data):  # the second results line: half written, then SIGKILL
         lines.append(data)
@@ -249,7 +249,7 @@ KILLED_SWEEP = """
             os.kill(os.getpid(), signal.SIGKILL)
         real_write_all(fd, data)
 
-    harness.store.write_all = write_all
+    harness.pipeline.store.write_all = write_all
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(sys.argv[1:])
@@ -452,7 +452,7 @@ def test_paper_configs_state_the_studys_setup(dataset):
 def test_paper_configs_are_found_from_an_installed_package_run_in_a_checkout(tmp_path, monkeypatch):
     """``pip install .`` ships no configs beside the package; the Docker image runs from /app,
     which holds them: ``reproduce`` falls back to ./configs, and says where it looked."""
-    monkeypatch.setattr(harness.sweep_cli, "CONFIGS_DIR", tmp_path / "site-packages" / "configs")
+    monkeypatch.setattr(harness.cli.sweep, "CONFIGS_DIR", tmp_path / "site-packages" / "configs")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(BlindspotsError, match=r"paper-gtsrb-small.toml not found in .* and "):
         paper_config_path("gtsrb", small=True)

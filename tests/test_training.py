@@ -9,10 +9,10 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks import build_attack
-from harness.errors import BlindspotsError, ModelError
-from harness.preprocessing import Preprocessing
-from harness.training import (
+from harness.core.errors import BlindspotsError, ModelError
+from harness.training.loop import (
     TrainConfig,
     checkpoint_meta,
     load_model,
@@ -174,7 +174,7 @@ def test_bad_training_options_raise_one_line_errors(options, message):
 
 def test_random_crops_are_shifted_windows_of_the_padded_image():
     """Augmentation must shift images (black border in), never scramble pixels across samples."""
-    from harness.training import _random_crops
+    from harness.training.loop import _random_crops
 
     padded = torch.arange(6 * 2 * 6 * 6, dtype=torch.float32).reshape(6, 2, 6, 6)
     idx = np.array([5, 0, 3, 3])

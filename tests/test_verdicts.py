@@ -2,8 +2,8 @@
 
 An inconclusive cell is neither a hit nor a miss: these tests pin that down in the result
 (:mod:`defenses.base`), the paper-style table and its rates with Wilson intervals
-(:mod:`harness.report`, :func:`harness.metrics.wilson_interval`) and the auditor's reading
-(:func:`harness.audit.audit_verdict`).
+(:mod:`harness.report.document`, :func:`harness.core.metrics.wilson_interval`) and the auditor's reading
+(:func:`harness.audit.run.audit_verdict`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from defenses.base import (
     Status,
     Verdict,
 )
-from harness.audit import audit_verdict
-from harness.metrics import wilson_interval
-from harness.report import render_markdown, summarize, tally_defense
+from harness.audit.run import audit_verdict
+from harness.core.metrics import wilson_interval
+from harness.report.document import render_markdown, summarize, tally_defense
 
 
 @dataclass

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from harness.adapter import RuntimeAdapter
+from harness.runtime.adapter import RuntimeAdapter
 from tests.conftest import PRECISIONS
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from harness.attacks.base import ATTACKS, Attack, AttackParams, check_images
-from harness.errors import BlindspotsError
+from harness.core.errors import BlindspotsError
 
 CORNERS = ("bottom-right", "top-left", "top-right", "bottom-left")
 

@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from harness.errors import BlindspotsError, DataError, validation_message
-from harness.registry import Registry
+from harness.core.errors import BlindspotsError, DataError, validation_message
+from harness.core.registry import Registry
 
 
 class AttackParams(BaseModel):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from harness.errors import DataError, one_line
+from harness.core.errors import DataError, one_line
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".ppm", ".bmp"})
 """File endings the image-folder loaders read (compared lower-case)."""

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from harness.errors import DataError
-from harness.registry import Registry
+from harness.core.errors import DataError
+from harness.core.registry import Registry
 
 
 @dataclass(frozen=True)

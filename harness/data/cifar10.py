@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.core.errors import DataError, one_line
 from harness.data._io import (
     check_image_size,
     reject_unknown_options,
@@ -24,7 +25,6 @@ from harness.data._io import (
     resize_images,
 )
 from harness.data.base import DATASETS, ImageDataset
-from harness.errors import DataError, one_line
 
 FOLDER = "cifar-10-batches-py"
 TARBALL = "cifar-10-python.tar.gz"

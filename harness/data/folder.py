@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.core.errors import DataError
 from harness.data._io import (
     IMAGE_SUFFIXES,
     check_image_size,
@@ -22,7 +23,6 @@ from harness.data._io import (
     require_root,
 )
 from harness.data.base import DATASETS, ImageDataset
-from harness.errors import DataError
 
 DEFAULT_IMAGE_SIZE = 32
 EXPECTED = "train/<class>/<image> and test/<class>/<image>, images " + "/".join(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.core.errors import DataError, one_line
 from harness.data._io import (
     check_image_size,
     list_images,
@@ -27,7 +28,6 @@ from harness.data._io import (
     require_root,
 )
 from harness.data.base import DATASETS, ImageDataset
-from harness.errors import DataError, one_line
 
 NUM_CLASSES = 43
 DEFAULT_IMAGE_SIZE = 32

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.core.errors import DataError, one_line
 from harness.data._io import (
     check_image_size,
     reject_unknown_options,
@@ -30,7 +31,6 @@ from harness.data._io import (
     resize_images,
 )
 from harness.data.base import DATASETS, ImageDataset
-from harness.errors import DataError, one_line
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
 MAX_UNCOMPRESSED_BYTES = 16 << 30

@@ -1,0 +1,217 @@
+"""``blindspots demo | run | report | train | export | quantize | evaluate``: the pipeline, whole
+or one step at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from defenses.base import DefenseData, build_defense
+from exporters.onnx_export import export_onnx
+from exporters.quantizers import PRECISIONS, quantize
+from exporters.recipes import resolve_recipe
+from harness.artifacts.intake import IntakeOverrides, check_num_classes
+from harness.artifacts.preprocessing import Preprocessing
+from harness.attacks.base import build_attack
+from harness.audit.run import (
+    open_vendor_model,
+    vendor_adapter,
+)
+from harness.core.errors import BlindspotsError
+from harness.core.metrics import accuracy, agreement, attack_success_rate
+from harness.core.sampling import stable_seed
+from harness.data.base import load_dataset
+from harness.pipeline.config import build_config, load_config, parse_json_object
+from harness.pipeline.runner import run_experiment
+from harness.report.document import write_report
+from harness.runtime.kernels import profile_record
+from harness.runtime.model_safety import load_untrusted
+from harness.runtime.sanity import check_outputs, raise_on_errors
+from harness.training.loop import (
+    TrainConfig,
+    checkpoint_meta,
+    load_model,
+    save_state,
+    train_model,
+)
+
+DEMO_CONFIG: dict[str, Any] = {
+    "dataset": "digits",
+    "model": "small_cnn",
+    "attack": "badnet",
+    # BadNet's classic 10% all-to-one poisoning with a 2x2 white corner patch: small next to an
+    # 8x8 digit, the regime Neural Cleanse is designed for. (The target class is then about half
+    # poison; configs/gtsrb_badnet.toml covers the low-rate regime AC and SS assume.)
+    "attack_params": {"patch_size": 2, "margin": 0, "poison_rate": 0.1, "target_label": 0},
+    "training": {"epochs": 30, "batch_size": 64, "lr": 0.05},
+    "seeds": [0],
+    "threads": 1,
+    "calibration_size": 256,
+    "defense_clean_size": 225,
+    "defense_params": {
+        "neural_cleanse": {"steps": 400, "batch_size": 32, "n_samples": 256, "torch_threads": 1},
+        "strip": {"n_overlays": 50, "n_test": 100},
+    },
+}
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _intake_overrides(args: argparse.Namespace) -> Any:
+    """What the auditor states about the model's input, from the preprocessing flags."""
+    given = {
+        "mean": args.mean,
+        "std": args.std,
+        "scale": args.scale,
+        "layout": args.layout,
+        "channel_order": args.channel_order,
+    }
+    return IntakeOverrides(**{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = build_config({**DEMO_CONFIG, "int8_kernels": args.int8_kernels}, "demo config")
+    started = time.perf_counter()
+    run_experiment(config, args.out, log=_log)
+    paths = write_report(args.out)
+    _log(f"demo finished in {time.perf_counter() - started:.0f}s")
+    print(Path(paths["markdown"]).read_text())
+    print(f"wrote {paths['json']}, {paths['markdown']} and {paths['html']}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {"data_root": args.data_root, "int8_kernels": args.int8_kernels}
+    if args.dataset:
+        overrides["dataset"] = args.dataset
+    config = load_config(args.config, overrides)
+    run_experiment(config, args.out, log=_log)
+    paths = write_report(args.out)
+    print(f"wrote {paths['json']}, {paths['markdown']} and {paths['html']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    folder = Path(args.folder)
+    if not (folder / "results.jsonl").is_file():
+        raise BlindspotsError(f"no results.jsonl in {folder}: nothing to report")
+    paths = write_report(folder)
+    print(f"wrote {paths['json']}, {paths['markdown']} and {paths['html']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+
+    data = load_dataset(args.dataset, args.data_root)
+    config = TrainConfig(
+        model=args.model, epochs=args.epochs, seed=args.seed, lr=args.lr, batch_size=args.batch_size
+    )
+    preprocessing = Preprocessing.from_images(data.x_train)
+    out = Path(args.out)
+    x, y = data.x_train, data.y_train
+    meta_extra: dict[str, Any] = {"poisoned": False}
+    if not args.clean:
+        attack = build_attack(args.attack, parse_json_object(args.attack_params, "--attack-params"))
+        attack.validate_for(data.image_shape, data.num_classes)
+        poisoned = attack.poison(x, y, np.random.default_rng(stable_seed("poison", args.seed)))
+        x, y = poisoned.x, poisoned.y
+        meta_extra = {"poisoned": True, "attack": attack.describe()}
+    model = train_model(x, y, data.num_classes, preprocessing, config)
+    meta = checkpoint_meta(
+        config, data.num_classes, data.image_shape[2], preprocessing, **meta_extra
+    )
+    save_state(model, out, meta)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    model, meta = load_model(args.state)
+    preprocessing = Preprocessing.from_json(meta["preprocessing"])
+    sample = load_dataset(args.dataset, args.data_root).x_test[:256]
+    report = export_onnx(model, args.out, sample, preprocessing, opset=args.opset)
+    print(report.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize one ONNX file as an integrator would: the file is read as untrusted first, and a
+    vendor model without blindspots metadata gets its preprocessing from the flags."""
+    overrides = parse_json_object(args.recipe, "--recipe")
+    if args.reduce_range:
+        overrides["reduce_range"] = True
+    recipe = resolve_recipe(PRECISIONS.get(args.precision).default_recipe, overrides or None)
+    stated = _intake_overrides(args)
+    explicit = None
+    if recipe.needs_calibration or stated != IntakeOverrides():  # preprocessing matters
+        vendor = open_vendor_model(args.model, stated)  # also refuses hostile files in one line
+        explicit = vendor.intake.preprocessing if stated != IntakeOverrides() else None
+    else:
+        load_untrusted(args.model)
+    calibration = None
+    if recipe.needs_calibration:
+        x = load_dataset(args.dataset, args.data_root).x_train
+        rng = np.random.default_rng(stable_seed("calibration", args.seed))  # as the runner draws
+        calibration = x[
+            np.sort(rng.choice(len(x), min(args.calibration_size, len(x)), replace=False))
+        ]
+    artifact = quantize(
+        args.precision, args.model, args.out, calibration, overrides or None, explicit
+    )
+    print(artifact.model_dump_json(indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+
+    overrides = _intake_overrides(args)
+    data = load_dataset(args.dataset, args.data_root)
+    vendor = open_vendor_model(args.model, overrides)
+    check_num_classes(vendor.intake, data.num_classes)
+    adapter = vendor_adapter(vendor, args.int8_kernels)
+    raise_on_errors(check_outputs(adapter.logits(data.x_test), data.y_test))
+    attack = build_attack(args.attack, parse_json_object(args.attack_params, "--attack-params"))
+    pred = adapter.predict(data.x_test)
+    triggered, _ = attack.triggered_test_set(data.x_test, data.y_test)
+    result: dict[str, Any] = {
+        "model": str(args.model),
+        "precision": adapter.precision,
+        "clean_acc": accuracy(pred, data.y_test),
+        "asr": attack_success_rate(adapter.predict(triggered), attack.target_label),
+        "layers": adapter.layers,
+        "kernels": profile_record(args.int8_kernels),
+    }
+    if args.reference:
+        ref = vendor_adapter(open_vendor_model(args.reference, overrides), args.int8_kernels)
+        result["agreement_fp32"] = agreement(pred, ref.predict(data.x_test))
+    if args.defenses:
+        n = min(200, len(data.x_test) // 2)
+        data_for_defenses = DefenseData(
+            num_classes=data.num_classes,
+            clean_x=data.x_test[:n],
+            clean_y=data.y_test[:n],
+            # AC / SS analyse the data the model was trained on; only the user knows that it
+            # was this dataset's training split (otherwise they report not_applicable).
+            train_x=data.x_train if args.trained_on_dataset else None,
+            train_y=data.y_train if args.trained_on_dataset else None,
+            triggered_x=triggered[n : 2 * n],
+            target_label=None,
+            poison_rate=attack.poison_rate,
+        )
+        result["defenses"] = {}
+        for name in args.defenses:
+            res = build_defense(name).run(
+                adapter, data_for_defenses, np.random.default_rng(stable_seed("defense", name, 0))
+            )
+            result["defenses"][name] = json.loads(res.model_dump_json())
+    print(json.dumps(result, indent=2))
+    return 0

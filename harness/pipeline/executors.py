@@ -1,0 +1,244 @@
+"""Where a sweep's tasks run: in this process, in local worker processes, or on a Dask cluster.
+
+One small interface (:class:`Executor`): ``submit`` a picklable module-level function with one
+argument, then ``wait`` for at least one of the pending handles to finish and read its
+``result``. The sweep driver (:mod:`harness.pipeline.sweep`) is written once against it; each executor is
+a thin wrapper over a library that already does scheduling — :mod:`concurrent.futures` for
+local processes, ``dask.distributed`` for clusters — never a protocol of our own.
+
+Tasks return records; only the driver writes them to the store, so a cluster needs no shared
+store and two workers can never interleave a line. Workers do share the output folder's
+``artifacts/`` (trained models, ONNX files): on a cluster it must be on a filesystem every
+worker reaches at the same path, or each worker recomputes what it does not find.
+
+Threads: each worker gets ``threads_per_worker`` (default 1) torch / onnxruntime / BLAS
+threads, so N workers on N cores do not oversubscribe them. The task itself applies the limit
+(it knows which libraries it loads); the executor only says how many.
+
+Dask is an optional extra (``pip install 'quant-blindspots[dask]'``); without it the other two
+executors work and asking for Dask is a one-line error.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
+from types import TracebackType
+from typing import Any, Literal
+
+from harness.core.errors import BlindspotsError
+
+try:  # the optional [dask] extra
+    import distributed
+except ImportError:  # pragma: no cover - exercised only where the extra is missing
+    distributed = None
+
+ExecutorName = Literal["serial", "processes", "dask"]
+EXECUTORS: tuple[ExecutorName, ...] = ("serial", "processes", "dask")
+DASK_MISSING = (
+    "the Dask executor needs the optional dependency: pip install 'quant-blindspots[dask]'"
+)
+
+
+class Executor(ABC):
+    """Runs ``fn(arg)`` tasks; handles are futures with ``result()`` (re-raises task errors)."""
+
+    name: str
+    workers: int
+    threads_per_worker: int | None
+    """Threads each task may use; None: the task's own setting (serial runs keep the config's)."""
+
+    @abstractmethod
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        """Queue one task; returns its handle."""
+
+    @abstractmethod
+    def wait(self, pending: Collection[Any]) -> list[Any]:
+        """Block until at least one handle of ``pending`` is finished; return the finished ones."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release workers (idempotent)."""
+
+    def slots(self) -> int:
+        """Tasks worth keeping in flight now: one per worker (at least one)."""
+        return max(1, self.workers)
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.workers} worker{'s' if self.workers != 1 else ''})"
+
+
+class SerialExecutor(Executor):
+    """Runs tasks in this process, one at a time, in submission order, when waited on.
+
+    Deferring the call to :meth:`wait` keeps the driver's rhythm the same as with real workers:
+    each finished task's records are written before the next task starts, so an interrupt loses
+    at most the task in flight.
+    """
+
+    name = "serial"
+    workers = 1
+
+    def __init__(self, threads_per_worker: int | None = None) -> None:
+        self.threads_per_worker = threads_per_worker
+        self._queued: dict[Future, tuple[Callable[[Any], Any], Any]] = {}
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        future: Future = Future()
+        self._queued[future] = (fn, arg)
+        return future
+
+    def wait(self, pending: Collection[Any]) -> list[Any]:
+        finished = [f for f in pending if f.done()]
+        if finished:
+            return finished
+        future = next(f for f in self._queued if f in pending)
+        fn, arg = self._queued.pop(future)
+        try:
+            future.set_result(fn(arg))
+        except Exception as exc:  # handed to the driver through result(), as a pool would
+            future.set_exception(exc)
+        return [future]
+
+    def close(self) -> None:
+        self._queued.clear()
+
+
+class ProcessExecutor(Executor):
+    """Local worker processes (``spawn``: a forked torch with live threads can deadlock)."""
+
+    name = "processes"
+
+    def __init__(self, workers: int, threads_per_worker: int = 1) -> None:
+        self.workers = workers
+        self.threads_per_worker = threads_per_worker
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        )
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
+        return self._pool.submit(fn, arg)
+
+    def wait(self, pending: Collection[Any]) -> list[Any]:
+        return list(wait_futures(pending, return_when=FIRST_COMPLETED).done)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class DaskExecutor(Executor):
+    """Tasks on a ``dask.distributed`` cluster: an existing scheduler, or a local one.
+
+    ``scheduler`` is an address such as ``tcp://10.0.0.5:8786``; without it a
+    ``LocalCluster`` of ``workers`` single-threaded worker processes is started (and stopped on
+    :meth:`close`). ``client`` adopts a client the caller manages (tests, notebooks).
+    """
+
+    name = "dask"
+
+    def __init__(
+        self,
+        scheduler: str | None = None,
+        workers: int = 2,
+        threads_per_worker: int = 1,
+        client: Any = None,
+    ) -> None:
+        if distributed is None:
+            raise BlindspotsError(DASK_MISSING)
+        self.threads_per_worker = threads_per_worker
+        self._cluster = None
+        self._owns_client = client is None
+        if client is not None:
+            self._client = client
+        elif scheduler is not None:
+            self._client = _connect(scheduler)
+        else:
+            self._cluster = distributed.LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+            self._client = distributed.Client(self._cluster)
+        self.workers = max(1, len(self._client.scheduler_info().get("workers", {})) or workers)
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> Any:
+        # pure=False: two identical submissions (a retry) must both run.
+        return self._client.submit(fn, arg, pure=False)
+
+    def slots(self) -> int:
+        """Worker threads the scheduler has *now*: a cluster's workers may join after the start."""
+        try:
+            live = sum(self._client.nthreads().values())
+        except (OSError, TimeoutError):  # scheduler briefly unreachable: keep the last count
+            live = 0
+        return max(1, live or self.workers)
+
+    def wait(self, pending: Collection[Any]) -> list[Any]:
+        return list(distributed.wait(list(pending), return_when="FIRST_COMPLETED").done)
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+
+def _connect(scheduler: str) -> Any:
+    """A client of the scheduler at ``scheduler``, or a one-line error saying why not."""
+    try:
+        return distributed.Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BlindspotsError(f"cannot reach the Dask scheduler at {scheduler}: {reason}") from None
+
+
+def default_executor_name() -> ExecutorName:
+    """Local processes on a multi-core machine, serial on a single core."""
+    return "processes" if (os.cpu_count() or 1) > 1 else "serial"
+
+
+def make_executor(
+    name: ExecutorName | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    threads: int | None = None,
+) -> Executor:
+    """The executor a user asked for; ``scheduler`` implies Dask.
+
+    ``workers`` defaults to the number of cores; ``threads`` (per worker) to 1 for parallel
+    executors and to the config's own setting for serial runs.
+    """
+    if scheduler is not None:
+        if name not in (None, "dask"):
+            raise BlindspotsError(f"--scheduler runs on Dask; it cannot be combined with {name}")
+        name = "dask"
+    name = name or default_executor_name()
+    if name not in EXECUTORS:
+        raise BlindspotsError(f"unknown executor '{name}'; expected one of {', '.join(EXECUTORS)}")
+    if workers is not None and workers < 1:
+        raise BlindspotsError(f"workers must be at least 1, got {workers}")
+    count = workers or os.cpu_count() or 1
+    if name == "serial":
+        return SerialExecutor(threads)
+    if name == "processes":
+        return ProcessExecutor(count, threads or 1)
+    return DaskExecutor(scheduler=scheduler, workers=count, threads_per_worker=threads or 1)

@@ -1,0 +1,527 @@
+"""``blindspots qcb``: build quantization-conditioned backdoors and audit them both ways.
+
+``blindspots qcb run --config configs/qcb-digits.toml --out runs/qcb-digits`` does, per seed:
+
+1. train the clean control (the benign model the attacker starts from) and implant the QCB into
+   a copy (:mod:`harness.qcb.attack`); nothing is poisoned, the training data stay clean;
+2. export both, quantize them with the project's recipes on the *victim's* calibration draw (the
+   runner's seeded draw, independent of the attacker's own ranges);
+3. measure clean accuracy and ASR of every artifact on onnxruntime sessions under both INT8
+   kernel profiles (``exact`` in the cells, ``host`` beside it);
+4. run every configured defense on every artifact — the FP32 file (what users audit today) and
+   the deployed INT8/INT4 files — QCB and clean control alike, each quantized cell with its FP32
+   reference in ``DefenseData.reference`` (``deployment_diff`` compares the two); the cells go to
+   the result store, so ``report.md`` is the project's usual table;
+5. re-quantize both FP32 models with every variant of :mod:`harness.qcb.requantize`.
+
+``qcb.md`` / ``qcb.json`` add the acceptance view (per seed: FP32 vs INT8 ASR, accuracy against
+the clean control), the differential check's verdicts and false-alarm rate, and the
+re-quantization table. Finished cells and tables are reused on a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from defenses.base import DefenseData, build_defense
+from exporters.onnx_export import export_onnx
+from exporters.quantizers import quantize_all
+from harness.artifacts.preprocessing import Preprocessing
+from harness.attacks.base import build_attack
+from harness.core.errors import BlindspotsError, validation_message
+from harness.core.metrics import accuracy, agreement, attack_success_rate
+from harness.core.progress import progress_for
+from harness.core.sampling import stable_seed, stratified_sample
+from harness.data.base import ImageDataset, load_dataset
+from harness.pipeline.config import ALL_DEFENSES, TrainingOptions
+from harness.pipeline.retrain import FinePruneRetrainer
+from harness.pipeline.runner import environment
+from harness.pipeline.store import ResultStore, cell_id
+from harness.qcb.attack import QCBParams, implant
+from harness.qcb.requantize import EvalSets, RepairParams, requantize_table
+from harness.report.document import tally_defense, write_report
+from harness.runtime.adapter import RuntimeAdapter
+from harness.runtime.kernels import PROFILES, profile_record
+from harness.training.loop import TrainConfig, checkpoint_meta, load_model, save_state, train_model
+
+Log = Callable[[str], None]
+ATTACK_NAME = "qcb"
+KINDS = {True: "qcb", False: "clean"}
+
+
+class QCBConfig(BaseModel):
+    """One QCB experiment (TOML/JSON); unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    dataset_options: dict[str, Any] = Field(default_factory=dict)
+    model: str = "small_cnn"
+    attack: str = "badnet"
+    attack_params: dict[str, Any] = Field(
+        default_factory=lambda: {
+            "patch_size": 3,
+            "pattern": "checkerboard",
+            "margin": 0,
+            "target_label": 0,
+        }
+    )
+    training: TrainingOptions = Field(default_factory=TrainingOptions)
+    train_limit: int | None = Field(None, ge=10)
+    """Stratified cap on training images (clean control and QCB alike)."""
+    qcb: dict[str, Any] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    precisions: list[str] = Field(default_factory=lambda: ["fp32", "int8-static", "int4"])
+    calibration_size: int = Field(256, ge=1)
+    eval_limit: int | None = Field(None, ge=1)
+    defenses: list[str] = Field(default_factory=lambda: [*ALL_DEFENSES, "deployment_diff"])
+    defense_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    defense_clean_size: int = Field(200, ge=10)
+    defense_train_size: int | None = Field(2000, ge=10)
+    finetune_epochs: int = Field(2, ge=0)
+    requantize: bool = True
+    repair: dict[str, Any] = Field(default_factory=dict)
+    threads: int | None = Field(1, ge=1)
+
+    @field_validator("precisions")
+    @classmethod
+    def _fp32_first(cls, value: list[str]) -> list[str]:
+        if "fp32" not in value:
+            raise ValueError("precisions must include 'fp32' (the artifact audited today)")
+        return value
+
+    def qcb_params(self) -> QCBParams:
+        return QCBParams(**self.qcb)
+
+    def repair_params(self) -> RepairParams:
+        try:
+            return RepairParams(**self.repair)
+        except ValidationError as exc:
+            message = validation_message(exc, "repair parameter", RepairParams.model_fields)
+            raise BlindspotsError(message) from None
+
+
+def load_qcb_config(path: str | Path, overrides: dict[str, Any] | None = None) -> QCBConfig:
+    """Read a TOML/JSON QCB config; a bad file or field is one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BlindspotsError(f"config file not found: {path}")
+    try:
+        raw = (
+            json.loads(path.read_text())
+            if path.suffix == ".json"
+            else tomllib.loads(path.read_text())
+        )
+    except (ValueError, OSError) as exc:
+        raise BlindspotsError(f"{path}: cannot parse config: {exc}") from None
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        config = QCBConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise BlindspotsError(
+            f"{path}: {validation_message(exc, 'option', QCBConfig.model_fields)}"
+        ) from None
+    config.qcb_params()
+    config.repair_params()
+    for name in config.defenses:
+        build_defense(name, config.defense_params.get(name))
+    return config
+
+
+# ------------------------------------------------------------------------------------- models
+def qcb_dataset(config: QCBConfig) -> ImageDataset:
+    """The config's dataset, its training set cut to the stratified ``train_limit`` subset."""
+    data = load_dataset(config.dataset, config.data_root, **config.dataset_options)
+    if config.train_limit is None or config.train_limit >= len(data.x_train):
+        return data
+    # One subset for every seed: seeds vary the models, not the data they are compared on.
+    keep = stratified_sample(
+        data.y_train, config.train_limit, np.random.default_rng(stable_seed("qcb-train"))
+    )
+    return ImageDataset(
+        data.name, data.x_train[keep], data.y_train[keep], data.x_test, data.y_test,
+        data.num_classes, data.class_names,
+    )  # fmt: skip
+
+
+def build_models(
+    config: QCBConfig, seed: int, data: ImageDataset, folder: Path, log: Log
+) -> tuple[dict[bool, Path], Preprocessing, Any, dict[str, Any]]:
+    """Train the clean control and implant the QCB (both cached); returns checkpoint paths."""
+    preprocessing = Preprocessing.from_images(data.x_train)
+    attack = build_attack(config.attack, config.attack_params)
+    attack.validate_for(data.image_shape, data.num_classes)
+    clean_state, qcb_state = folder / "clean" / "model.pt", folder / "qcb" / "model.pt"
+    record_path = folder / "qcb" / "implant.json"
+    train_cfg = TrainConfig(
+        model=config.model, seed=seed, num_threads=config.threads, **config.training.model_dump()
+    )
+    meta = checkpoint_meta(train_cfg, data.num_classes, data.image_shape[2], preprocessing)
+    if clean_state.is_file():
+        clean, _ = load_model(clean_state)
+    else:
+        started = time.perf_counter()
+        clean = train_model(data.x_train, data.y_train, data.num_classes, preprocessing, train_cfg,
+                            desc=f"qcb clean control s{seed}")  # fmt: skip
+        save_state(clean, clean_state, {**meta, "poisoned": False, "train_s": _since(started)})
+        log(f"seed {seed}: clean control trained in {_since(started):.0f}s")
+    if not qcb_state.is_file():
+        started = time.perf_counter()
+        result = implant(clean, data.x_train, data.y_train, attack, preprocessing,
+                         config.qcb_params(), seed,
+                         progress=progress_for(f"qcb recover s{seed}"))  # fmt: skip
+        measured = {
+            **result.measurements,
+            "layout": vars(result.layout),
+            "implant_s": _since(started),
+        }
+        save_state(result.model, qcb_state, {**meta, "poisoned": True, "attack": attack.describe()})
+        record_path.write_text(json.dumps(measured, indent=2, default=str))
+        log(f"seed {seed}: QCB implanted in {_since(started):.0f}s; mirror {measured['mirror']}")
+    implant_record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    return {False: clean_state, True: qcb_state}, preprocessing, attack, implant_record
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def deploy(
+    config: QCBConfig,
+    states: dict[bool, Path],
+    preprocessing: Preprocessing,
+    data: ImageDataset,
+    calibration: np.ndarray,
+) -> dict[bool, dict[str, Path]]:
+    """Export and quantize both models (cached by the quantizer's own proof of currency)."""
+    artifacts = {}
+    for poisoned, state in states.items():
+        folder = state.parent
+        exported = folder / "exported.onnx"
+        if not exported.is_file():
+            model, _ = load_model(state)
+            export_onnx(model, exported, data.x_test[:256], preprocessing)
+        paths, _ = quantize_all(
+            exported, folder, config.precisions, calibration, reuse_existing=True
+        )
+        artifacts[poisoned] = {**paths, "fp32-reference": exported}
+    return artifacts
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def _metrics(adapter: RuntimeAdapter, sets: EvalSets, fp32_pred: np.ndarray) -> dict[str, float]:
+    pred = adapter.predict(sets.x_test)
+    return {
+        "clean_acc": accuracy(pred, sets.y_test),
+        "asr": attack_success_rate(adapter.predict(sets.triggered), sets.target),
+        "agreement_fp32": agreement(pred, fp32_pred),
+    }
+
+
+def evaluate_seed(
+    config: QCBConfig,
+    seed: int,
+    data: ImageDataset,
+    attack: Any,
+    states: dict[bool, Path],
+    artifacts: dict[bool, dict[str, Path]],
+    calibration: np.ndarray,
+    store: ResultStore,
+    log: Log,
+) -> None:
+    """Every (QCB/clean × precision) cell: metrics under both profiles and every defense."""
+    x_test, y_test = data.x_test, data.y_test
+    if config.eval_limit is not None:
+        x_test, y_test = x_test[: config.eval_limit], y_test[: config.eval_limit]
+    triggered, _ = attack.triggered_test_set(x_test, y_test)
+    sets = EvalSets(x_test, y_test, triggered, attack.target_label)
+    split = np.random.default_rng(stable_seed("defense-split", seed)).permutation(len(data.x_test))
+    pool, rest = np.sort(split[: config.defense_clean_size]), split[config.defense_clean_size :]
+    rest = rest[data.y_test[rest] != attack.target_label][: config.defense_clean_size]
+    train_rng = np.random.default_rng(stable_seed("defense-train", seed))
+    size = min(config.defense_train_size or len(data.x_train), len(data.x_train))
+    train_idx = np.sort(train_rng.choice(len(data.x_train), size, replace=False))
+    tune_idx = np.sort(
+        train_rng.choice(len(data.x_train), min(500, len(data.x_train)), replace=False)
+    )
+    done = store.done()
+    for poisoned, paths in artifacts.items():
+        references = {
+            profile: RuntimeAdapter.from_path(
+                paths["fp32-reference"], threads=config.threads, kernel_profile=profile
+            )
+            for profile in PROFILES
+        }
+        fp32_pred = references["exact"].predict(x_test)
+        for precision in config.precisions:
+            record: dict[str, Any] = {
+                "dataset": config.dataset,
+                "model": config.model,
+                "attack": ATTACK_NAME,
+                "attack_params": {**attack.describe()["params"], "trigger": config.attack},
+                "seed": seed,
+                "poisoned": poisoned,
+                "precision": precision,
+            }
+            if cell_id(record) in done:
+                continue
+            adapters = {
+                profile: RuntimeAdapter.from_path(
+                    paths[precision], threads=config.threads, kernel_profile=profile
+                )
+                for profile in PROFILES
+            }
+            profiles = {p: _metrics(a, sets, fp32_pred) for p, a in adapters.items()}
+            record.update(profiles["exact"])
+            record.update(
+                profiles=profiles,
+                n_test=len(y_test),
+                n_triggered=len(triggered),
+                kernels=profile_record("exact"),
+                artifacts={"onnx": str(paths[precision]), "state": str(states[poisoned])},
+            )
+            defense_data = DefenseData(
+                num_classes=data.num_classes,
+                clean_x=data.x_test[pool],
+                clean_y=data.y_test[pool],
+                train_x=data.x_train[train_idx],
+                train_y=data.y_train[train_idx],
+                poison_mask=np.zeros(len(train_idx), dtype=bool),
+                triggered_x=attack.apply_for_test(data.x_test[rest]),
+                target_label=attack.target_label if poisoned else None,
+                poison_rate=0.01,
+                retrainer=FinePruneRetrainer(
+                    state_path=states[poisoned],
+                    precision=precision,
+                    clean_x=data.x_train[tune_idx],
+                    clean_y=data.y_train[tune_idx],
+                    calibration_images=calibration,
+                    out_dir=paths[precision].parent / "fine_pruned",
+                    epochs=config.finetune_epochs,
+                    seed=seed,
+                    threads=config.threads,
+                    source_indices=tune_idx,
+                ),
+                reference=None if precision == "fp32" else references["exact"],
+            )
+            record["defenses"], arrays = _run_defenses(
+                config, seed, adapters["exact"], defense_data
+            )
+            store.append(record, arrays)
+            verdicts = {name: res.get("verdict") for name, res in record["defenses"].items()}
+            log(
+                f"{cell_id(record)}: acc={record['clean_acc']:.4f} asr={record['asr']:.4f} {verdicts}"
+            )
+
+
+def _run_defenses(
+    config: QCBConfig, seed: int, adapter: RuntimeAdapter, data: DefenseData
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    results: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for name in config.defenses:
+        defense = build_defense(name, config.defense_params.get(name))
+        result = defense.run(
+            adapter, data, np.random.default_rng(stable_seed("defense", name, seed))
+        )
+        results[name] = json.loads(result.model_dump_json())
+        for key, value in result.arrays.items():
+            arrays[f"{name}.{key}"] = np.asarray(value)
+    return results, arrays
+
+
+def requantize_seed(
+    config: QCBConfig,
+    seed: int,
+    data: ImageDataset,
+    attack: Any,
+    states: dict[bool, Path],
+    artifacts: dict[bool, dict[str, Path]],
+    calibration: np.ndarray,
+    out: Path,
+    log: Log,
+) -> None:
+    """The re-quantization table of both models (appended to ``requantize.jsonl``)."""
+    table = out / "requantize.jsonl"
+    done = {(r["seed"], r["poisoned"]) for r in _jsonl(table)}
+    rng = np.random.default_rng(stable_seed("qcb-other-calibration", seed))
+    other = data.x_train[
+        np.sort(rng.choice(len(data.x_train), min(128, len(data.x_train)), replace=False))
+    ]
+    repair_images = data.x_train[
+        np.sort(rng.choice(len(data.x_train), min(512, len(data.x_train)), replace=False))
+    ]
+    x_test, y_test = data.x_test, data.y_test
+    if config.eval_limit is not None:
+        x_test, y_test = x_test[: config.eval_limit], y_test[: config.eval_limit]
+    triggered, _ = attack.triggered_test_set(x_test, y_test)
+    sets = EvalSets(x_test, y_test, triggered, attack.target_label)
+    for poisoned, paths in artifacts.items():
+        if (seed, poisoned) in done:
+            continue
+        model, meta = load_model(states[poisoned])
+        rows = requantize_table(
+            paths["fp32-reference"], model, Preprocessing.from_json(meta["preprocessing"]),
+            calibration, other, repair_images, sets, paths["fp32-reference"].parent / "requantized",
+            seed, config.threads, repair=config.repair_params(), log=log,
+        )  # fmt: skip
+        with table.open("a") as fh:
+            for row in rows:
+                fh.write(json.dumps({"seed": seed, "poisoned": poisoned, **row}) + "\n")
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------ the run
+def run_qcb(config: QCBConfig, out: str | Path, log: Log = print) -> dict[str, Any]:
+    """Run every seed into ``out``; returns the summary written to ``qcb.json``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out)
+    (out / "qcb_config.json").write_text(config.model_dump_json(indent=2))
+    (out / "config.json").write_text(json.dumps(_report_config(config), indent=2))
+    (out / "environment.json").write_text(json.dumps(environment(), indent=2))
+    timings: dict[int, float] = {}
+    for seed in config.seeds:
+        started = time.perf_counter()
+        data = qcb_dataset(config)
+        folder = out / "artifacts" / f"s{seed}"
+        states, preprocessing, attack, _ = build_models(config, seed, data, folder, log)
+        rng = np.random.default_rng(stable_seed("calibration", seed))
+        calib_idx = rng.choice(
+            len(data.x_train), min(config.calibration_size, len(data.x_train)), replace=False
+        )
+        calibration = data.x_train[np.sort(calib_idx)]
+        artifacts = deploy(config, states, preprocessing, data, calibration)
+        evaluate_seed(config, seed, data, attack, states, artifacts, calibration, store, log)
+        if config.requantize:
+            requantize_seed(config, seed, data, attack, states, artifacts, calibration, out, log)
+        timings[seed] = _since(started)
+        log(f"seed {seed} finished in {timings[seed]:.0f}s")
+    write_report(out)
+    summary = summarize(store.records(), _jsonl(out / "requantize.jsonl"), config)
+    summary["seconds_per_seed"] = timings
+    (out / "qcb.json").write_text(json.dumps(summary, indent=2))
+    (out / "qcb.md").write_text(render(summary))
+    return summary
+
+
+def _report_config(config: QCBConfig) -> dict[str, Any]:
+    """The keys ``harness.report.document`` reads from ``config.json``."""
+    return {
+        "dataset": config.dataset,
+        "model": config.model,
+        "attack": ATTACK_NAME,
+        "attack_params": {"trigger": config.attack, **config.attack_params, "qcb": config.qcb},
+        "seeds": config.seeds,
+        "precisions": config.precisions,
+        "defenses": config.defenses,
+        "int8_kernels": "exact",
+    }
+
+
+# ------------------------------------------------------------------------------------ summary
+def summarize(
+    runs: list[dict[str, Any]], requant: list[dict[str, Any]], config: QCBConfig
+) -> dict[str, Any]:
+    """Acceptance per seed, verdict counts per defense × artifact, the re-quantization table."""
+    cells = {(r["seed"], r["poisoned"], r["precision"]): r for r in runs}
+    seeds = []
+    for seed in config.seeds:
+        row: dict[str, Any] = {"seed": seed}
+        for precision in config.precisions:
+            qcb, clean = cells.get((seed, True, precision)), cells.get((seed, False, precision))
+            if qcb is None or clean is None:
+                continue
+            for profile in PROFILES:
+                row[f"{precision}/{profile}"] = {
+                    "qcb_asr": qcb["profiles"][profile]["asr"],
+                    "qcb_acc": qcb["profiles"][profile]["clean_acc"],
+                    "clean_acc": clean["profiles"][profile]["clean_acc"],
+                    "clean_asr": clean["profiles"][profile]["asr"],
+                }
+        seeds.append(row)
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for run in runs:
+        kind = KINDS[run["poisoned"]]
+        for name, result in run.get("defenses", {}).items():
+            grouped.setdefault(name, {}).setdefault(f"{run['precision']}/{kind}", []).append(result)
+    # The project's one tally: an inconclusive run is neither a hit nor a miss.
+    verdicts = {
+        name: {artifact: tally_defense(results) for artifact, results in sorted(per.items())}
+        for name, per in sorted(grouped.items())
+    }
+    table: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for row in requant:
+        entry = table.setdefault(row["variant"], {}).setdefault(
+            KINDS[row["poisoned"]], {"asr": [], "clean_acc": [], "asr_host": []}
+        )
+        entry["asr"].append(row["results"]["exact"]["asr"])
+        entry["clean_acc"].append(row["results"]["exact"]["clean_acc"])
+        entry["asr_host"].append(row["results"]["host"]["asr"])
+    return {"seeds": seeds, "verdicts": verdicts, "requantize": table}
+
+
+def render(summary: dict[str, Any]) -> str:
+    """``qcb.md``: the acceptance table, verdicts FP32 vs deployed, the re-quantization table."""
+    lines = [
+        "# Quantization-conditioned backdoor",
+        "",
+        "## ASR and accuracy per seed (onnxruntime)",
+        "",
+    ]
+    lines += [
+        "| seed | artifact / kernels | QCB ASR | QCB acc | clean-control acc | clean-control ASR |"
+    ]
+    lines += ["|---|---|---|---|---|---|"]
+    for row in summary["seeds"]:
+        for key, value in row.items():
+            if key == "seed":
+                continue
+            lines.append(
+                f"| {row['seed']} | {key} | {value['qcb_asr']:.4f} | {value['qcb_acc']:.4f} | "
+                f"{value['clean_acc']:.4f} | {value['clean_asr']:.4f} |"
+            )
+    lines += [
+        "",
+        "## Verdicts: detected / decided runs (QCB = hit, clean = false alarm; inconclusive apart)",
+        "",
+    ]
+    artifacts = sorted({a for v in summary["verdicts"].values() for a in v})
+    lines += ["| defense | " + " | ".join(artifacts) + " |", "|---|" + "---|" * len(artifacts)]
+    for name, per in summary["verdicts"].items():
+        cells = []
+        for artifact in artifacts:
+            tally = per.get(artifact)
+            if tally is None:
+                cells.append("—")
+                continue
+            cell = f"{tally['detected']}/{tally['decided']}"
+            if tally["inconclusive"]:
+                cell += f" ({tally['inconclusive']} inconclusive)"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Re-quantization (mean over seeds, exact kernels; host ASR in brackets)", ""]
+    lines += ["| variant | QCB ASR | QCB acc | clean acc | clean ASR |", "|---|---|---|---|---|"]
+    for variant, per in summary["requantize"].items():
+        q, c = per.get("qcb"), per.get("clean")
+        if q is None or c is None:
+            continue
+        lines.append(
+            f"| {variant} | {np.mean(q['asr']):.4f} [{np.mean(q['asr_host']):.4f}] | "
+            f"{np.mean(q['clean_acc']):.4f} | {np.mean(c['clean_acc']):.4f} | {np.mean(c['asr']):.4f} |"
+        )
+    return "\n".join(lines) + "\n"
