@@ -1,6 +1,7 @@
 """Our AC, SS and STRIP against IBM ART 1.20.1's, on the same model, data and forward path.
 
-Both sides query the very same :class:`~harness.runtime.adapter.RuntimeAdapter` (one ORT thread): ART
+Both sides query the very same :class:`~harness.runtime.adapter.RuntimeAdapter` (one ORT thread):
+ART
 through :class:`AdapterClassifier`, a minimal ``BlackBoxClassifier`` whose ``predict`` is the
 adapter's softmax and whose ``get_activations`` is the adapter's penultimate probe. So the
 forward passes cost the same on both sides and the comparison measures the defenses'

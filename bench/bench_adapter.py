@@ -1,6 +1,7 @@
 """How much does the runtime adapter cost on top of a bare onnxruntime call, per precision?
 
-Every metric and defense queries models through :class:`harness.runtime.adapter.RuntimeAdapter`, so its
+Every metric and defense queries models through :class:`harness.runtime.adapter.RuntimeAdapter`, so
+its
 Python overhead multiplies into every experiment. This bench times, in one process and on the
 very same ``InferenceSession`` (same options and threads):
 

@@ -127,7 +127,8 @@ def gtsrb_defense_data(data_path: Path, train_size: int, seed: int = SEED):
     """The grid's defense inputs for the poisoned model, rebuilt exactly as the runner does.
 
     Poisoning with ``stable_seed("poison", seed)`` reproduces the training set the model saw;
-    the held-out clean / triggered split mirrors ``harness.pipeline.runner._split_for_defenses``; the
+    the held-out clean / triggered split mirrors ``harness.pipeline.runner._split_for_defenses``;
+    the
     AC/SS subsample is drawn as the runner draws ``defense_train_size``.
     """
     from defenses.base import DefenseData

@@ -8,7 +8,8 @@ For each precision of one trained model (the runner's artifact folder), in one p
 - **drift**: clean accuracy, attack success and top-1 agreement with FP32 under both profiles,
   on the test set (identical wherever the host's kernels are int32-exact).
 
-The host's kernel class is measured by :func:`harness.runtime.kernels.probe_host` and printed with the
+The host's kernel class is measured by :func:`harness.runtime.kernels.probe_host` and printed with
+the
 CPU's flags, so every number says which CPU produced it.
 
 Usage: ``python -m bench.bench_kernels --artifacts runs/demo/artifacts/<key>/poisoned

@@ -1,6 +1,7 @@
 """One small interface for every backdoor defense.
 
-A defense receives the :class:`~harness.runtime.adapter.RuntimeAdapter` of the model under audit (any
+A defense receives the :class:`~harness.runtime.adapter.RuntimeAdapter` of the model under audit
+(any
 precision), the data it needs (:class:`DefenseData`) and a seeded ``numpy.random.Generator``, and
 returns a typed :class:`DefenseResult`. It never imports torch training code or onnxruntime,
 never prints and never writes files: only the runner persists, only the report renders.

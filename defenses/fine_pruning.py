@@ -15,11 +15,13 @@ scoring the prune point on the same images would let the chosen point look bette
 ``arrays["selection_mask"]`` records the split.
 
 Pruning is graph surgery on the deployed artifact
-(:meth:`~harness.runtime.adapter.RuntimeAdapter.with_channels_masked`), so every point of the pruning
+(:meth:`~harness.runtime.adapter.RuntimeAdapter.with_channels_masked`), so every point of the
+pruning
 curve is measured with the arithmetic that ships (INT8/INT4 included). Fine-tuning needs the
 trainable source: the runner passes ``DefenseData.retrainer`` (keep mask → adapter of the
 fine-tuned, re-exported, re-quantized model; its budget, from ``describe()``, is recorded in
-``details["fine_tune_budget"]``; see :mod:`harness.pipeline.retrain` for the default budget). Without a
+``details["fine_tune_budget"]``; see :mod:`harness.pipeline.retrain` for the default budget).
+Without a
 retrainer only half of the method ran: the verdict is ``inconclusive`` unless
 ``allow_pruning_only`` is set (a named deviation: the pruned model is then judged alone).
 

@@ -65,7 +65,8 @@ Verdicts: a label that never reached the attack-success threshold has no norm, s
 neither ruled in nor out; the verdict is ``inconclusive`` (naming those labels) when they could
 change it, and decided otherwise (e.g. the target is flagged whatever their norms).
 
-Gradients come from :meth:`~harness.runtime.adapter.RuntimeAdapter.gradient_oracle`, a torch replica of
+Gradients come from :meth:`~harness.runtime.adapter.RuntimeAdapter.gradient_oracle`, a torch
+replica of
 the deployed ONNX graph (quantized arithmetic included). The replica must agree with onnxruntime
 (parity gate) or the cell is ``not_applicable`` — an FP32 surrogate would audit a different model.
 Each reversed trigger's attack success is re-measured on the onnxruntime session itself, on clean
@@ -111,7 +112,8 @@ LabelSchedule = Literal["adaptive", "full"]
 OutputGradient = Literal["straight_through", "deployed"]
 Forward = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
 """NHWC pixels in [0, 255] → differentiable logits, or (logits, logits before the output
-quantizer or None) as :meth:`harness.runtime.oracle.GradientOracle.logits_with_pre_quantizer` returns."""
+quantizer or None) as :meth:`harness.runtime.oracle.GradientOracle.logits_with_pre_quantizer`
+returns."""
 
 
 class NeuralCleanseParams(BaseModel):

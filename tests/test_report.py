@@ -1,7 +1,8 @@
 """The report built from a store alone: golden report.md, a self-contained report.html with
 every evidence plot, and no undecided cell drawn as a zero.
 
-The store is made by hand through :class:`~harness.pipeline.store.ResultStore` (no training): 2 seeds ×
+The store is made by hand through :class:`~harness.pipeline.store.ResultStore` (no training): 2
+seeds ×
 poisoned/clean × fp32/int8-static, with defense results shaped like the real defenses' (NC
 anomaly indices and reversed triggers, STRIP entropies, AC per-class clusters, SS scores,
 Fine-Pruning curves). STRIP is inconclusive on the poisoned int8-static cells and NC not
@@ -948,10 +949,9 @@ def test_the_poisoned_or_clean_column_is_called_variant_not_model(reported):
 
 
 def test_report_modules_keep_lines_within_100_characters():
-    root = Path(report_module.__file__).parent
-    modules = ("report", "report_evidence", "report_figure_model", "report_panels", "report_plots")
-    for name in [f"{m}.py" for m in modules] + ["report_html.py", "verdicts.py"]:
-        long = [
-            k for k, line in enumerate((root / name).read_text().splitlines(), 1) if len(line) > 100
-        ]
-        assert long == [], f"{name}: lines {long} exceed 100 characters"
+    package = Path(report_module.__file__).parent  # harness/report
+    files = [*sorted(package.rglob("*.py")), package.parent / "core" / "verdicts.py"]
+    assert len(files) > 5
+    for path in files:
+        long = [k for k, line in enumerate(path.read_text().splitlines(), 1) if len(line) > 100]
+        assert long == [], f"{path.name}: lines {long} exceed 100 characters"

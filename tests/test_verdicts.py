@@ -2,7 +2,8 @@
 
 An inconclusive cell is neither a hit nor a miss: these tests pin that down in the result
 (:mod:`defenses.base`), the paper-style table and its rates with Wilson intervals
-(:mod:`harness.report.document`, :func:`harness.core.metrics.wilson_interval`) and the auditor's reading
+(:mod:`harness.report.document`, :func:`harness.core.metrics.wilson_interval`) and the auditor's
+reading
 (:func:`harness.audit.run.audit_verdict`).
 """
 

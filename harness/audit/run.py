@@ -3,12 +3,14 @@
 The auditor has a file, a dataset and no training code, trigger or promise about the export. The
 audit therefore:
 
-1. reads the file as untrusted (:func:`harness.runtime.model_safety.load_untrusted_hashed`: no code runs, nothing
+1. reads the file as untrusted (:func:`harness.runtime.model_safety.load_untrusted_hashed`: no code
+runs, nothing
    outside the model's folder is opened) and turns a copy into the harness's contract
    (:func:`harness.artifacts.intake.intake`), recording every change;
 2. optionally builds the quantized copies an integrator would ship from a float file
    (``--precisions int8-static,int4``), with onnxruntime's own quantizer;
-3. checks each artifact's outputs before any number is computed (:mod:`harness.runtime.sanity`): a broken
+3. checks each artifact's outputs before any number is computed (:mod:`harness.runtime.sanity`): a
+broken
    model (non-finite, one-class, constant outputs) is an error, never an accuracy;
 4. runs the defenses on a stratified, seeded sample of the auditor's data (AC/SS only when the
    auditor says the data is the training set) and states a verdict an auditor can act on.

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the pipeline floor loads torch: handlers import it when the
     from harness.pipeline.config import ExperimentConfig
     from harness.pipeline.sweep import PlannedCell
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 """The repository's configs (the paper's are ``paper-<dataset>[-small].toml``)."""
 PAPER_DATASETS = ("gtsrb", "cifar10")
 

@@ -1,6 +1,7 @@
 """Portable float kernels: the same torch arithmetic on every x86-64 CPU with AVX2, any vendor.
 
-INT8 kernels are pinned by :mod:`harness.runtime.kernels`; float kernels need the same care. torch picks
+INT8 kernels are pinned by :mod:`harness.runtime.kernels`; float kernels need the same care. torch
+picks
 its vectorised CPU kernels (ATen), its oneDNN convolutions and MKL's GEMM code path from the
 CPU it runs on. Two things vary:
 

@@ -2,7 +2,8 @@
 
 One small interface (:class:`Executor`): ``submit`` a picklable module-level function with one
 argument, then ``wait`` for at least one of the pending handles to finish and read its
-``result``. The sweep driver (:mod:`harness.pipeline.sweep`) is written once against it; each executor is
+``result``. The sweep driver (:mod:`harness.pipeline.sweep`) is written once against it; each
+executor is
 a thin wrapper over a library that already does scheduling — :mod:`concurrent.futures` for
 local processes, ``dask.distributed`` for clusters — never a protocol of our own.
 

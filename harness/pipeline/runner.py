@@ -125,7 +125,8 @@ def prepare_seed(
 
     ``variants`` picks the models (True: poisoned, False: clean control); by default the
     poisoned one and, if the config asks for it, the clean control. ``progress`` reports
-    training per batch (:func:`harness.core.progress.progress_for`; parallel workers use ``"lines"``).
+    training per batch (:func:`harness.core.progress.progress_for`; parallel workers use
+    ``"lines"``).
     """
 
     dataset = load_dataset(config.dataset, config.data_root, **config.dataset_options)

@@ -19,7 +19,8 @@ What a crash or a second writer can leave behind, and what the store does about 
 * two lines for the same cell (two writers on one folder before :mod:`harness.core.runlock`): the
   first is kept, the repeat reported.
 
-Warnings go to the ``harness.pipeline.store`` logger (printed on stderr when nothing configures logging).
+Warnings go to the ``harness.pipeline.store`` logger (printed on stderr when nothing configures
+logging).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 A quantization-conditioned backdoor is trained *against* the arithmetic the deployed INT8/INT4
 file will compute, so the attack needs that arithmetic in torch, with gradients. The replica
-(:mod:`harness.replica.interpreter`) interprets a quantized ONNX graph whose weights are constants; during
+(:mod:`harness.replica.interpreter`) interprets a quantized ONNX graph whose weights are constants;
+during
 fine-tuning the weights change every step, so this module re-derives, from the live torch
 model, exactly what ``exporters.quantizers.quantize`` + onnxruntime would do with it:
 

@@ -7,7 +7,8 @@ runtime adapter evaluates: an interpreter module that holds the graph's constant
 and runs its nodes in topological order with the converters of :mod:`harness.replica.ops`.
 Quantize / dequantize / integer ops become fake-quant with straight-through gradients, using the
 graph's own scales and zero points, so the forward pass matches onnxruntime (checked by
-:meth:`harness.runtime.oracle.GradientOracle.parity`) and the backward pass is the usual STE gradient.
+:meth:`harness.runtime.oracle.GradientOracle.parity`) and the backward pass is the usual STE
+gradient.
 
 Custom domains: onnxruntime's QOperator contrib ops (``com.microsoft`` QLinearAdd, QLinearMul,
 QLinearAveragePool, QLinearGlobalAveragePool, QLinearConcat, QLinearSigmoid, QLinearLeakyRelu, as

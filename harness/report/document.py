@@ -5,7 +5,8 @@ rerunning a model or a defense — so a report can be rebuilt at any time, inclu
 crashed run. Six modules split the work: this one reads the store and builds the tables (the
 data); :mod:`harness.report.figures.evidence` gathers what each defense's figure shows;
 :mod:`harness.report.figures.model` holds the figures' types and shared look,
-:mod:`harness.report.figures.panels` draws one defense's panel and :mod:`harness.report.figures.plots`
+:mod:`harness.report.figures.panels` draws one defense's panel and
+:mod:`harness.report.figures.plots`
 composes the figures; :mod:`harness.report.html` holds the document model both renderers share
 and writes the self-contained HTML page. The only thing the
 report rebuilds from outside the store is the attack's true trigger for Neural Cleanse's

@@ -1,6 +1,7 @@
 """The report as one self-contained HTML page, and the document model it shares with report.md.
 
-:mod:`harness.report.document` builds the report once as a list of :class:`Section` objects (headings,
+:mod:`harness.report.document` builds the report once as a list of :class:`Section` objects
+(headings,
 paragraphs, tables, bullet lists, figure references) and renders it twice: as Markdown (with
 ``plots/*.png`` links) and here as HTML. One model keeps the two files saying the same thing.
 The model lives beside the HTML renderer (not in :mod:`harness.report.document`) so that the report

@@ -270,7 +270,8 @@ class RuntimeAdapter:
     def with_channels_masked(self, keep: np.ndarray) -> RuntimeAdapter:
         """New adapter whose ``last_conv`` channels are zero where ``keep`` is False.
 
-        The mask is graph surgery on this artifact (see :func:`harness.artifacts.graph_probe.mask_channels`),
+        The mask is graph surgery on this artifact (see
+        :func:`harness.artifacts.graph_probe.mask_channels`),
         so the pruned model is evaluated with the deployed arithmetic. Queries share this
         adapter's counter.
         """

@@ -5,7 +5,8 @@ accident or crafted on purpose: a protobuf declaring terabyte-sized tensors, ext
 references pointing at ``/etc/shadow`` or ``../../home``, a symlink planted next to the model,
 NaN weights that turn every metric into noise, vendor-domain operators, or control flow that an
 image classifier has no use for. :func:`load_untrusted` is the one way such a file is read. It
-refuses each of these with a one-line :class:`~harness.core.errors.ModelError` starting with the file
+refuses each of these with a one-line :class:`~harness.core.errors.ModelError` starting with the
+file
 name, and it never runs the model, never unpickles and never opens a file outside the model's
 own folder.
 

@@ -1,6 +1,7 @@
 """The gradient oracle: differentiable logits of the deployed graph, and proof that they match it.
 
-:mod:`harness.replica.interpreter` turns the ONNX graph into a torch module; this module puts the adapter's
+:mod:`harness.replica.interpreter` turns the ONNX graph into a torch module; this module puts the
+adapter's
 pixel preprocessing in front of it and checks, before any defense trusts its gradients, that it
 computes what the onnxruntime session *as configured* computes (kernel profile included).
 """

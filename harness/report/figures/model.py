@@ -2,7 +2,8 @@
 becomes, and the shared look of panels that have no number to draw.
 
 :mod:`harness.report.figures.panels` draws one defense's evidence on one panel and
-:mod:`harness.report.figures.plots` composes panels into figures; both use the types, colours and the
+:mod:`harness.report.figures.plots` composes panels into figures; both use the types, colours and
+the
 "unavailable" / "inconclusive" treatments defined here, so a missing value looks the same in
 every figure and never like a zero.
 """

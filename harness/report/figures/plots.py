@@ -1,6 +1,7 @@
 """The report's figures: what a reader needs to believe each table entry, drawn with matplotlib.
 
-Pure drawing: every function takes plain data that :mod:`harness.report.document` read from the result
+Pure drawing: every function takes plain data that :mod:`harness.report.document` read from the
+result
 store (summary rows, stored defense results, per-cell arrays) and returns a :class:`Plot` — PNG
 bytes plus a caption and a list of what each panel shows. Nothing here reads or writes files,
 so the report writes every PNG atomically and embeds the same bytes in ``report.html``.
