@@ -160,14 +160,10 @@ def filter_quality(flagged: np.ndarray, poison_mask: np.ndarray) -> dict[str, fl
 
 def ours(name: str, params: dict[str, Any], adapter: Any, data: Any) -> Side:
     """Our defense, seeded as the runner seeds it."""
-    from defenses.base import build_defense
-    from harness.core.sampling import stable_seed
-
-    defense = build_defense(name, params)
+    from harness.pipeline.evaluate import run_defense
 
     def go() -> dict[str, float]:
-        rng = np.random.default_rng(stable_seed("defense", name, SEED))
-        result = defense.run(adapter, data, rng)
+        result = run_defense(name, params, SEED, adapter, data)
         if result.status != "ok":
             raise RuntimeError(f"our {name} did not run: {result.status} {result.reason}")
         if name == "strip":

@@ -127,38 +127,32 @@ def gtsrb_defense_data(data_path: Path, train_size: int, seed: int = SEED):
     """The grid's defense inputs for the poisoned model, rebuilt exactly as the runner does.
 
     Poisoning with ``stable_seed("poison", seed)`` reproduces the training set the model saw;
-    the held-out clean / triggered split mirrors ``harness.pipeline.runner._split_for_defenses``;
-    the
-    AC/SS subsample is drawn as the runner draws ``defense_train_size``.
+    the held-out clean / triggered split and the AC/SS subsample are the runner's own draws
+    (:mod:`harness.pipeline.evaluate`).
     """
     from defenses.base import DefenseData
     from harness.attacks.base import build_attack
     from harness.core.sampling import stable_seed
     from harness.data.base import load_dataset
+    from harness.pipeline.evaluate import defense_pools, defense_training_subset
 
     dataset = load_dataset("npz", str(data_path))
     attack = build_attack(ATTACK, ATTACK_PARAMS)
     poisoned = attack.poison(
         dataset.x_train, dataset.y_train, np.random.default_rng(stable_seed("poison", seed))
     )
-    n_test = len(dataset.x_test)
-    order = np.random.default_rng(stable_seed("defense-split", seed)).permutation(n_test)
-    size = min(CLEAN_SIZE, n_test // 2)
-    pool, rest = np.sort(order[:size]), np.sort(order[size:])
-    rest_nontarget = rest[dataset.y_test[rest] != attack.target_label]
-    triggered = attack.apply_for_test(dataset.x_test[rest_nontarget[:CLEAN_SIZE]])
-    keep = np.arange(len(poisoned.x))
-    if train_size < len(keep):
-        rng = np.random.default_rng(stable_seed("defense-train", seed))
-        keep = np.sort(rng.choice(len(poisoned.x), train_size, replace=False))
+    pools = defense_pools(dataset, attack, seed, CLEAN_SIZE, poisoned.poison_mask)
+    keep = defense_training_subset(len(poisoned.x), train_size, seed)
+    if keep is None:
+        keep = np.arange(len(poisoned.x))
     return DefenseData(
         num_classes=dataset.num_classes,
-        clean_x=dataset.x_test[pool],
-        clean_y=dataset.y_test[pool],
+        clean_x=pools.clean_x,
+        clean_y=pools.clean_y,
         train_x=poisoned.x[keep],
         train_y=poisoned.y[keep],
         poison_mask=poisoned.poison_mask[keep],
-        triggered_x=triggered,
+        triggered_x=pools.triggered_x,
         target_label=attack.target_label,
         poison_rate=attack.poison_rate,
     )
@@ -426,16 +420,13 @@ def run_defense(
 ) -> tuple[Any, float, ReplicaWork, str | None]:
     """Run one defense (seeded as the runner seeds it); return (result, ORT seconds, replica
     work, cProfile top-N text when ``profile``)."""
-    from defenses.base import build_defense
-    from harness.core.sampling import stable_seed
+    from harness.pipeline.evaluate import run_defense as evaluate_defense
 
-    defense = build_defense(name, params)
-    rng = np.random.default_rng(stable_seed("defense", name, SEED))
     profiler = cProfile.Profile() if profile else None
     with ort_run_time() as spent, count_replica_work() as replica:
         if profiler is not None:
             profiler.enable()
-        result = defense.run(adapter, data, rng)
+        result = evaluate_defense(name, params, SEED, adapter, data)
         if profiler is not None:
             profiler.disable()
     text = None

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from defenses.base import DefenseData, build_defense
+from defenses.base import DefenseData
 from exporters.onnx_export import export_onnx
 from exporters.quantizers import quantize_all
 from harness.artifacts.preprocessing import Preprocessing
@@ -42,6 +42,7 @@ from harness.attacks.base import build_attack
 from harness.core.sampling import stable_seed
 from harness.data.base import load_dataset
 from harness.pipeline.config import ExperimentConfig, load_config
+from harness.pipeline.evaluate import calibration_draw, defense_split, run_defense
 from harness.runtime.adapter import RuntimeAdapter
 from harness.training.loop import TrainConfig, checkpoint_meta, load_model, save_state, train_model
 
@@ -100,12 +101,8 @@ def trained_artifacts(config: ExperimentConfig, folder: Path, seed: int = SEED) 
     exported = folder / "exported.onnx"
     if not exported.is_file():
         export_onnx(model, exported, dataset.x_test[:256], preprocessing)
-    calibration_rng = np.random.default_rng(stable_seed("calibration", seed))
-    size = min(config.calibration_size, len(dataset.x_train))
-    chosen = calibration_rng.choice(len(dataset.x_train), size=size, replace=False)
-    paths, _ = quantize_all(
-        exported, folder, config.precisions, dataset.x_train[np.sort(chosen)], reuse_existing=True
-    )
+    calibration = calibration_draw(dataset.x_train, config.calibration_size, seed)
+    paths, _ = quantize_all(exported, folder, config.precisions, calibration, reuse_existing=True)
     return paths
 
 
@@ -114,9 +111,7 @@ def defense_data(config: ExperimentConfig, cache: Path, seed: int = SEED) -> Def
     cached in ``cache`` so a bench on another machine needs only the cache folder."""
     if not cache.is_file():
         dataset = load_dataset(config.dataset, config.data_root, **config.dataset_options)
-        n = len(dataset.x_test)
-        order = np.random.default_rng(stable_seed("defense-split", seed)).permutation(n)
-        pool = np.sort(order[: min(config.defense_clean_size, n // 2)])
+        pool, _ = defense_split(len(dataset.x_test), config.defense_clean_size, seed)
         np.savez(
             cache,
             x=dataset.x_test[pool],
@@ -158,10 +153,8 @@ def run_scan(
     adapter: RuntimeAdapter, data: DefenseData, params: dict[str, Any], precision: str
 ) -> Scan:
     """Neural Cleanse with the runner's defense seed, timed."""
-    defense = build_defense("neural_cleanse", params)
-    rng = np.random.default_rng(stable_seed("defense", "neural_cleanse", SEED))
     wall, cpu = time.perf_counter(), time.process_time()
-    result = defense.run(adapter, data, rng)
+    result = run_defense("neural_cleanse", params, SEED, adapter, data)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     details = result.details
     statuses = details.get("label_status", [])

@@ -38,7 +38,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -81,6 +81,9 @@ class Verdict(StrEnum):
     NOT_DETECTED = "not_detected"
     INCONCLUSIVE = "inconclusive"
 
+
+Pipeline = Literal["run", "qcb", "audit"]
+"""The entry points that choose defenses by default (see :attr:`Defense.default_in`)."""
 
 Retrainer = Callable[[np.ndarray], Any]
 """``retrain(keep_channels) -> RuntimeAdapter``: fine-tune the pruned source model on clean
@@ -179,6 +182,9 @@ class Defense(ABC):
     paper: ClassVar[str]
     flags_labels: ClassVar[bool] = True
     """Whether the defense names suspect labels (``target_hit`` is only defined if it does)."""
+    default_in: ClassVar[frozenset[Pipeline]] = frozenset({"run", "qcb", "audit"})
+    """The pipelines that run this defense when their config names no defenses
+    (:func:`default_defenses`): ``run`` (experiments and sweeps), ``qcb`` and ``audit``."""
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None) -> None:
         if isinstance(params, BaseModel):
@@ -281,6 +287,8 @@ def label_verdict(flagged: list[int], target_label: int | None) -> bool:
 
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
+"""Built-ins below, in the order reports list them; third parties add entry points in the
+``blindspots.defenses`` group (:mod:`harness.core.registry`)."""
 
 for _name, _module in {
     "neural_cleanse": "defenses.neural_cleanse",
@@ -296,3 +304,13 @@ for _name, _module in {
 def build_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
     """Instantiate the registered defense ``name`` with validated parameters."""
     return DEFENSES.get(name)(params)
+
+
+def default_defenses(pipeline: Pipeline) -> list[str]:
+    """The defenses ``pipeline`` runs when its config names none, in registration order.
+
+    Derived from the registry, so a defense added by a third party's entry point joins the
+    defaults it declares in :attr:`Defense.default_in` with no edit here. Imports every
+    registered defense (their classes carry the declaration).
+    """
+    return [name for name, cls in DEFENSES.items() if pipeline in cls.default_in]

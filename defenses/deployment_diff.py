@@ -191,6 +191,8 @@ class DeploymentDiff(Defense):
     needs = frozenset({Need.LOGITS})
     Params = DeploymentDiffParams
     paper = "differential check of deployed vs FP32 artifacts (this project)"
+    # Needs the FP32 file beside the deployed one; the QCB pipeline always has both.
+    default_in = frozenset({"qcb"})
 
     def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
         p: DeploymentDiffParams = self.params  # type: ignore[assignment]

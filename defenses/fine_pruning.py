@@ -116,6 +116,8 @@ class FinePruning(Defense):
     needs = frozenset({Need.LOGITS, Need.ACTIVATIONS, Need.CHANNEL_MASK, Need.TRIGGERED_INPUTS})
     Params = FinePruningParams
     paper = "Liu, Dolan-Gavitt & Garg, Fine-Pruning, RAID 2018"
+    # A repair: an audit of a vendor file has no trigger whose removal it could measure.
+    default_in = frozenset({"run", "qcb"})
     flags_labels = False
 
     def _stride(self, channels: int) -> int:

@@ -169,10 +169,11 @@ def test_runner_measures_every_quantized_cell_under_both_profiles_where_they_dif
     tmp_path, monkeypatch
 ):
     """Plumbing of the drift cells, on any host: the probe is told the host saturates."""
+    import harness.pipeline.evaluate as evaluate
     import harness.pipeline.runner as runner
     from harness.report.document import build_report, render_markdown
 
-    monkeypatch.setattr(runner, "probe_host", lambda: HostKernels(SATURATING, True, {}))
+    monkeypatch.setattr(evaluate, "probe_host", lambda: HostKernels(SATURATING, True, {}))
     config = build_config(
         {
             "dataset": "digits",

@@ -34,20 +34,21 @@ import onnx
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from defenses.base import DefenseData, DefenseResult, build_defense
+from defenses.base import DefenseData, DefenseResult, build_defense, default_defenses
 from exporters.quantizers import PRECISIONS, quantize
 from harness.artifacts.intake import IntakeOverrides, IntakeResult, check_num_classes, intake
+from harness.core.atomic import atomic_target, atomic_write_text
 from harness.core.errors import BlindspotsError, ModelError
 from harness.core.metrics import accuracy, agreement
 from harness.core.sampling import stable_seed, stratified_sample
 from harness.data.base import ImageDataset, load_dataset
+from harness.pipeline.evaluate import DefensePlan, calibration_draw, result_fields, run_defenses
 from harness.runtime.adapter import RuntimeAdapter, infer_precision
 from harness.runtime.kernels import DEFAULT_PROFILE, KernelProfile, profile_record
 from harness.runtime.model_safety import load_untrusted_hashed
 from harness.runtime.sanity import check_labels, check_outputs, raise_on_errors
 
 PUBLISHED = "published"
-AUDIT_DEFENSES = ("neural_cleanse", "activation_clustering", "spectral_signatures", "strip")
 #: A defense that flags more than this share of the labels names no suspect (our rule).
 MAX_SUSPECT_SHARE = 0.25
 REPAIR_DEFENSES = {"fine_pruning"}
@@ -62,7 +63,7 @@ class AuditRequest(BaseModel):
     dataset: str
     data_root: str | None = None
     out: Path
-    defenses: list[str] = Field(default_factory=lambda: list(AUDIT_DEFENSES))
+    defenses: list[str] = Field(default_factory=lambda: default_defenses("audit"))
     defense_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     precisions: list[str] = Field(default_factory=lambda: [PUBLISHED])
     trained_on_dataset: bool = False
@@ -161,8 +162,8 @@ def run_audit(request: AuditRequest, log: Any = print) -> dict[str, Any]:
         "kernels": profile_record(request.int8_kernels),
         "cells": cells,
     }
-    (out / "audit.json").write_text(json.dumps(report, indent=2, default=_jsonable))
-    (out / "audit.md").write_text(render_audit(report))
+    atomic_write_text(out / "audit.json", json.dumps(report, indent=2, default=_jsonable))
+    atomic_write_text(out / "audit.md", render_audit(report))
     return report
 
 
@@ -189,9 +190,10 @@ def _artifacts(
     folder.mkdir(parents=True, exist_ok=True)
     contract = folder / "contract-fp32.onnx"
     onnx.save(vendor.intake.model, str(contract))
-    rng = np.random.default_rng(stable_seed("audit-calibration", request.seed))
     pool = dataset.x_train if len(dataset.x_train) else dataset.x_test
-    calibration = pool[np.sort(rng.choice(len(pool), min(request.calibration_size, len(pool))))]
+    calibration = calibration_draw(
+        pool, request.calibration_size, request.seed, stream="audit-calibration"
+    )
     for precision in wanted:
         log(f"quantizing {vendor.path.name} to {precision}")
         made = quantize(
@@ -249,13 +251,13 @@ def _audit_artifact(
         train_x=dataset.x_train if request.trained_on_dataset else None,
         train_y=dataset.y_train if request.trained_on_dataset else None,
     )
+    plan = DefensePlan(request.defenses, request.defense_params, request.seed)
+    results = run_defenses(plan, artifact.adapter, data, artifact.name, log)
+    fields, _ = result_fields(results)
     cell["defenses"] = {}
-    for name in request.defenses:
-        defense = build_defense(name, request.defense_params.get(name))
-        rng = np.random.default_rng(stable_seed("defense", name, request.seed))
-        result = defense.run(artifact.adapter, data, rng)
+    for name, result in results.items():
         verdict = audit_verdict(result, dataset.num_classes)
-        entry = {**verdict, "result": json.loads(result.model_dump_json())}
+        entry = {**verdict, "result": fields[name]}
         entry["trigger_images"] = _save_triggers(request.out, artifact.name, result, verdict)
         cell["defenses"][name] = entry
         log(f"{artifact.name} {name}: {verdict['verdict']}")
@@ -338,9 +340,11 @@ def _save_triggers(
         if image.shape[-1] == 1:
             image = image[..., 0]
         path = folder / f"{artifact}-{result.defense}-label{label}.png"
-        Image.fromarray(image).resize((image.shape[1] * 8, image.shape[0] * 8), Image.NEAREST).save(
-            path
+        enlarged = Image.fromarray(image).resize(
+            (image.shape[1] * 8, image.shape[0] * 8), Image.NEAREST
         )
+        with atomic_target(path) as partial:
+            enlarged.save(partial, format="PNG")
         written.append(str(path))
     return written
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from defenses.base import DefenseData, build_defense
+from defenses.base import DefenseData
 from exporters.onnx_export import export_onnx
 from exporters.quantizers import PRECISIONS, quantize
 from exporters.recipes import resolve_recipe
@@ -25,10 +25,18 @@ from harness.audit.run import (
     vendor_adapter,
 )
 from harness.core.errors import BlindspotsError
-from harness.core.metrics import accuracy, agreement, attack_success_rate
 from harness.core.sampling import stable_seed
 from harness.data.base import load_dataset
 from harness.pipeline.config import build_config, load_config, parse_json_object
+from harness.pipeline.evaluate import (
+    DefensePlan,
+    calibration_draw,
+    defense_pools,
+    evaluation_images,
+    measure,
+    result_fields,
+    run_defenses,
+)
 from harness.pipeline.runner import run_experiment
 from harness.report.document import write_report
 from harness.runtime.kernels import profile_record
@@ -60,6 +68,10 @@ DEMO_CONFIG: dict[str, Any] = {
         "strip": {"n_overlays": 50, "n_test": 100},
     },
 }
+
+
+EVALUATE_DEFENSE_IMAGES = 200
+"""Held-out clean (and triggered) images ``evaluate`` gives defenses: the runner's default."""
 
 
 def _log(message: str) -> None:
@@ -158,12 +170,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         load_untrusted(args.model)
     calibration = None
-    if recipe.needs_calibration:
+    if recipe.needs_calibration:  # as the runner draws it
         x = load_dataset(args.dataset, args.data_root).x_train
-        rng = np.random.default_rng(stable_seed("calibration", args.seed))  # as the runner draws
-        calibration = x[
-            np.sort(rng.choice(len(x), min(args.calibration_size, len(x)), replace=False))
-        ]
+        calibration = calibration_draw(x, args.calibration_size, args.seed)
     artifact = quantize(
         args.precision, args.model, args.out, calibration, overrides or None, explicit
     )
@@ -172,7 +181,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Measure one ONNX file (and run defenses on it) through the runner's evaluation path.
 
+    The defenses see the held-out clean and triggered pools the runner draws for seed 0, so a
+    number here can be compared with the same model's cell in a run.
+    """
     overrides = _intake_overrides(args)
     data = load_dataset(args.dataset, args.data_root)
     vendor = open_vendor_model(args.model, overrides)
@@ -180,38 +193,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     adapter = vendor_adapter(vendor, args.int8_kernels)
     raise_on_errors(check_outputs(adapter.logits(data.x_test), data.y_test))
     attack = build_attack(args.attack, parse_json_object(args.attack_params, "--attack-params"))
-    pred = adapter.predict(data.x_test)
-    triggered, _ = attack.triggered_test_set(data.x_test, data.y_test)
+    images = evaluation_images(data, attack)
+    reference = None
+    if args.reference:
+        reference = vendor_adapter(open_vendor_model(args.reference, overrides), args.int8_kernels)
     result: dict[str, Any] = {
         "model": str(args.model),
         "precision": adapter.precision,
-        "clean_acc": accuracy(pred, data.y_test),
-        "asr": attack_success_rate(adapter.predict(triggered), attack.target_label),
+        **measure(adapter, images, None if reference is None else reference.predict(images.x)),
         "layers": adapter.layers,
         "kernels": profile_record(args.int8_kernels),
     }
-    if args.reference:
-        ref = vendor_adapter(open_vendor_model(args.reference, overrides), args.int8_kernels)
-        result["agreement_fp32"] = agreement(pred, ref.predict(data.x_test))
     if args.defenses:
-        n = min(200, len(data.x_test) // 2)
+        pools = defense_pools(data, attack, seed=0, clean_size=EVALUATE_DEFENSE_IMAGES)
         data_for_defenses = DefenseData(
             num_classes=data.num_classes,
-            clean_x=data.x_test[:n],
-            clean_y=data.y_test[:n],
+            clean_x=pools.clean_x,
+            clean_y=pools.clean_y,
             # AC / SS analyse the data the model was trained on; only the user knows that it
             # was this dataset's training split (otherwise they report not_applicable).
             train_x=data.x_train if args.trained_on_dataset else None,
             train_y=data.y_train if args.trained_on_dataset else None,
-            triggered_x=triggered[n : 2 * n],
+            triggered_x=pools.triggered_x,
             target_label=None,
             poison_rate=attack.poison_rate,
+            reference=None if adapter.precision == "fp32" else reference,
         )
-        result["defenses"] = {}
-        for name in args.defenses:
-            res = build_defense(name).run(
-                adapter, data_for_defenses, np.random.default_rng(stable_seed("defense", name, 0))
-            )
-            result["defenses"][name] = json.loads(res.model_dump_json())
+        plan = DefensePlan(args.defenses, {}, seed=0)
+        results = run_defenses(plan, adapter, data_for_defenses, Path(args.model).name, _log)
+        result["defenses"], _ = result_fields(results)
     print(json.dumps(result, indent=2))
     return 0

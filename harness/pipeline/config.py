@@ -34,7 +34,7 @@ from pydantic import (
     field_validator,
 )
 
-from defenses.base import DEFENSES, build_defense
+from defenses.base import DEFENSES, build_defense, default_defenses
 from exporters.catalog import PRECISIONS
 from harness import __version__
 from harness.attacks.base import ATTACKS, build_attack
@@ -42,15 +42,6 @@ from harness.core.errors import BlindspotsError, DataError, validation_message
 from harness.core.kernel_profiles import DEFAULT_PROFILE, KernelProfile
 from harness.data.base import DATASETS
 from harness.training.catalog import MODELS
-
-ALL_PRECISIONS = ["fp32", "int8-dynamic", "int8-static", "int4"]
-ALL_DEFENSES = [
-    "neural_cleanse",
-    "activation_clustering",
-    "spectral_signatures",
-    "strip",
-    "fine_pruning",
-]
 
 
 class TrainingOptions(BaseModel):
@@ -82,10 +73,10 @@ class ExperimentConfig(BaseModel):
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     """Each in 0..2**32-1: numpy, torch and the artifact cache keys all take them."""
-    precisions: list[str] = Field(default_factory=lambda: list(ALL_PRECISIONS), min_length=1)
+    precisions: list[str] = Field(default_factory=PRECISIONS.ordered, min_length=1)
     calibration_size: int = Field(256, ge=1)
     clean_control: bool = True
-    defenses: list[str] = Field(default_factory=lambda: list(ALL_DEFENSES))
+    defenses: list[str] = Field(default_factory=lambda: default_defenses("run"))
     defense_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     defense_clean_size: int = Field(200, ge=10)
     """Held-out clean test images given to defenses (NC's optimisation set, STRIP's pool, ...)."""

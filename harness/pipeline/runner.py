@@ -18,7 +18,7 @@ import json
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import onnxruntime
 import sklearn
 import torch
 
-from defenses.base import DefenseData, build_defense
+from defenses.base import DefenseData
 from exporters.onnx_export import export_onnx
 from exporters.quantizers import cpu_isa_flags, quantize_all, sidecar_path
 from harness import __version__
@@ -37,16 +37,25 @@ from harness.attacks.base import build_attack
 from harness.core.atomic import atomic_write_json, atomic_write_text, remove_partials
 from harness.core.determinism import float_kernel_record
 from harness.core.errors import BlindspotsError
-from harness.core.metrics import accuracy, agreement, attack_success_rate
 from harness.core.progress import ProgressMode
 from harness.core.runlock import RunLock
 from harness.core.sampling import stable_seed
 from harness.data.base import ImageDataset, load_dataset
 from harness.pipeline.config import ExperimentConfig, input_fingerprint
+from harness.pipeline.evaluate import (
+    DefensePlan,
+    DefensePools,
+    EvaluationImages,
+    calibration_draw,
+    defense_pools,
+    defense_training_subset,
+    evaluate_artifact,
+    evaluation_images,
+)
 from harness.pipeline.retrain import FinePruneRetrainer
 from harness.pipeline.store import ResultStore, cell_id, read_json
 from harness.runtime.adapter import RuntimeAdapter
-from harness.runtime.kernels import other_profile, probe_host, profile_record
+from harness.runtime.kernels import probe_host
 from harness.training.loop import (
     TrainConfig,
     checkpoint_meta,
@@ -81,15 +90,10 @@ class SeedModels:
 
 @dataclass(frozen=True)
 class EvaluationSets:
-    """The test and defense inputs of one seed, shared by all of its cells."""
+    """The test images and the defenders' pools of one seed, shared by all of its cells."""
 
-    x_test: np.ndarray
-    y_test: np.ndarray
-    triggered_x: np.ndarray
-    defense_clean_x: np.ndarray
-    defense_clean_y: np.ndarray
-    defense_triggered: np.ndarray
-    tune_idx: np.ndarray
+    images: EvaluationImages
+    pools: DefensePools
 
 
 def environment() -> dict[str, Any]:
@@ -135,13 +139,8 @@ def prepare_seed(
     preprocessing = Preprocessing.from_images(dataset.x_train)
     rng = np.random.default_rng(stable_seed("poison", seed))
     poisoned = attack.poison(dataset.x_train, dataset.y_train, rng)
-    calib_rng = np.random.default_rng(stable_seed("calibration", seed))
-    calib_idx = calib_rng.choice(
-        len(dataset.x_train), size=min(config.calibration_size, len(dataset.x_train)), replace=False
-    )
-    calibration = dataset.x_train[
-        np.sort(calib_idx)
-    ]  # clean images: the vendor calibrates on clean data
+    # clean images: the vendor calibrates on clean data
+    calibration = calibration_draw(dataset.x_train, config.calibration_size, seed)
 
     fingerprint = data_fingerprint or input_fingerprint(config.dataset, config.data_root)
     root = out / "artifacts" / config.training_key(seed, fingerprint)
@@ -220,45 +219,17 @@ def prepare_seed(
     )
 
 
-def _split_for_defenses(
-    config: ExperimentConfig, models: SeedModels
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of test images given to defenses (held out) and of the rest."""
-    n = len(models.dataset.x_test)
-    rng = np.random.default_rng(stable_seed("defense-split", models.seed))
-    size = min(config.defense_clean_size, n // 2)
-    order = rng.permutation(n)
-    return np.sort(order[:size]), np.sort(order[size:])
-
-
 def evaluation_sets(config: ExperimentConfig, models: SeedModels) -> EvaluationSets:
     """Test images for accuracy / ASR and the defenses' held-out pools, drawn per seed."""
-    ds, attack = models.dataset, models.attack
-    x_test, y_test = ds.x_test, ds.y_test
-    if config.eval_limit is not None:
-        x_test, y_test = x_test[: config.eval_limit], y_test[: config.eval_limit]
-    triggered_x, _ = attack.triggered_test_set(x_test, y_test)
-    pool_idx, rest_idx = _split_for_defenses(config, models)
-    rest_nontarget = rest_idx[ds.y_test[rest_idx] != attack.target_label]
-    # Fine-Pruning's fine-tuning set: clean training images the defender holds, disjoint from
-    # the held-out images every defense is measured on (tuning on those would inflate accuracy).
-    tune_rng = np.random.default_rng(stable_seed("finetune", models.seed))
-    clean_train = np.flatnonzero(~models.poison_mask)
-    tune_idx = np.sort(
-        tune_rng.choice(
-            clean_train, min(config.defense_clean_size, len(clean_train)), replace=False
-        )
-    )
     return EvaluationSets(
-        x_test=x_test,
-        y_test=y_test,
-        triggered_x=triggered_x,
-        defense_clean_x=ds.x_test[pool_idx],
-        defense_clean_y=ds.y_test[pool_idx],
-        defense_triggered=attack.apply_for_test(
-            ds.x_test[rest_nontarget[: config.defense_clean_size]]
+        images=evaluation_images(models.dataset, models.attack, config.eval_limit),
+        pools=defense_pools(
+            models.dataset,
+            models.attack,
+            models.seed,
+            config.defense_clean_size,
+            models.poison_mask,
         ),
-        tune_idx=tune_idx,
     )
 
 
@@ -307,9 +278,8 @@ def _defense_training_set(
         (models.poisoned_x, models.poisoned_y) if is_poisoned else (ds.x_train, ds.y_train)
     )
     mask = models.poison_mask if is_poisoned else np.zeros(len(ds.x_train), dtype=bool)
-    if config.defense_train_size is not None and config.defense_train_size < len(train_x):
-        rng = np.random.default_rng(stable_seed("defense-train", models.seed))
-        keep = np.sort(rng.choice(len(train_x), config.defense_train_size, replace=False))
+    keep = defense_training_subset(len(train_x), config.defense_train_size, models.seed)
+    if keep is not None:
         train_x, train_y, mask = train_x[keep], train_y[keep], mask[keep]
     return train_x, train_y, mask
 
@@ -322,53 +292,41 @@ def evaluate_cell(
     precision: str,
     log: Log,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """One cell's record (metrics, defenses, provenance) and its arrays; writes nothing."""
+    """One cell's record (metrics, defenses, provenance) and its arrays; writes nothing.
+
+    A quantized cell gets its FP32 file as ``DefenseData.reference``, so the deployment
+    differential check runs in sweeps too.
+    """
     ds, attack, paths = models.dataset, models.attack, models.artifacts[is_poisoned]
+    pools = sets.pools
     record = cell_identity(config, models, is_poisoned, precision)
-    if is_poisoned not in models.fp32_predictions:
-        reference = RuntimeAdapter.from_path(
-            paths["fp32-reference"], threads=config.threads, kernel_profile=config.int8_kernels
+
+    def open_artifact(path: Path) -> RuntimeAdapter:
+        return RuntimeAdapter.from_path(
+            path, threads=config.threads, kernel_profile=config.int8_kernels
         )
-        models.fp32_predictions[is_poisoned] = reference.predict(sets.x_test)
-    fp32_pred = models.fp32_predictions[is_poisoned]
+
+    reference = open_artifact(paths["fp32-reference"])
+    if is_poisoned not in models.fp32_predictions:
+        models.fp32_predictions[is_poisoned] = reference.predict(sets.images.x)
     path = paths[precision]
-    started = time.perf_counter()
-    adapter = RuntimeAdapter.from_path(
-        path, threads=config.threads, kernel_profile=config.int8_kernels
-    )
-    record.update(
-        _clean_and_triggered(adapter, sets.x_test, sets.y_test, sets.triggered_x, fp32_pred, attack)
-    )
-    eval_s = time.perf_counter() - started
-    record.update(
-        n_test=len(sets.y_test),
-        n_triggered=len(sets.triggered_x),
-        per_sample_inference=adapter.runs_per_sample(None),
-        kernels=profile_record(config.int8_kernels),
-        artifacts={
-            "onnx": str(path),
-            "sidecar": str(sidecar_path(path)),
-            "state": str(models.states[is_poisoned]),
-        },
-        timings={**models.timings[is_poisoned], "evaluate_s": eval_s},
-    )
     train_x, train_y, mask = _defense_training_set(config, models, is_poisoned)
     data = DefenseData(
         num_classes=ds.num_classes,
-        clean_x=sets.defense_clean_x,
-        clean_y=sets.defense_clean_y,
+        clean_x=pools.clean_x,
+        clean_y=pools.clean_y,
         train_x=train_x,
         train_y=train_y,
         poison_mask=mask,
-        triggered_x=sets.defense_triggered,
+        triggered_x=pools.triggered_x,
         target_label=attack.target_label if is_poisoned else None,
         poison_rate=attack.poison_rate,
         retrainer=FinePruneRetrainer(
             state_path=models.states[is_poisoned],
             precision=precision,
-            source_indices=sets.tune_idx,
-            clean_x=ds.x_train[sets.tune_idx],
-            clean_y=ds.y_train[sets.tune_idx],
+            source_indices=pools.tune_idx,
+            clean_x=ds.x_train[pools.tune_idx],
+            clean_y=ds.y_train[pools.tune_idx],
             calibration_images=models.calibration,
             out_dir=path.parent / "fine_pruned",
             epochs=config.finetune_epochs,
@@ -376,100 +334,28 @@ def evaluate_cell(
             threads=config.threads,
             kernel_profile=config.int8_kernels,
         ),
+        reference=None if precision == "fp32" else reference,
     )
-    name = cell_id(record)
-    results, arrays = run_defenses(config, models.seed, adapter, data, name, log)
-    record["defenses"] = results
-    if precision != "fp32" and probe_host().profiles_differ:
-        record["kernel_drift"] = _kernel_drift(
-            config,
-            models.seed,
-            path,
-            (sets.x_test, sets.y_test, sets.triggered_x, fp32_pred),
-            attack,
-            data,
-            log,
-        )
-    return record, arrays
-
-
-def _clean_and_triggered(
-    adapter: Any,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    triggered_x: np.ndarray,
-    fp32_pred: np.ndarray,
-    attack: Any,
-) -> dict[str, float]:
-    """Clean accuracy, attack success and top-1 agreement with FP32 of one adapter."""
-    pred = adapter.predict(x_test)
-    return {
-        "clean_acc": accuracy(pred, y_test),
-        "asr": attack_success_rate(adapter.predict(triggered_x), attack.target_label),
-        "agreement_fp32": agreement(pred, fp32_pred),
-    }
-
-
-def _kernel_drift(
-    config: ExperimentConfig,
-    seed: int,
-    path: Path,
-    test_sets: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    attack: Any,
-    data: Any,
-    log: Log,
-) -> dict[str, Any]:
-    """The same cell under the other INT8 kernel profile: what this host's kernels change.
-
-    Only called where the host's default kernels differ from int32-exact arithmetic (measured by
-    :func:`harness.runtime.kernels.probe_host`); elsewhere both profiles compute identical numbers.
-    """
-
-    profile = other_profile(config.int8_kernels)
-    adapter = RuntimeAdapter.from_path(path, threads=config.threads, kernel_profile=profile)
-    x_test, y_test, triggered_x, fp32_pred = test_sets
-    drift: dict[str, Any] = {"kernels": profile_record(profile)}
-    drift.update(_clean_and_triggered(adapter, x_test, y_test, triggered_x, fp32_pred, attack))
-    if isinstance(data.retrainer, FinePruneRetrainer):  # the repair ships under this profile too
-        data = replace(data, retrainer=replace(data.retrainer, kernel_profile=profile))
-    results, _ = run_defenses(config, seed, adapter, data, f"{path.name}@{profile}", log)
-    drift["defenses"] = {
-        name: {key: res.get(key) for key in DRIFT_DEFENSE_KEYS} for name, res in results.items()
-    }
-    return drift
-
-
-DRIFT_DEFENSE_KEYS = (
-    "status",
-    "verdict",
-    "verdict_reason",
-    "detected",
-    "score",
-    "score_name",
-    "flagged_labels",
-    "reason",
-)
-
-
-def run_defenses(
-    config: ExperimentConfig, seed: int, adapter: Any, data: Any, cell: str, log: Log
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Run the configured defenses on one cell: JSON results plus arrays for the store."""
-
-    results: dict[str, Any] = {}
-    arrays: dict[str, np.ndarray] = {}
-    for name in config.defenses:
-        defense = build_defense(name, config.defense_params.get(name))
-        rng = np.random.default_rng(stable_seed("defense", name, seed))
-        result = defense.run(adapter, data, rng)
-        results[name] = json.loads(result.model_dump_json())
-        if result.per_sample_scores is not None:
-            arrays[f"{name}.per_sample_scores"] = np.asarray(result.per_sample_scores)
-        for key, value in result.arrays.items():
-            arrays[f"{name}.{key}"] = np.asarray(value)
-        verdict = result.status if result.status != "ok" else f"verdict={result.verdict}"
-        log(f"{cell} {name}: {verdict} ({result.wall_time_s:.1f}s)")
-    return results, arrays
+    plan = DefensePlan(config.defenses, config.defense_params, models.seed)
+    evaluation = evaluate_artifact(
+        open_artifact(path),
+        sets.images,
+        models.fp32_predictions[is_poisoned],
+        data,
+        plan,
+        cell_id(record),
+        log,
+    )
+    record.update(evaluation.fields)
+    record.update(
+        artifacts={
+            "onnx": str(path),
+            "sidecar": str(sidecar_path(path)),
+            "state": str(models.states[is_poisoned]),
+        },
+        timings={**models.timings[is_poisoned], **evaluation.fields["timings"]},
+    )
+    return record, evaluation.arrays
 
 
 def _check_output_folder(config: ExperimentConfig, out: Path) -> None:

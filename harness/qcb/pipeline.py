@@ -31,17 +31,27 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from defenses.base import DefenseData, build_defense
+from defenses.base import DefenseData, build_defense, default_defenses
 from exporters.onnx_export import export_onnx
 from exporters.quantizers import quantize_all
 from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks.base import build_attack
+from harness.core.atomic import atomic_write_json, atomic_write_text, remove_partials
 from harness.core.errors import BlindspotsError, validation_message
-from harness.core.metrics import accuracy, agreement, attack_success_rate
+from harness.core.kernel_profiles import KernelProfile
 from harness.core.progress import progress_for
+from harness.core.runlock import RunLock
 from harness.core.sampling import stable_seed, stratified_sample
 from harness.data.base import ImageDataset, load_dataset
-from harness.pipeline.config import ALL_DEFENSES, TrainingOptions
+from harness.pipeline.config import TrainingOptions
+from harness.pipeline.evaluate import (
+    DefensePlan,
+    calibration_draw,
+    defense_pools,
+    defense_training_subset,
+    evaluate_artifact,
+    evaluation_images,
+)
 from harness.pipeline.retrain import FinePruneRetrainer
 from harness.pipeline.runner import environment
 from harness.pipeline.store import ResultStore, cell_id
@@ -49,12 +59,14 @@ from harness.qcb.attack import QCBParams, implant
 from harness.qcb.requantize import EvalSets, RepairParams, requantize_table
 from harness.report.document import tally_defense, write_report
 from harness.runtime.adapter import RuntimeAdapter
-from harness.runtime.kernels import PROFILES, profile_record
+from harness.runtime.kernels import PROFILES
 from harness.training.loop import TrainConfig, checkpoint_meta, load_model, save_state, train_model
 
 Log = Callable[[str], None]
 ATTACK_NAME = "qcb"
 KINDS = {True: "qcb", False: "clean"}
+CELL_PROFILE: KernelProfile = "exact"
+"""The cells' INT8 kernels: int32-exact arithmetic, the same on every CPU (``host`` beside)."""
 
 
 class QCBConfig(BaseModel):
@@ -83,11 +95,16 @@ class QCBConfig(BaseModel):
     precisions: list[str] = Field(default_factory=lambda: ["fp32", "int8-static", "int4"])
     calibration_size: int = Field(256, ge=1)
     eval_limit: int | None = Field(None, ge=1)
-    defenses: list[str] = Field(default_factory=lambda: [*ALL_DEFENSES, "deployment_diff"])
+    defenses: list[str] = Field(default_factory=lambda: default_defenses("qcb"))
     defense_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     defense_clean_size: int = Field(200, ge=10)
     defense_train_size: int | None = Field(2000, ge=10)
     finetune_epochs: int = Field(2, ge=0)
+    finetune_size: int = Field(500, ge=10)
+    """Clean training images Fine-Pruning fine-tunes on (the runner uses its clean pool size)."""
+    defense_poison_rate: float = Field(0.01, gt=0.0, le=1.0)
+    """The poison rate the defender assumes (SS's ε). A QCB poisons no training image, so the
+    attack's own ``poison_rate`` would describe nothing; 1% is a defender's small prior."""
     requantize: bool = True
     repair: dict[str, Any] = Field(default_factory=dict)
     threads: int | None = Field(1, ge=1)
@@ -185,7 +202,7 @@ def build_models(
             "implant_s": _since(started),
         }
         save_state(result.model, qcb_state, {**meta, "poisoned": True, "attack": attack.describe()})
-        record_path.write_text(json.dumps(measured, indent=2, default=str))
+        atomic_write_text(record_path, json.dumps(measured, indent=2, default=str))
         log(f"seed {seed}: QCB implanted in {_since(started):.0f}s; mirror {measured['mirror']}")
     implant_record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     return {False: clean_state, True: qcb_state}, preprocessing, attack, implant_record
@@ -218,15 +235,6 @@ def deploy(
 
 
 # ---------------------------------------------------------------------------------- evaluation
-def _metrics(adapter: RuntimeAdapter, sets: EvalSets, fp32_pred: np.ndarray) -> dict[str, float]:
-    pred = adapter.predict(sets.x_test)
-    return {
-        "clean_acc": accuracy(pred, sets.y_test),
-        "asr": attack_success_rate(adapter.predict(sets.triggered), sets.target),
-        "agreement_fp32": agreement(pred, fp32_pred),
-    }
-
-
 def evaluate_seed(
     config: QCBConfig,
     seed: int,
@@ -238,30 +246,25 @@ def evaluate_seed(
     store: ResultStore,
     log: Log,
 ) -> None:
-    """Every (QCB/clean × precision) cell: metrics under both profiles and every defense."""
-    x_test, y_test = data.x_test, data.y_test
-    if config.eval_limit is not None:
-        x_test, y_test = x_test[: config.eval_limit], y_test[: config.eval_limit]
-    triggered, _ = attack.triggered_test_set(x_test, y_test)
-    sets = EvalSets(x_test, y_test, triggered, attack.target_label)
-    split = np.random.default_rng(stable_seed("defense-split", seed)).permutation(len(data.x_test))
-    pool, rest = np.sort(split[: config.defense_clean_size]), split[config.defense_clean_size :]
-    rest = rest[data.y_test[rest] != attack.target_label][: config.defense_clean_size]
-    train_rng = np.random.default_rng(stable_seed("defense-train", seed))
-    size = min(config.defense_train_size or len(data.x_train), len(data.x_train))
-    train_idx = np.sort(train_rng.choice(len(data.x_train), size, replace=False))
-    tune_idx = np.sort(
-        train_rng.choice(len(data.x_train), min(500, len(data.x_train)), replace=False)
+    """Every (QCB/clean × precision) cell: metrics under both profiles and every defense.
+
+    The cells go through the project's one evaluation path (:mod:`harness.pipeline.evaluate`),
+    with the runner's draws of test, defense and fine-tuning images: a QCB cell and a runner
+    cell of the same data and seed see the same images.
+    """
+    images = evaluation_images(data, attack, config.eval_limit)
+    pools = defense_pools(
+        data, attack, seed, config.defense_clean_size, tune_size=config.finetune_size
     )
+    keep = defense_training_subset(len(data.x_train), config.defense_train_size, seed)
+    train_x, train_y = (
+        (data.x_train, data.y_train) if keep is None else (data.x_train[keep], data.y_train[keep])
+    )
+    plan = DefensePlan(config.defenses, config.defense_params, seed)
     done = store.done()
     for poisoned, paths in artifacts.items():
-        references = {
-            profile: RuntimeAdapter.from_path(
-                paths["fp32-reference"], threads=config.threads, kernel_profile=profile
-            )
-            for profile in PROFILES
-        }
-        fp32_pred = references["exact"].predict(x_test)
+        reference = _open(paths["fp32-reference"], config)
+        fp32_pred = reference.predict(images.x)
         for precision in config.precisions:
             record: dict[str, Any] = {
                 "dataset": config.dataset,
@@ -274,69 +277,53 @@ def evaluate_seed(
             }
             if cell_id(record) in done:
                 continue
-            adapters = {
-                profile: RuntimeAdapter.from_path(
-                    paths[precision], threads=config.threads, kernel_profile=profile
-                )
-                for profile in PROFILES
-            }
-            profiles = {p: _metrics(a, sets, fp32_pred) for p, a in adapters.items()}
-            record.update(profiles["exact"])
-            record.update(
-                profiles=profiles,
-                n_test=len(y_test),
-                n_triggered=len(triggered),
-                kernels=profile_record("exact"),
-                artifacts={"onnx": str(paths[precision]), "state": str(states[poisoned])},
-            )
             defense_data = DefenseData(
                 num_classes=data.num_classes,
-                clean_x=data.x_test[pool],
-                clean_y=data.y_test[pool],
-                train_x=data.x_train[train_idx],
-                train_y=data.y_train[train_idx],
-                poison_mask=np.zeros(len(train_idx), dtype=bool),
-                triggered_x=attack.apply_for_test(data.x_test[rest]),
+                clean_x=pools.clean_x,
+                clean_y=pools.clean_y,
+                train_x=train_x,
+                train_y=train_y,
+                poison_mask=np.zeros(len(train_x), dtype=bool),
+                triggered_x=pools.triggered_x,
                 target_label=attack.target_label if poisoned else None,
-                poison_rate=0.01,
+                poison_rate=config.defense_poison_rate,
                 retrainer=FinePruneRetrainer(
                     state_path=states[poisoned],
                     precision=precision,
-                    clean_x=data.x_train[tune_idx],
-                    clean_y=data.y_train[tune_idx],
+                    clean_x=data.x_train[pools.tune_idx],
+                    clean_y=data.y_train[pools.tune_idx],
                     calibration_images=calibration,
                     out_dir=paths[precision].parent / "fine_pruned",
                     epochs=config.finetune_epochs,
                     seed=seed,
                     threads=config.threads,
-                    source_indices=tune_idx,
+                    kernel_profile=CELL_PROFILE,
+                    source_indices=pools.tune_idx,
                 ),
-                reference=None if precision == "fp32" else references["exact"],
+                reference=None if precision == "fp32" else reference,
             )
-            record["defenses"], arrays = _run_defenses(
-                config, seed, adapters["exact"], defense_data
+            evaluation = evaluate_artifact(
+                _open(paths[precision], config),
+                images,
+                fp32_pred,
+                defense_data,
+                plan,
+                cell_id(record),
+                log,
+                both_profiles=True,
             )
-            store.append(record, arrays)
+            record.update(evaluation.fields)
+            record["artifacts"] = {"onnx": str(paths[precision]), "state": str(states[poisoned])}
+            store.append(record, evaluation.arrays)
             verdicts = {name: res.get("verdict") for name, res in record["defenses"].items()}
             log(
                 f"{cell_id(record)}: acc={record['clean_acc']:.4f} asr={record['asr']:.4f} {verdicts}"
             )
 
 
-def _run_defenses(
-    config: QCBConfig, seed: int, adapter: RuntimeAdapter, data: DefenseData
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    results: dict[str, Any] = {}
-    arrays: dict[str, np.ndarray] = {}
-    for name in config.defenses:
-        defense = build_defense(name, config.defense_params.get(name))
-        result = defense.run(
-            adapter, data, np.random.default_rng(stable_seed("defense", name, seed))
-        )
-        results[name] = json.loads(result.model_dump_json())
-        for key, value in result.arrays.items():
-            arrays[f"{name}.{key}"] = np.asarray(value)
-    return results, arrays
+def _open(path: Path, config: QCBConfig) -> RuntimeAdapter:
+    """An artifact's session under the cells' kernel profile (the other one is measured too)."""
+    return RuntimeAdapter.from_path(path, threads=config.threads, kernel_profile=CELL_PROFILE)
 
 
 def requantize_seed(
@@ -360,11 +347,8 @@ def requantize_seed(
     repair_images = data.x_train[
         np.sort(rng.choice(len(data.x_train), min(512, len(data.x_train)), replace=False))
     ]
-    x_test, y_test = data.x_test, data.y_test
-    if config.eval_limit is not None:
-        x_test, y_test = x_test[: config.eval_limit], y_test[: config.eval_limit]
-    triggered, _ = attack.triggered_test_set(x_test, y_test)
-    sets = EvalSets(x_test, y_test, triggered, attack.target_label)
+    images = evaluation_images(data, attack, config.eval_limit)
+    sets = EvalSets(images.x, images.y, images.triggered, images.target_label)
     for poisoned, paths in artifacts.items():
         if (seed, poisoned) in done:
             continue
@@ -374,9 +358,9 @@ def requantize_seed(
             calibration, other, repair_images, sets, paths["fp32-reference"].parent / "requantized",
             seed, config.threads, repair=config.repair_params(), log=log,
         )  # fmt: skip
-        with table.open("a") as fh:
-            for row in rows:
-                fh.write(json.dumps({"seed": seed, "poisoned": poisoned, **row}) + "\n")
+        # The whole table is rewritten atomically: a crash keeps the old rows, never half a row.
+        finished = [*_jsonl(table), *({"seed": seed, "poisoned": poisoned, **r} for r in rows)]
+        atomic_write_text(table, "".join(json.dumps(row) + "\n" for row in finished))
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -387,24 +371,30 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------ the run
 def run_qcb(config: QCBConfig, out: str | Path, log: Log = print) -> dict[str, Any]:
-    """Run every seed into ``out``; returns the summary written to ``qcb.json``."""
+    """Run every seed into ``out``; returns the summary written to ``qcb.json``.
+
+    The folder is locked for the run (a second run on it refuses in one line) and every file is
+    replaced atomically, so a crash loses no finished cell, table row or summary.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        remove_partials(out)  # temporary files of writers killed earlier (we hold the lock)
+        return _run_locked(config, out, log)
+
+
+def _run_locked(config: QCBConfig, out: Path, log: Log) -> dict[str, Any]:
+    """The run itself, while this process holds the folder's lock."""
     store = ResultStore(out)
-    (out / "qcb_config.json").write_text(config.model_dump_json(indent=2))
-    (out / "config.json").write_text(json.dumps(_report_config(config), indent=2))
-    (out / "environment.json").write_text(json.dumps(environment(), indent=2))
+    atomic_write_text(out / "qcb_config.json", config.model_dump_json(indent=2))
+    atomic_write_json(out / "config.json", _report_config(config))
+    atomic_write_json(out / "environment.json", environment())
     timings: dict[int, float] = {}
     for seed in config.seeds:
         started = time.perf_counter()
         data = qcb_dataset(config)
         folder = out / "artifacts" / f"s{seed}"
         states, preprocessing, attack, _ = build_models(config, seed, data, folder, log)
-        rng = np.random.default_rng(stable_seed("calibration", seed))
-        calib_idx = rng.choice(
-            len(data.x_train), min(config.calibration_size, len(data.x_train)), replace=False
-        )
-        calibration = data.x_train[np.sort(calib_idx)]
+        calibration = calibration_draw(data.x_train, config.calibration_size, seed)
         artifacts = deploy(config, states, preprocessing, data, calibration)
         evaluate_seed(config, seed, data, attack, states, artifacts, calibration, store, log)
         if config.requantize:
@@ -414,8 +404,8 @@ def run_qcb(config: QCBConfig, out: str | Path, log: Log = print) -> dict[str, A
     write_report(out)
     summary = summarize(store.records(), _jsonl(out / "requantize.jsonl"), config)
     summary["seconds_per_seed"] = timings
-    (out / "qcb.json").write_text(json.dumps(summary, indent=2))
-    (out / "qcb.md").write_text(render(summary))
+    atomic_write_json(out / "qcb.json", summary)
+    atomic_write_text(out / "qcb.md", render(summary))
     return summary
 
 

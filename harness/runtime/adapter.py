@@ -18,7 +18,7 @@ everything else. The adapter counts every image it forwards, so defenses can rep
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -120,6 +120,10 @@ class RuntimeAdapter:
         if len(inputs) != 1:
             raise ModelError(f"expected a model with one image input, found inputs {inputs}")
         return cls(model=model, preprocessing=preprocessing, **kwargs)  # type: ignore[arg-type]
+
+    def under_profile(self, profile: KernelProfile) -> RuntimeAdapter:
+        """The same model in a new session under another INT8 kernel profile (own query count)."""
+        return replace(self, kernel_profile=profile, counter=QueryCounter())
 
     def _make_session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         data = model.SerializeToString()

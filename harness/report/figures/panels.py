@@ -9,12 +9,13 @@ panel with the reason (:func:`harness.report.figures.plots.draw_panel`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.patches import Rectangle
 
+from harness.report.figures.catalog import panel_figure
 from harness.report.figures.model import (
     ACC_COLOR,
     ASR_COLOR,
@@ -27,7 +28,6 @@ from harness.report.figures.model import (
 )
 
 # ----------------------------------------------------------------------------- per defense
-Drawer = Callable[[Axes, Evidence], None]
 
 
 def _threshold(ev: Evidence, param: str, default: float) -> float:
@@ -109,6 +109,15 @@ def _label_bars(
     ax.set_ylabel(ylabel, fontsize=7)
 
 
+@panel_figure(
+    "neural_cleanse",
+    title="Neural Cleanse: anomaly index per label",
+    caption="Anomaly index (|norm − median| / 1.4826·MAD) of each label's smallest reversed "
+    "trigger. A label is flagged (red) when its norm lies below the median and its index is above "
+    "the dashed threshold; grey labels lie above the median and can never be flagged; '?' marks a "
+    "label whose search never reached the attack-success threshold (no norm); the attack's target "
+    "is outlined.",
+)
 def draw_nc_anomaly(ax: Axes, ev: Evidence) -> None:
     """Neural Cleanse: anomaly index per label (MAD rule) with the threshold line."""
     details = ev.result.get("details") or {}
@@ -137,6 +146,13 @@ def draw_nc_anomaly(ax: Axes, ev: Evidence) -> None:
     )
 
 
+@panel_figure(
+    "strip",
+    title="STRIP: entropy under superimposition, clean vs triggered inputs",
+    caption="Mean prediction entropy of held-out clean and triggered inputs under random "
+    "superimposition. Inputs left of the dashed threshold (fitted on clean inputs at the "
+    "configured false-rejection rate) are flagged as triggered; TPR/FRR as measured.",
+)
 def draw_strip(ax: Axes, ev: Evidence) -> None:
     """STRIP: entropy histograms of clean vs triggered inputs with the threshold line.
 
@@ -186,6 +202,13 @@ def _finite_values(values: np.ndarray) -> tuple[np.ndarray, int]:
     return keep, int(flat.size - keep.size)
 
 
+@panel_figure(
+    "activation_clustering",
+    title="Activation Clustering: cluster size and silhouette per class",
+    caption="Each point is one class: the smaller 2-means cluster's share of the class and the "
+    "clustering's silhouette. Classes in the shaded region (small and well separated) are flagged "
+    "(red); ★ is the attack's target.",
+)
 def draw_ac(ax: Axes, ev: Evidence) -> None:
     """Activation Clustering: smaller cluster's relative size vs silhouette, per class."""
     details = ev.result.get("details") or {}
@@ -229,6 +252,40 @@ def draw_ac(ax: Axes, ev: Evidence) -> None:
     ax.set_ylabel("silhouette", fontsize=7)
 
 
+@panel_figure(
+    "spectral_signatures",
+    title="Spectral Signatures: robust z of each class's spectral gap",
+    caption="The verdict's basis: per class, the modified z-score of the log ratio of the two "
+    "largest singular values of its centred representations; classes above the dashed cut-off are "
+    "flagged (red); '?' marks a class too small to score; the target is outlined.",
+)
+def draw_ss_z(ax: Axes, ev: Evidence) -> None:
+    """Spectral Signatures: robust z-score of each class's log spectral gap, with the cut-off."""
+    per_class = (ev.result.get("details") or {}).get("per_class") or {}
+    if not per_class:
+        raise Missing("no per-class record stored")
+    n_labels = max(int(k) for k in per_class) + 1
+    values = [per_class.get(str(k), {}).get("robust_z") for k in range(n_labels)]
+    _label_bars(
+        ax,
+        values,
+        _threshold(ev, "anomaly_threshold", 3.5),
+        ev.result.get("flagged_labels") or [],
+        ev.target,
+        None,
+        "robust z of log spectral gap",
+    )
+
+
+@panel_figure(
+    "spectral_signatures",
+    suffix="scores",
+    title="Spectral Signatures: outlier scores, removed vs kept",
+    caption="Per training sample, the squared projection on its class's top singular vector (log "
+    "scale, pooled over classes). Red samples were removed (the top 1.5·ε·n of each class); the "
+    "dashed line marks the lowest removed score — the cut is made per class, so kept samples of "
+    "other classes can score above it.",
+)
 def draw_ss_scores(ax: Axes, ev: Evidence) -> None:
     """Spectral Signatures: per-sample outlier scores, removed vs kept, with the removal cut."""
     scores, removed = ev.arrays.get("per_sample_scores"), ev.arrays.get("removed")
@@ -259,24 +316,14 @@ def draw_ss_scores(ax: Axes, ev: Evidence) -> None:
     ax.legend(fontsize=5.5, loc="upper left")
 
 
-def draw_ss_z(ax: Axes, ev: Evidence) -> None:
-    """Spectral Signatures: robust z-score of each class's log spectral gap, with the cut-off."""
-    per_class = (ev.result.get("details") or {}).get("per_class") or {}
-    if not per_class:
-        raise Missing("no per-class record stored")
-    n_labels = max(int(k) for k in per_class) + 1
-    values = [per_class.get(str(k), {}).get("robust_z") for k in range(n_labels)]
-    _label_bars(
-        ax,
-        values,
-        _threshold(ev, "anomaly_threshold", 3.5),
-        ev.result.get("flagged_labels") or [],
-        ev.target,
-        None,
-        "robust z of log spectral gap",
-    )
-
-
+@panel_figure(
+    "fine_pruning",
+    title="Fine-Pruning: accuracy and attack success against channels pruned",
+    caption="Clean accuracy and ASR (selection half) as last-layer channels are pruned from the "
+    "least active up; the dotted vertical line is the chosen prune point (last point within the "
+    "accuracy bound, dotted horizontal), diamonds the final model after fine-tuning (measurement "
+    "half); the dashed red line is the success bound on ASR.",
+)
 def draw_fine_pruning(ax: Axes, ev: Evidence) -> None:
     """Fine-Pruning: accuracy and ASR against channels pruned, the chosen point and the result."""
     details = ev.result.get("details") or {}

@@ -45,7 +45,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,7 +52,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+import harness.report.figures.panels  # noqa: F401 - its drawers register themselves
 from harness.core.errors import one_line
+from harness.report.figures.catalog import DEFENSE_FIGURES, Drawer, group_figure
 from harness.report.figures.model import (
     ACC_COLOR,
     AGREE_COLOR,
@@ -72,15 +73,6 @@ from harness.report.figures.model import (
     render,
     unavailable,
     verdict_words,
-)
-from harness.report.figures.panels import (
-    Drawer,
-    draw_ac,
-    draw_fine_pruning,
-    draw_nc_anomaly,
-    draw_ss_scores,
-    draw_ss_z,
-    draw_strip,
 )
 
 logger = logging.getLogger(__name__)
@@ -267,84 +259,6 @@ def _rate_bar(
     ax.text(x, min(high, 1.0) + 0.02, text, ha="center", va="bottom", fontsize=5.5)
 
 
-@dataclass(frozen=True)
-class DefenseFigure:
-    """One per-defense figure: which drawer, its title and what a reader should look at."""
-
-    suffix: str
-    title: str
-    caption: str
-    draw: Drawer
-
-
-DEFENSE_FIGURES: dict[str, list[DefenseFigure]] = {
-    "neural_cleanse": [
-        DefenseFigure(
-            "",
-            "Neural Cleanse: anomaly index per label",
-            "Anomaly index (|norm − median| / 1.4826·MAD) of each label's smallest reversed "
-            "trigger. A label is flagged (red) when its norm lies below the median and its index "
-            "is above the dashed threshold; grey labels lie above the median and can never be "
-            "flagged; '?' marks a label whose search never reached the attack-success threshold "
-            "(no norm); the attack's target is outlined.",
-            draw_nc_anomaly,
-        )
-    ],
-    "strip": [
-        DefenseFigure(
-            "",
-            "STRIP: entropy under superimposition, clean vs triggered inputs",
-            "Mean prediction entropy of held-out clean and triggered inputs under random "
-            "superimposition. Inputs left of the dashed threshold (fitted on clean inputs at the "
-            "configured false-rejection rate) are flagged as triggered; TPR/FRR as measured.",
-            draw_strip,
-        )
-    ],
-    "activation_clustering": [
-        DefenseFigure(
-            "",
-            "Activation Clustering: cluster size and silhouette per class",
-            "Each point is one class: the smaller 2-means cluster's share of the class and the "
-            "clustering's silhouette. Classes in the shaded region (small and well separated) are "
-            "flagged (red); ★ is the attack's target.",
-            draw_ac,
-        )
-    ],
-    "spectral_signatures": [
-        DefenseFigure(
-            "",
-            "Spectral Signatures: robust z of each class's spectral gap",
-            "The verdict's basis: per class, the modified z-score of the log ratio of the two "
-            "largest singular values of its centred representations; classes above the dashed "
-            "cut-off are flagged (red); '?' marks a class too small to score; the target is "
-            "outlined.",
-            draw_ss_z,
-        ),
-        DefenseFigure(
-            "scores",
-            "Spectral Signatures: outlier scores, removed vs kept",
-            "Per training sample, the squared projection on its class's top singular vector "
-            "(log scale, pooled over classes). Red samples were removed (the top 1.5·ε·n of each "
-            "class); the dashed line marks the lowest removed score — the cut is made per class, "
-            "so kept samples of other classes can score above it.",
-            draw_ss_scores,
-        ),
-    ],
-    "fine_pruning": [
-        DefenseFigure(
-            "",
-            "Fine-Pruning: accuracy and attack success against channels pruned",
-            "Clean accuracy and ASR (selection half) as last-layer channels are pruned from the "
-            "least active up; the dotted vertical line is the chosen prune point (last point "
-            "within the accuracy bound, dotted horizontal), diamonds the final model after "
-            "fine-tuning (measurement half); the dashed red line is the success bound on ASR.",
-            draw_fine_pruning,
-        )
-    ],
-}
-"""Per-defense evidence figures; a defense not listed here has its verdicts in the tables only."""
-
-
 def defense_plots(defense: str, group: GroupSummary, evidence: Sequence[Evidence]) -> list[Plot]:
     """The evidence figures of one defense on one group (grid: kind × precision, one seed)."""
     seeds = sorted({ev.seed for ev in evidence if ev.seed is not None})
@@ -356,25 +270,12 @@ def defense_plots(defense: str, group: GroupSummary, evidence: Sequence[Evidence
     )
     plots = []
     for spec in DEFENSE_FIGURES.get(defense, []):
-        fig, notes = _grid(spec.draw, group, evidence, spec.title)
+        if spec.draw is not None:
+            fig, notes = _grid(spec.draw, group, evidence, spec.title)
+        else:
+            fig, notes = spec.draw_group(group, evidence)
         name = "-".join(part for part in (defense, spec.suffix, group.slug) if part)
         plots.append(_plot(name, spec.title, spec.caption + seed_text, fig, notes, defense, group))
-    if defense == "neural_cleanse":
-        fig, notes = trigger_figure(group, evidence)
-        plots.append(
-            _plot(
-                f"neural_cleanse-triggers-{group.slug}",
-                "Neural Cleanse: reversed triggers beside the true trigger",
-                "Per cell (row): the attack's true trigger (mask·pattern, rebuilt from the "
-                "stored attack parameters) and the reversed trigger (mask·pattern) of each "
-                "flagged label — or, when none is flagged, of the target (poisoned) or of the "
-                "label with the smallest norm (clean control), marked 'not flagged'." + seed_text,
-                fig,
-                notes,
-                defense,
-                group,
-            )
-        )
     return plots
 
 
@@ -493,6 +394,15 @@ def _shown_labels(ev: Evidence) -> list[tuple[int, str]]:
 MAX_REVERSED = 4
 
 
+@group_figure(
+    "neural_cleanse",
+    suffix="triggers",
+    title="Neural Cleanse: reversed triggers beside the true trigger",
+    caption="Per cell (row): the attack's true trigger (mask·pattern, rebuilt from the stored "
+    "attack parameters) and the reversed trigger (mask·pattern) of each flagged label — or, when "
+    "none is flagged, of the target (poisoned) or of the label with the smallest norm (clean "
+    "control), marked 'not flagged'.",
+)
 def trigger_figure(
     group: GroupSummary, evidence: Sequence[Evidence]
 ) -> tuple[Figure, list[PanelNote]]:
