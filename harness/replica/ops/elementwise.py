@@ -12,16 +12,8 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
-from harness.replica.arithmetic import (
-    trunc_ste,
-)
-from harness.replica.ops.base import (
-    FLOAT_TYPES,
-    INT_TORCH,
-    NodeSpec,
-    Tensor,
-    register,
-)
+from harness.replica.arithmetic import trunc_ste
+from harness.replica.ops.base import FLOAT_TYPES, INT_TORCH, NodeSpec, Tensor, register
 
 
 @register("Add")

@@ -11,11 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.replica.arithmetic import (
-    centred,
-    output_scale,
-    requantize,
-)
+from harness.replica.arithmetic import centred, output_scale, requantize
 from harness.replica.ops.base import (
     MaybeTensor,
     NodeSpec,

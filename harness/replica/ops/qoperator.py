@@ -17,13 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from harness.replica.arithmetic import (
-    centred,
-    output_scale,
-    quantize,
-    requantize,
-    to_code,
-)
+from harness.replica.arithmetic import centred, output_scale, quantize, requantize, to_code
 from harness.replica.ops.base import (
     MS,
     MaybeTensor,

@@ -9,14 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.replica.arithmetic import (
-    dequantize,
-    quantize,
-)
-from harness.replica.ops.base import (
-    along_axis,
-    register,
-)
+from harness.replica.arithmetic import dequantize, quantize
+from harness.replica.ops.base import along_axis, register
 
 
 @register("QuantizeLinear")

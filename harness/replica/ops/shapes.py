@@ -13,13 +13,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from harness.replica.ops.base import (
-    MaybeTensor,
-    NodeSpec,
-    Tensor,
-    ints,
-    register,
-)
+from harness.replica.ops.base import MaybeTensor, NodeSpec, Tensor, ints, register
 
 
 @register("Flatten")
