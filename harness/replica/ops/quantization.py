@@ -10,28 +10,29 @@ from __future__ import annotations
 import torch
 
 from harness.replica.arithmetic import dequantize, quantize
-from harness.replica.ops.base import along_axis, register
+from harness.replica.ops.base import MaybeTensor, NodeSpec, Tensor, along_axis, register
+
+
+def _grid(spec: NodeSpec, x: Tensor, inputs: list[MaybeTensor]) -> tuple[Tensor, MaybeTensor]:
+    """The node's scale and zero point shaped to broadcast over ``x``: per tensor, along
+    ``axis`` or per ``block_size`` block, as the node's attributes say."""
+    scale, zp = inputs[1], inputs[2] if len(inputs) > 2 else None
+    axis, block = int(spec.attrs.get("axis", 1)), int(spec.attrs.get("block_size", 0))
+    size = x.shape[axis % x.ndim] if x.ndim else 1
+    zp = None if zp is None else along_axis(zp, axis, x.ndim, size, block)
+    return along_axis(scale, axis, x.ndim, size, block), zp
 
 
 @register("QuantizeLinear")
 def _quantize_linear(spec, inputs, dtype):
-    x, scale = inputs[0], inputs[1]
-    zp = inputs[2] if len(inputs) > 2 else None
-    axis, block = int(spec.attrs.get("axis", 1)), int(spec.attrs.get("block_size", 0))
-    size = x.shape[axis % x.ndim] if x.ndim else 1
-    scale = along_axis(scale, axis, x.ndim, size, block)
-    zp = None if zp is None else along_axis(zp, axis, x.ndim, size, block)
-    return [quantize(x.to(dtype), scale, zp, spec.attrs["_qrange"])]
+    scale, zp = _grid(spec, inputs[0], inputs)
+    return [quantize(inputs[0].to(dtype), scale, zp, spec.attrs["_qrange"])]
 
 
 @register("DequantizeLinear")
 def _dequantize_linear(spec, inputs, dtype):
-    q, scale = inputs[0], inputs[1]
-    zp = inputs[2] if len(inputs) > 2 else None
-    axis, block = int(spec.attrs.get("axis", 1)), int(spec.attrs.get("block_size", 0))
-    size = q.shape[axis % q.ndim] if q.ndim else 1
-    zp = None if zp is None else along_axis(zp, axis, q.ndim, size, block)
-    return [dequantize(q, along_axis(scale, axis, q.ndim, size, block), zp, dtype)]
+    scale, zp = _grid(spec, inputs[0], inputs)
+    return [dequantize(inputs[0], scale, zp, dtype)]
 
 
 @register("DynamicQuantizeLinear")
