@@ -33,6 +33,7 @@ from harness.core.errors import ModelError
 from harness.runtime.kernels import DEFAULT_PROFILE, session_options
 from tests.foreign_models import cli_flags, foreign_corpus
 
+ROOT = Path(__file__).resolve().parents[1]
 PRE = Preprocessing(mean=(0.5,), std=(0.25,))
 IR_FOR_OPSET = {9: 4, 11: 6, 13: 7, 21: 10}
 
@@ -238,14 +239,8 @@ def test_a_killed_quantization_leaves_only_temporary_files_the_cleanup_removes(t
     ``remove_partials`` (what a rerun holding the run lock calls) takes both away."""
     src = _save(_vendor_cnn(), tmp_path / "vendor.onnx")
     out = tmp_path / "out"
-    child = subprocess.run(
-        [sys.executable, "-c", KILLED_QUANTIZE, str(src), str(out / "q.onnx")],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    argv = [sys.executable, "-c", KILLED_QUANTIZE, str(src), str(out / "q.onnx")]
+    child = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     leftovers = sorted(out.iterdir())
     assert [p.name.split(".")[1:3] for p in leftovers] == [["q", "onnx"], ["q", "onnx"]]
