@@ -21,7 +21,7 @@ import subprocess
 import sys
 from typing import Any
 
-from harness.runtime.kernels import cpu_isa_flags
+from bench._cpu import cpu_description, cpu_label
 
 #: name -> environment overrides. "portable" is what harness applies on import.
 SETTINGS: dict[str, dict[str, str]] = {
@@ -65,19 +65,6 @@ def _run(overrides: dict[str, str], model: str, images: int, epochs: int) -> dic
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """Vendor and model from /proc/cpuinfo (Linux), for the record beside every number."""
-    fields: dict[str, str] = {}
-    try:
-        with open(cpuinfo) as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return "unknown"
-    return f"{fields.get('vendor_id', '')} {fields.get('model name', '')}".strip() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="small_cnn")
@@ -95,9 +82,10 @@ def main() -> None:
             seconds[name].append(result["seconds"])
             digests[name] = result["sha256"]
     baseline = statistics.median(seconds[next(iter(SETTINGS))])
+    cpu = cpu_description()
     record = {
-        "cpu": cpu_name(),
-        "isa": cpu_isa_flags(),
+        "cpu": cpu_label(cpu),
+        "isa": cpu["isa"],
         "model": args.model,
         "images": args.images,
         "epochs": args.epochs,

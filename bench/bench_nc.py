@@ -13,8 +13,8 @@ stop, the step budget, or ruled out by the adaptive label schedule), and the ver
 checks that the verdict and flagged labels agree, and that every label the adaptive schedule ran to
 the end has the same norm in both.
 
-The machine is shared, so CPU seconds are printed next to wall seconds; the lscpu model name and
-whether the CPU has AVX-512 VNNI are printed too (the INT8 kernels differ without it).
+The machine is shared, so CPU seconds are printed next to wall seconds; the CPU's vendor, model
+and INT8-relevant flags are printed too (the INT8 kernels differ without AVX-512 VNNI).
 
 Usage: ``python -m bench.bench_nc [--precisions fp32,int8-static] [--threads 2]
 [--compare-full] [--params '{"steps": 3}'] [--json out.json]``; the figures in BENCHMARKS.md come
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench._cpu import cpu_description
 from defenses.base import DefenseData
 from exporters.onnx_export import export_onnx
 from exporters.quantizers import quantize_all
@@ -188,22 +188,6 @@ def same_outcome(fast: Scan, full: Scan) -> list[str]:
         if status in ("converged", "budget") and a != b:
             problems.append(f"label {label} ran to the end in both but norms differ: {a} vs {b}")
     return problems
-
-
-def cpu_description() -> dict[str, Any]:
-    """lscpu's model name and whether the CPU has AVX-512 VNNI."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {"model_name": None, "avx512_vnni": None}
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    return {
-        "model_name": fields.get("Model name", "").strip(),
-        "cpus": fields.get("CPU(s)", "").strip(),
-        "avx512_vnni": "avx512_vnni" in flags,
-        "avx_vnni": "avx_vnni" in flags,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

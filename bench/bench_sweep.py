@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench._cpu import cpu_label
 from harness.pipeline.config import ExperimentConfig, build_config
 from harness.pipeline.executors import DaskExecutor, Executor, ProcessExecutor, SerialExecutor
 from harness.pipeline.store import ResultStore
@@ -58,17 +58,6 @@ MODES: dict[str, Callable[[], Executor]] = {
     "processes-2": lambda: ProcessExecutor(workers=2),
     "dask-2": lambda: DaskExecutor(workers=2),
 }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what :mod:`platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def outcomes(folder: Path) -> dict[str, Any]:
@@ -117,7 +106,7 @@ def main() -> None:
     median = {m: statistics.median(w) for m, w in walls.items()}
     reference = results[modes[0]]
     report = {
-        "cpu": cpu_model(),
+        "cpu": cpu_label(),
         "cores": os.cpu_count(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),

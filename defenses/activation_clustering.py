@@ -64,7 +64,9 @@ from defenses.filtering import (
     class_features,
     sample_filter_metrics,
     single_threaded,
+    target_selection,
     training_activations,
+    unjudged,
 )
 
 
@@ -190,7 +192,7 @@ class ActivationClustering(Defense):
             details["target_class"] = target_info
         return Finding(
             detected=label_verdict(flagged, data.target_label),
-            inconclusive=_unjudged(flagged, skipped),
+            inconclusive=unjudged(flagged, skipped, "clustered"),
             score=max(small) if small else None,
             score_name="max_silhouette_among_small_clusters",
             scores=scores,
@@ -202,33 +204,15 @@ class ActivationClustering(Defense):
         )
 
 
-def _unjudged(flagged: list[int], skipped: list[int]) -> str | None:
-    """Inconclusive when nothing was flagged but some class could not be clustered at all."""
-    if flagged or not skipped:
-        return None
-    return f"no class flagged, but classes {skipped} could not be clustered"
-
-
 def _target_diagnostics(
     data: DefenseData,
     labels: np.ndarray,
     cluster_of: np.ndarray,
     per_class: dict[int, dict[str, Any]],
 ) -> dict[str, float] | None:
-    """How well the target class's smaller cluster matches its poison, flagged or not.
-
-    Ground truth only (evaluation aid): separates "the clusters found the poison but the size
-    rule did not fire" from "the activations do not separate poison at all".
-    """
+    """How well the target class's smaller cluster matches its poison, flagged or not."""
     target = data.target_label
     if target is None or data.poison_mask is None or "smaller_cluster" not in per_class[target]:
         return None
-    in_class = labels == target
-    poison = np.asarray(data.poison_mask, dtype=bool)
-    smaller = in_class & (cluster_of == per_class[target]["smaller_cluster"])
-    n_poison = int((poison & in_class).sum())
-    return {
-        "poison_fraction_of_class": float(n_poison / max(int(in_class.sum()), 1)),
-        "smaller_cluster_poison_fraction": float((poison & smaller).sum() / max(smaller.sum(), 1)),
-        "smaller_cluster_poison_recall": float((poison & smaller).sum() / max(n_poison, 1)),
-    }
+    smaller = cluster_of == per_class[target]["smaller_cluster"]
+    return target_selection(data, labels, smaller, "smaller_cluster")

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from defenses.base import DEFENSES, Defense, DefenseData, Finding, Group, Need, NotApplicable
 from harness.core.errors import DataError, ModelError
+from harness.core.threads import scoped_threads
 
 
 class DeploymentDiffParams(BaseModel):
@@ -214,13 +215,8 @@ class DeploymentDiff(Defense):
         best, label = np.unravel_index(int(np.argmax(rates)), rates.shape)
         patch, note = patches[best], None
         if p.refine_steps:
-            previous = torch.get_num_threads()
-            if p.torch_threads:
-                torch.set_num_threads(p.torch_threads)
-            try:
+            with scoped_threads(torch, p.torch_threads):
                 patch, note = refine(adapter, reference, screen_x, patch, int(label), p)
-            finally:
-                torch.set_num_threads(previous)
         held_out = screen(adapter, reference, eval_x, [patch], data.num_classes)[0]
         rate = float(held_out[label])
         detected = rate >= p.detect_rate

@@ -21,7 +21,8 @@ from defenses.base import NotApplicable
 from harness.core.errors import DataError
 
 MAD_CONSISTENCY = 1.4826
-"""Scales the median absolute deviation to the standard deviation of a normal distribution."""
+"""Scales the median absolute deviation to the standard deviation of a normal distribution
+(Neural Cleanse's anomaly index uses the same constant, the paper's; one definition for both)."""
 
 
 @functools.cache
@@ -147,3 +148,39 @@ def training_activations(adapter: Any, data: Any, layer: str) -> tuple[np.ndarra
         raise NotApplicable("needs the training set the model was trained on")
     labels = check_labels(data.train_y, len(data.train_x), data.num_classes)
     return adapter.activations(data.train_x, [layer])[layer], labels
+
+
+def unjudged(flagged: list[int], skipped: list[int], why: str) -> str | None:
+    """Inconclusive when nothing was flagged but some class ``could not be <why>`` at all.
+
+    A data filter that skipped a class (too few samples to cluster or score) has not looked
+    everywhere, so "no class flagged" is not a clean verdict.
+    """
+    if flagged or not skipped:
+        return None
+    return f"no class flagged, but classes {skipped} could not be {why}"
+
+
+def target_selection(
+    data: Any, labels: np.ndarray, selected: np.ndarray, name: str
+) -> dict[str, float] | None:
+    """How well what a data filter ``selected`` in the target class matches its poison.
+
+    Ground truth only (an evaluation aid, None without a target or poison mask): the poison
+    share of the target class, and the poison fraction (``<name>_poison_fraction``) and recall
+    (``<name>_poison_recall``) of the selection restricted to that class. It separates "the
+    filter found the poison but its rule did not fire" from "the activations do not separate
+    poison at all".
+    """
+    target = data.target_label
+    if target is None or data.poison_mask is None:
+        return None
+    poison = np.asarray(data.poison_mask, dtype=bool)
+    in_class = labels == target
+    taken = selected & in_class
+    n_poison = int((poison & in_class).sum())
+    return {
+        "poison_fraction_of_class": float(n_poison / max(int(in_class.sum()), 1)),
+        f"{name}_poison_fraction": float((taken & poison).sum() / max(int(taken.sum()), 1)),
+        f"{name}_poison_recall": float((taken & poison).sum() / max(n_poison, 1)),
+    }

@@ -75,9 +75,9 @@ images the optimiser never saw.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Literal
 
@@ -95,10 +95,9 @@ from defenses.base import (
     NotApplicable,
     label_verdict,
 )
+from defenses.filtering import MAD_CONSISTENCY
 from harness.core.errors import DataError, ModelError
-
-MAD_CONSISTENCY = 1.4826
-"""Scales the MAD to the standard deviation of a normal distribution (the paper's constant)."""
+from harness.core.threads import scoped_threads
 
 TANH_EPSILON = 1e-7
 """Keras' ``K.epsilon()``, which the authors' tanh parametrisation divides by ``2 - ε``."""
@@ -719,18 +718,6 @@ def _split(
     return order[:n_opt], order[n_opt : n_opt + n_eval], order
 
 
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Small per-label batches gain nothing from many threads on a shared CPU; restore after."""
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _report_dict(report: Any) -> dict[str, Any]:
     if is_dataclass(report):
         raw = asdict(report)
@@ -772,7 +759,7 @@ class NeuralCleanse(Defense):
             raise NotApplicable(f"no faithful gradients for this graph: {parity.summary()}")
 
         seed = int(rng.integers(2**62))
-        with _torch_threads(p.torch_threads):
+        with scoped_threads(torch, p.torch_threads):  # small batches: fewer threads
             triggers = reverse_engineer(
                 oracle.logits_with_pre_quantizer,
                 data.clean_x[opt_idx],

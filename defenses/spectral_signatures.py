@@ -69,7 +69,9 @@ from defenses.filtering import (
     robust_z,
     sample_filter_metrics,
     single_threaded,
+    target_selection,
     training_activations,
+    unjudged,
 )
 
 DEFAULT_EPSILON = 0.05
@@ -190,12 +192,12 @@ class SpectralSignatures(Defense):
         }
         if epsilon_source == "poison_budget":
             details["poison_budget_images"] = float(data.poison_rate * len(labels))
-        target_info = _target_diagnostics(data, labels, removed)
+        target_info = target_selection(data, labels, removed, "removed")
         if target_info is not None:
             details["target_class"] = target_info
         return Finding(
             detected=label_verdict(flagged, data.target_label),
-            inconclusive=_unjudged(flagged, skipped),
+            inconclusive=unjudged(flagged, skipped, "scored"),
             score=float(z.max()),
             score_name="max_spectral_gap_robust_z",
             scores=_class_scores(per_class, scored),
@@ -252,28 +254,3 @@ def _class_scores(per_class: dict[int, dict[str, Any]], scored: list[int]) -> di
     out |= {f"tail_ratio_label_{k}": per_class[k]["tail_ratio"] for k in scored}
     out |= {f"robust_z_label_{k}": per_class[k]["robust_z"] for k in scored}
     return out
-
-
-def _unjudged(flagged: list[int], skipped: list[int]) -> str | None:
-    """Inconclusive when nothing was flagged but some class could not be scored at all."""
-    if flagged or not skipped:
-        return None
-    return f"no class flagged, but classes {skipped} could not be scored"
-
-
-def _target_diagnostics(
-    data: DefenseData, labels: np.ndarray, removed: np.ndarray
-) -> dict[str, float] | None:
-    """Ground truth only: is the target class's removed set mostly poison, and how much of it?"""
-    target = data.target_label
-    if target is None or data.poison_mask is None:
-        return None
-    poison = np.asarray(data.poison_mask, dtype=bool)
-    in_class = labels == target
-    taken = removed & in_class
-    n_poison = int((poison & in_class).sum())
-    return {
-        "poison_fraction_of_class": float(n_poison / max(int(in_class.sum()), 1)),
-        "removed_poison_fraction": float((taken & poison).sum() / max(int(taken.sum()), 1)),
-        "removed_poison_recall": float((taken & poison).sum() / max(n_poison, 1)),
-    }

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -59,6 +58,7 @@ from exporters.recipes import (
 from harness.artifacts.graph_inputs import data_inputs, declared_batch
 from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
 from harness.artifacts.sidecar import read_sidecar, sha256_file, sidecar_path
+from harness.core.atomic import atomic_targets
 from harness.core.errors import BlindspotsError, ModelError, one_line, validation_message
 from harness.runtime.kernels import DEFAULT_PROFILE, cpu_isa_flags, session_options
 
@@ -553,34 +553,15 @@ def _finish_metadata(
 
 
 def _publish(artifact: Path, dst: Path, sidecar: dict[str, Any]) -> None:
-    """Move the artifact and its sidecar into place together.
+    """Move the artifact and its sidecar into place together, with the project's atomic writer.
 
-    Both are first written to temporary files in the destination folder (same filesystem, so
-    ``os.replace`` is atomic); the model is replaced before its sidecar, and a sidecar that cannot
-    follow takes the new model away again, so no model is ever left without its own sidecar.
+    The model is replaced before its sidecar, and a sidecar that cannot follow takes the new
+    model away again, so no model is ever left without its own sidecar; a killed quantization
+    leaves only temporary files that :func:`harness.core.atomic.remove_partials` clears.
     """
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    side = sidecar_path(dst)
-    model_tmp, side_tmp = _temp_beside(dst), _temp_beside(side)
-    try:
+    with atomic_targets(dst, sidecar_path(dst)) as (model_tmp, side_tmp):
         shutil.copyfile(artifact, model_tmp)
         side_tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-        os.replace(model_tmp, dst)
-        try:
-            os.replace(side_tmp, side)
-        except OSError:
-            dst.unlink(missing_ok=True)
-            raise
-    finally:
-        model_tmp.unlink(missing_ok=True)
-        side_tmp.unlink(missing_ok=True)
-
-
-def _temp_beside(path: Path) -> Path:
-    """A new, hidden temporary file next to ``path``."""
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(handle)
-    return Path(name)
 
 
 def quantize_all(

@@ -34,7 +34,7 @@ from harness.core.atomic import (
 from harness.core.errors import BlindspotsError, ModelError
 from harness.core.runlock import LOCK_NAME, RunLock
 from harness.pipeline.store import ResultStore, cell_id
-from harness.report.document import build_report
+from harness.report.data import build_report
 from harness.training.loop import (
     checkpoint_is_valid,
     load_model,

@@ -9,6 +9,9 @@ a few seconds.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +28,12 @@ from exporters.recipes import QuantRecipe
 from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
 from harness.artifacts.sidecar import read_sidecar, sha256_file, sidecar_precision
 from harness.cli.app import main
+from harness.core.atomic import PARTIAL_MARK, remove_partials
 from harness.core.errors import ModelError
 from harness.runtime.kernels import DEFAULT_PROFILE, session_options
 from tests.foreign_models import cli_flags, foreign_corpus
 
+ROOT = Path(__file__).resolve().parents[1]
 PRE = Preprocessing(mean=(0.5,), std=(0.25,))
 IR_FOR_OPSET = {9: 4, 11: 6, 13: 7, 21: 10}
 
@@ -209,6 +214,39 @@ def test_unrunnable_output_blames_the_quantized_model_and_keeps_the_old_artifact
     assert "input of shape" not in str(caught.value)
     assert _listing(out) == listing  # no temporary files, no half-written model
     assert read_sidecar(out / "q.onnx")["artifact"]["sha256"] == old.sha256
+
+
+KILLED_QUANTIZE = """
+import os, signal, sys
+from pathlib import Path
+
+real_replace = os.replace
+
+def replace(src, dst, **kwargs):  # both files written beside the target, neither moved yet
+    if Path(dst).name == "q.onnx":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst, **kwargs)
+
+os.replace = replace
+from exporters.quantizers import quantize
+quantize("int8-dynamic", sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_killed_quantization_leaves_only_temporary_files_the_cleanup_removes(tmp_path):
+    """SIGKILL just before the model is moved into place: no finally runs, so the model's and
+    the sidecar's temporary files stay, named as every atomic write names them, and
+    ``remove_partials`` (what a rerun holding the run lock calls) takes both away."""
+    src = _save(_vendor_cnn(), tmp_path / "vendor.onnx")
+    out = tmp_path / "out"
+    argv = [sys.executable, "-c", KILLED_QUANTIZE, str(src), str(out / "q.onnx")]
+    child = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    leftovers = sorted(out.iterdir())
+    assert [p.name.split(".")[1:3] for p in leftovers] == [["q", "onnx"], ["q", "onnx"]]
+    assert all(PARTIAL_MARK in p.name for p in leftovers)
+    assert sorted(remove_partials(out)) == leftovers
+    assert _listing(out) == []
 
 
 def _pydantic_error() -> ValidationError:

@@ -23,7 +23,7 @@ import pytest
 from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
 from harness.core.errors import BlindspotsError, ModelError
 from harness.pipeline.config import build_config
-from harness.report.document import render_kernel_drift
+from harness.report.render import render_kernel_drift
 from harness.runtime.adapter import RuntimeAdapter
 from harness.runtime.kernels import (
     EXACT,
@@ -171,7 +171,8 @@ def test_runner_measures_every_quantized_cell_under_both_profiles_where_they_dif
     """Plumbing of the drift cells, on any host: the probe is told the host saturates."""
     import harness.pipeline.evaluate as evaluate
     import harness.pipeline.runner as runner
-    from harness.report.document import build_report, render_markdown
+    from harness.report.data import build_report
+    from harness.report.render import render_markdown
 
     monkeypatch.setattr(evaluate, "probe_host", lambda: HostKernels(SATURATING, True, {}))
     config = build_config(

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from harness.core.errors import ModelError
 from harness.replica.interpreter import build_replica
-from harness.replica.ops import mlas_logistic
+from harness.replica.ops.qoperator import mlas_logistic
 from harness.runtime.kernels import EXACT, probe_host, session_options
 
 MS_DOMAIN = "com.microsoft"

@@ -32,19 +32,14 @@ from matplotlib.figure import Figure
 
 import harness.report.document as report_module
 import harness.report.figures.model as figure_model
+import harness.report.tables as tables_module
 from harness.attacks.base import build_attack
 from harness.core.atomic import PARTIAL_MARK
 from harness.core.metrics import wilson_interval
 from harness.core.verdicts import record_verdict
 from harness.pipeline.store import ResultStore
-from harness.report.document import (
-    build_report,
-    group_summary,
-    render_markdown,
-    report_groups,
-    runs_table,
-    write_report,
-)
+from harness.report.data import build_report, group_summary, report_groups
+from harness.report.document import write_report
 from harness.report.figures.evidence import (
     CellArrays,
     defense_evidence,
@@ -65,6 +60,8 @@ from harness.report.figures.plots import (
     draw_panel,
     trigger_figure,
 )
+from harness.report.render import render_markdown
+from harness.report.tables import runs_table
 
 GOLDEN = Path(__file__).parent / "golden" / "report.md"
 REGEN = os.environ.get("BLINDSPOTS_REGEN_GOLDEN") == "1"
@@ -927,7 +924,7 @@ def test_write_report_removes_figures_an_earlier_report_left(tmp_path, monkeypat
 def test_panels_and_tables_read_a_legacy_verdict_with_one_function(tmp_path):
     """A record from before verdicts existed (only ``detected``) reads the same in a panel
     title and in the runs table, because both use :func:`harness.core.verdicts.record_verdict`."""
-    assert figure_model.record_verdict is report_module.record_verdict is record_verdict
+    assert figure_model.record_verdict is tables_module.record_verdict is record_verdict
     legacy = {"status": "ok", "detected": False, "flagged_labels": []}
     ax = Figure().subplots()
     draw_panel(ax, Evidence("fp32", True, 0, "ok", result=legacy), lambda ax, ev: None)

@@ -2,7 +2,7 @@
 
 An inconclusive cell is neither a hit nor a miss: these tests pin that down in the result
 (:mod:`defenses.base`), the paper-style table and its rates with Wilson intervals
-(:mod:`harness.report.document`, :func:`harness.core.metrics.wilson_interval`) and the auditor's
+(:mod:`harness.report.tally`, :func:`harness.core.metrics.wilson_interval`) and the auditor's
 reading
 (:func:`harness.audit.run.audit_verdict`).
 """
@@ -28,7 +28,8 @@ from defenses.base import (
 )
 from harness.audit.run import audit_verdict
 from harness.core.metrics import wilson_interval
-from harness.report.document import render_markdown, summarize, tally_defense
+from harness.report.render import render_markdown
+from harness.report.tally import summarize, tally_defense
 
 
 @dataclass

@@ -106,21 +106,52 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
 
     If the body raises (or the process dies), ``path`` keeps its previous content, if any.
     """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = _new_partial(path)
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    try:
+    with atomic_targets(path) as (partial,):
         yield partial
-        _fsync_file(partial)
-        os.replace(partial, path)
-        fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_targets(*paths: str | Path) -> Iterator[tuple[Path, ...]]:
+    """Yield one temporary path per destination; on success they replace theirs, in order.
+
+    For files that belong together, such as a quantized model and its sidecar::
+
+        with atomic_targets(model_path, sidecar_path) as (model_tmp, sidecar_tmp):
+            ...
+
+    Each destination is replaced atomically. If a later one cannot be replaced, the ones
+    already replaced are removed again, so no file is left beside a companion that is not its
+    own (the first destination is gone rather than paired with an old second one). If the body
+    raises, every destination keeps its previous content; a killed process leaves only
+    temporary files that :func:`remove_partials` recognises.
+    """
+    targets = [Path(p) for p in paths]
+    partials: list[Path] = []
+    current = targets[0]
+    try:
+        for current in targets:
+            current.parent.mkdir(parents=True, exist_ok=True)
+            partials.append(_new_partial(current))
+        current = targets[0]
+        yield tuple(partials)
+        for partial in partials:
+            _fsync_file(partial)
+        replaced: list[Path] = []
+        for current, partial in zip(targets, partials, strict=True):
+            try:
+                os.replace(partial, current)
+            except OSError:
+                for earlier in replaced:
+                    earlier.unlink(missing_ok=True)
+                raise
+            replaced.append(current)
+        for folder in dict.fromkeys(target.parent for target in targets):
+            fsync_directory(folder)
     except OSError as exc:
-        raise write_error(path, exc) from None
+        raise write_error(current, exc) from None
     finally:
-        partial.unlink(missing_ok=True)  # gone after os.replace; left only by a failure
+        for partial in partials:
+            partial.unlink(missing_ok=True)  # gone after os.replace; left only by a failure
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

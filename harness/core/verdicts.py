@@ -1,10 +1,9 @@
 """A stored defense result's verdict, read one way by every part of the report.
 
-The tables (:mod:`harness.report.document`) and the figures (:mod:`harness.report.figures.plots`)
-both need the
-three-valued verdict of a stored result, including records written before verdicts existed.
-Reading it in one place keeps a panel title and a table cell from ever disagreeing; it lives in
-its own module (importing nothing of the harness) so both can use it without an upward import.
+The tables (:mod:`harness.report.tables`) and the figures (:mod:`harness.report.figures.plots`) both
+need the three-valued verdict of a stored result, including records written before verdicts existed.
+Reading it in one place keeps a panel title and a table cell from ever disagreeing; it lives in its
+own module (importing nothing of the harness) so both can use it without an upward import.
 """
 
 from __future__ import annotations

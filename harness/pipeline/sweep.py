@@ -48,6 +48,7 @@ from harness.core.atomic import atomic_write_json, remove_partials
 from harness.core.errors import BlindspotsError, one_line
 from harness.core.progress import ProgressMode
 from harness.core.runlock import RunLock
+from harness.core.threads import scoped_threads
 from harness.pipeline.config import ExperimentConfig, input_fingerprint
 from harness.pipeline.executors import Executor, SerialExecutor
 from harness.pipeline.runner import (
@@ -314,13 +315,8 @@ def thread_limit(threads: int | None) -> Iterator[None]:
     if threads is None:
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads):
-            yield
-    finally:
-        torch.set_num_threads(previous)
+    with scoped_threads(torch, threads), threadpool_limits(limits=threads):
+        yield
 
 
 def _with_threads(config: ExperimentConfig, threads: int | None) -> ExperimentConfig:

@@ -19,9 +19,11 @@ model, exactly what ``exporters.quantizers.quantize`` + onnxruntime would do wit
   the FP32 model's tensors, widened to contain 0) and its ``compute_scale_zp``.
 
 Rounding uses straight-through estimators (identity gradient inside the clamp range, zero
-outside), as in quantization-aware training. Only plain stacks of Conv/BN/ReLU/MaxPool →
-global pool → Linear/ReLU are mirrored (``small_cnn``, ``cifar_cnn``); anything else is refused
-with a :class:`ModelError`, never approximated. Agreement with the real onnxruntime session is
+outside), as in quantization-aware training; the rounding and quantizing functions are the
+replica's own (:mod:`harness.replica.arithmetic`), so both mirror onnxruntime the same way.
+Only plain stacks of Conv/BN/ReLU/MaxPool → global pool → Linear/ReLU are mirrored
+(``small_cnn``, ``cifar_cnn``); anything else is refused with a :class:`ModelError`, never
+approximated. Agreement with the real onnxruntime session is
 a test (``tests/test_qcb.py``), not an assumption.
 """
 
@@ -35,6 +37,7 @@ from torch import nn
 
 from exporters.recipes import QuantRecipe
 from harness.core.errors import ModelError
+from harness.replica.arithmetic import dequantize, quantize, round_ste
 
 Tensor = torch.Tensor
 
@@ -48,11 +51,6 @@ WEIGHT_RANGES: dict[tuple[str, bool], tuple[int, int]] = {
 }
 #: Activation ranges: asymmetric, full range (reduce_range applies to weights only).
 ACTIVATION_RANGES: dict[str, tuple[int, int]] = {"uint8": (0, 255), "int8": (-128, 127)}
-
-
-def round_ste(x: Tensor) -> Tensor:
-    """Round half to even forward (numpy's and onnxruntime's rounding), identity backward."""
-    return x + (torch.round(x) - x).detach()
 
 
 @dataclass(frozen=True)
@@ -102,7 +100,7 @@ def fake_quant_weight(weight: Tensor, recipe: MirrorRecipe) -> tuple[Tensor, Ten
     scale = absmax * 2.0 / float(qmax - qmin)
     scale = torch.where(scale < torch.finfo(scale.dtype).tiny, torch.ones_like(scale), scale)
     shape = (-1,) + (1,) * (weight.ndim - 1)
-    codes = torch.clamp(round_ste(weight / scale.reshape(shape)), qmin, qmax)
+    codes = quantize(weight, scale.reshape(shape), None, (qmin, qmax))
     return codes * scale.reshape(shape), scale
 
 
@@ -135,9 +133,8 @@ def activation_grid(rmin: float, rmax: float, qrange: tuple[int, int]) -> Activa
 
 def fake_quant_activation(x: Tensor, grid: ActivationGrid, qrange: tuple[int, int]) -> Tensor:
     """QuantizeLinear then DequantizeLinear with straight-through rounding."""
-    qmin, qmax = qrange
-    codes = torch.clamp(round_ste(x / grid.scale) + grid.zero_point, qmin, qmax)
-    return (codes - grid.zero_point) * grid.scale
+    codes = quantize(x, grid.scale, grid.zero_point, qrange)
+    return dequantize(codes, grid.scale, grid.zero_point, codes.dtype)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ from harness.pipeline.runner import environment
 from harness.pipeline.store import ResultStore, cell_id
 from harness.qcb.attack import QCBParams, implant
 from harness.qcb.requantize import EvalSets, RepairParams, requantize_table
-from harness.report.document import tally_defense, write_report
+from harness.report.document import write_report
+from harness.report.tally import tally_defense
 from harness.runtime.adapter import RuntimeAdapter
 from harness.runtime.kernels import PROFILES
 from harness.training.loop import TrainConfig, checkpoint_meta, load_model, save_state, train_model
@@ -410,7 +411,7 @@ def _run_locked(config: QCBConfig, out: Path, log: Log) -> dict[str, Any]:
 
 
 def _report_config(config: QCBConfig) -> dict[str, Any]:
-    """The keys ``harness.report.document`` reads from ``config.json``."""
+    """The keys ``harness.report.data`` reads from ``config.json``."""
     return {
         "dataset": config.dataset,
         "model": config.model,

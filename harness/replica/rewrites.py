@@ -28,7 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.replica.ops import Converter, NodeSpec, centred, channel_param, pool_windows_hold_input
+from harness.replica.arithmetic import centred
+from harness.replica.ops.base import Converter, NodeSpec, channel_param
+from harness.replica.ops.pooling import pool_windows_hold_input
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,14 @@ def _inside_gradient(grad: torch.Tensor, code: torch.Tensor, low: float, high: f
 class _FakeQuantize(torch.autograd.Function):
     """``(clamp(round(x / s) + zp) - zp) · s`` with the STE gradient ``1[unclamped]``.
 
-    Computed as ``clamp(round(x / s), qmin - zp, qmax - zp) · s``: the codes are integers far
-    below 2**24, so adding and removing the zero point is exact in float32 and the values are
-    bit-identical to ``QuantizeLinear`` then ``DequantizeLinear`` in :mod:`harness.replica.ops`
-    (same division, same half-to-even rounding). The gradient is exactly 1 inside the range and
-    0 outside, as there: the unclamped code is saved (NaN codes as out of range), and since it
-    is an integer, ``hardtanh``'s fused backward with the range widened by one half (open
-    interval) is that indicator in a single pass, where a saved boolean mask costs a compare
-    forward and a cast backward.
+    Computed as ``clamp(round(x / s), qmin - zp, qmax - zp) · s``: the codes are integers far below
+    2**24, so adding and removing the zero point is exact in float32 and the values are
+    bit-identical to ``QuantizeLinear`` then ``DequantizeLinear`` as
+    :mod:`harness.replica.arithmetic` computes them (same division, same half-to-even rounding). The
+    gradient is exactly 1 inside the range and 0 outside, as there: the unclamped code is saved (NaN
+    codes as out of range), and since it is an integer, ``hardtanh``'s fused backward with the range
+    widened by one half (open interval) is that indicator in a single pass, where a saved boolean
+    mask costs a compare forward and a cast backward.
 
     This is the eager form, used outside functorch transforms: a ``setup_context`` Function
     pays for an ``inspect.signature`` bind on every call (about 80 µs, several per Neural

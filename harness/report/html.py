@@ -1,11 +1,11 @@
 """The report as one self-contained HTML page, and the document model it shares with report.md.
 
-:mod:`harness.report.document` builds the report once as a list of :class:`Section` objects
-(headings,
-paragraphs, tables, bullet lists, figure references) and renders it twice: as Markdown (with
-``plots/*.png`` links) and here as HTML. One model keeps the two files saying the same thing.
-The model lives beside the HTML renderer (not in :mod:`harness.report.document`) so that the report
-module, which callers import, can use both renderers without an import cycle.
+:mod:`harness.report.tables` builds the report once as a list of :class:`Section` objects
+(headings, paragraphs, tables, bullet lists, figure references) and :mod:`harness.report.render`
+renders it twice: as Markdown (with ``plots/*.png`` links) and, through this module, as HTML.
+One model keeps the two files saying the same thing. The model lives beside the HTML renderer
+(not in :mod:`harness.report.tables`) so that the tables and both renderers can use it without
+an import cycle.
 
 Self-contained means the page can be mailed or archived alone: every figure is embedded as a
 ``data:image/png;base64`` URI, the style sheet is inline, and there is no script and no link to

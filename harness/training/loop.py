@@ -30,6 +30,7 @@ from harness.artifacts.preprocessing import Preprocessing
 from harness.core.atomic import atomic_target, write_error
 from harness.core.errors import BlindspotsError, ModelError, validation_message
 from harness.core.progress import Progress, ProgressMode, progress_for
+from harness.core.threads import scoped_threads
 from harness.data.base import validate_split
 from harness.training.models import MODELS, build_model
 
@@ -82,17 +83,13 @@ def _deterministic_torch(seed: int, num_threads: int | None) -> Iterator[None]:
     """Seed, force deterministic kernels and set threads; restore the caller's state after."""
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    old_threads = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), scoped_threads(torch, num_threads):
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(True)
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
         try:
             yield
         finally:
             torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
-            torch.set_num_threads(old_threads)
 
 
 def _model_inputs(x: np.ndarray, preprocessing: Preprocessing, pad: int) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """The evidence behind each figure: per-cell arrays, the true trigger, each cell's panel state.
 
-:mod:`harness.report.document` reads the store into tables; this module gathers, for one defense on
+:mod:`harness.report.data` reads the store into the report; this module gathers, for one defense on
 one group of cells, what its figure needs (:class:`harness.report.figures.model.Evidence`): the
 cell's own arrays from ``arrays/<cell>.npz`` (a missing or damaged file is a warning and a panel
-drawn without it, never a failed report), the stored verdict's state, and the attack's true
-trigger rebuilt from the stored name and parameters through the attacks registry.
+drawn without it, never a failed report), the stored verdict's state, and the attack's true trigger
+rebuilt from the stored name and parameters through the attacks registry.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """The report's figures: what a reader needs to believe each table entry, drawn with matplotlib.
 
-Pure drawing: every function takes plain data that :mod:`harness.report.document` read from the
-result
+Pure drawing: every function takes plain data that :mod:`harness.report.data` read from the result
 store (summary rows, stored defense results, per-cell arrays) and returns a :class:`Plot` — PNG
-bytes plus a caption and a list of what each panel shows. Nothing here reads or writes files,
-so the report writes every PNG atomically and embeds the same bytes in ``report.html``.
-Figures are drawn on :class:`matplotlib.figure.Figure` objects directly (no ``pyplot`` state),
-so building a report never depends on, or changes, a global backend.
+bytes plus a caption and a list of what each panel shows. Nothing here reads or writes files, so the
+report writes every PNG atomically and embeds the same bytes in ``report.html``. Figures are drawn
+on :class:`matplotlib.figure.Figure` objects directly (no ``pyplot`` state), so building a report
+never depends on, or changes, a global backend.
 
 Which figures, and why this scheme (a 40-cell grid would otherwise need 200 panels):
 
