@@ -803,7 +803,12 @@ def confirm(
 def _split(
     data: DefenseData, params: NeuralCleanseParams, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Disjoint optimisation / held-out evaluation indices into ``data.clean_x``."""
+    """Disjoint optimisation / held-out evaluation indices into ``data.clean_x``.
+
+    The evaluation images are the *last* ``n_eval`` of the seeded permutation and the
+    optimisation images its first ``n_samples``, so every profile confirms its flags on the same
+    held-out images (the step content changes only what the search sees).
+    """
     x, y = data.clean_x, data.clean_y
     if x.ndim != 4 or len(x) < 2 or len(y) != len(x):
         raise DataError(
@@ -813,7 +818,7 @@ def _split(
     order = rng.permutation(len(x))
     n_eval = min(params.n_eval, len(x) // 2)
     n_opt = min(params.n_samples, len(x) - n_eval)
-    return order[:n_opt], order[n_opt : n_opt + n_eval], order
+    return order[:n_opt], order[len(x) - n_eval :], order
 
 
 @contextmanager

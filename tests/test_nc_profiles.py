@@ -131,6 +131,19 @@ def test_the_fast_profile_computes_what_the_pre_v1_budget_computed_bit_for_bit()
     assert digest.hexdigest() == FAST_DIGEST
 
 
+def test_every_profile_confirms_on_the_same_held_out_images():
+    data = _data(target=0)
+    splits = {}
+    for profile in PROFILES:
+        params = NeuralCleanseParams(profile=profile, n_eval=30)
+        opt, held_out, _ = nc._split(data, params, np.random.default_rng(5))
+        assert not set(opt) & set(held_out) and len(held_out) == 30
+        splits[profile] = (opt, held_out)
+    assert len(splits["fast"][0]) == 16 and len(splits["paper"][0]) == 120 - 30
+    np.testing.assert_array_equal(splits["fast"][1], splits["paper"][1])
+    np.testing.assert_array_equal(splits["fast"][0], splits["paper"][0][:16])
+
+
 # ---------------------------------------------------------------------------- confirmation
 def _rates(**by_label: float) -> np.ndarray:
     rates = np.full(8, np.nan)
