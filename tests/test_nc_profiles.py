@@ -305,3 +305,29 @@ def test_the_defense_confirms_its_flags_on_the_deployed_session(
         assert "label" in result.verdict_reason and "0.000" in result.verdict_reason
     else:
         assert result.flagged_labels == [0] and result.target_hit
+
+
+def test_the_side_by_side_bench_prints_one_row_per_scan():
+    from bench.nc_profiles import table
+
+    row = {
+        "model": "poisoned",
+        "precision": "fp32",
+        "profile": "paper",
+        "images_per_step": 350,
+        "updates_per_step": 11,
+        "verdict": "inconclusive",
+        "flagged": [],
+        "flagged_before_confirmation": [0],
+        "ort_success_flagged": {0: 0.5},
+        "smallest_mask_label": 0,
+        "smallest_mask_ort_success": 0.5,
+        "score": 2.5,
+        "target_index": 2.5,
+        "steps_total": 900,
+        "wall_s": 10.0,
+        "cpu_s": 9.0,
+    }
+    lines = table([row]).splitlines()
+    assert len(lines) == 3 and lines[0].count("|") == lines[2].count("|")
+    assert "| 350 / 11 | inconclusive | [] ([0]) | 0: 0.50 | 0, 0.50 | 2.50 |" in lines[2]
