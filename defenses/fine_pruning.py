@@ -30,6 +30,16 @@ final attack success ≤ ``max_final_asr`` with clean accuracy at most ``max_fin
 below the unpruned model, both on the measurement half. These two bounds are ours (the paper
 reports the numbers, not a pass mark). On clean controls (no target label) there is no attack
 success to measure: ASR is reported as ``None`` and success only asks that accuracy survives.
+
+No-fine-tune control (docs/protocol.md v1 §4.5): whether fine-tuning helped or hurt can only be
+read against the pruned model before it, so every run also applies the same success rule to the
+pruned, not fine-tuned artifact, on the same images (``details["control_no_fine_tune"]``). A
+statement like "fine-tuning brings the backdoor back" is the difference between the two.
+
+Fine-tuning data: the paper fine-tunes on the defender's held-out clean data. The retrainer says
+where its images come from (``describe()["data_source"]``: ``"held_out"`` or ``"training"``, the
+images the model was fitted on); it is recorded as ``details["fine_tune_data"]``, and training
+images are named there as a deviation from protocol v1.
 """
 
 from __future__ import annotations
@@ -107,6 +117,29 @@ def _fine_tune(retrainer: Any, keep: np.ndarray) -> tuple[Any, dict[str, Any] | 
     return repaired, describe() if callable(describe) else None
 
 
+def _success(
+    base_acc: float, acc: float, asr: float | None, p: FinePruningParams
+) -> dict[str, Any]:
+    """The success rule applied to one artifact's measurements (the control's, see module doc)."""
+    removed = asr is None or asr <= p.max_final_asr
+    return {
+        "acc": acc,
+        "asr": asr,
+        "acc_loss": base_acc - acc,
+        "success": bool(removed and base_acc - acc <= p.max_final_acc_loss),
+    }
+
+
+def _data_source(budget: dict[str, Any] | None) -> str | None:
+    """Where the fine-tuning images came from, as the retrainer describes it (see module doc)."""
+    if not budget or "data_source" not in budget:
+        return None
+    source = str(budget["data_source"])
+    if source == "training":
+        return "training (images the model was trained on; protocol v1 asks held-out data)"
+    return source
+
+
 @DEFENSES.register("fine_pruning")
 class FinePruning(Defense):
     """Prune dormant last-conv channels within an accuracy bound, then fine-tune."""
@@ -178,6 +211,7 @@ class FinePruning(Defense):
             "pruned_acc": accuracy(pruned, measure_x, measure_y),
             "pruned_asr": chosen["asr"],
         }
+        control = _success(measured["base_acc"], measured["pruned_acc"], measured["pruned_asr"], p)
         if data.retrainer is not None:
             final, budget = _fine_tune(data.retrainer, keep)
             final_acc = accuracy(final, measure_x, measure_y)
@@ -217,6 +251,8 @@ class FinePruning(Defense):
             "fine_tuned": data.retrainer is not None,
             "fine_tune_budget": budget,
             "fine_tune_skipped_reason": None if data.retrainer else "no retrainer supplied",
+            "fine_tune_data": _data_source(budget),
+            "control_no_fine_tune": control,
             "asr_measured": target is not None,
             "success_rule": (
                 f"ours: final ASR <= {p.max_final_asr} and accuracy loss <= "

@@ -54,16 +54,35 @@ Deviations, each a named parameter:
   straight through that last quantizer's clamp (inner quantizers keep theirs). The fraction of
   images whose target logit was clamped is reported per label either way; with ``"deployed"``
   a label that never reached the threshold while clamped makes the verdict ``inconclusive``.
-- ``n_samples`` smaller than the paper's 1000 keeps the same stopping rule over fewer images per
-  step (configs set it to fit a CPU budget; see configs/gtsrb_badnet.toml).
+- the sample: the authors' generator streams over the whole test set, so each of their steps sees
+  ``1000 // 32 = 31`` *new* mini-batches of 32; here a step passes over a fixed seeded sample of
+  ``n_samples`` held-out images, reshuffled every step (⌈n/32⌉ updates, the last one smaller), so
+  that each label's trajectory is its own and ``n_eval`` other images stay unseen for the
+  onnxruntime check.
+- ``profile``: ``"paper"`` (default) is the authors' step content, 1000 images in mini-batches of
+  32 (32 Adam updates per step); ``"fast"`` is one update on the same 16 images per step, the
+  budget every grid ran before docs/protocol.md v1. Patience and early stop count *steps* in both,
+  so under ``"fast"`` they close after 5 and 25 updates and the 0.99 success bar means 16/16
+  images: it is kept for quick runs and the side-by-side comparison, never as the paper's budget.
+  ``n_samples`` / ``batch_size`` given explicitly override the profile's.
 - ``workers``: labels are optimised that many at a time in threads (one core each; labels are
   independent, and each computes the same bits in any thread).
 - the onnxruntime re-check of the reversed triggers runs for the labels the verdict rests on
-  (flagged, undecided, and the smallest mask), ``n_eval`` held-out images each.
+  (flagged, undecided, and the smallest mask), ``n_eval`` held-out images each, and
+  ``confirm_threshold`` (ours, docs/protocol.md §4.1) decides whether a flag counts: see below.
 
 Verdicts: a label that never reached the attack-success threshold has no norm, so it can be
 neither ruled in nor out; the verdict is ``inconclusive`` (naming those labels) when they could
 change it, and decided otherwise (e.g. the target is flagged whatever their norms).
+
+ORT confirmation: a mask fitted through the replica on the optimisation images is evidence about
+the *shipped* file only if it works there. Each flagged label's reversed trigger is stamped on the
+held-out images of the other labels and run on the onnxruntime session; a flag is confirmed when
+at least ``confirm_threshold`` (0.90) of them go to the label. Only confirmed flags count: when the
+unconfirmed ones could change the verdict (the target flagged but unconfirmed; the only flag of a
+clean control unconfirmed) it is ``inconclusive`` and ``verdict_reason`` names them and their
+rates; otherwise they are listed in ``details["unconfirmed_labels"]``. ``confirm_threshold=None``
+turns the confirmation off (the behaviour before protocol v1).
 
 Gradients come from :meth:`~harness.runtime.adapter.RuntimeAdapter.gradient_oracle`, a torch
 replica of
@@ -75,15 +94,16 @@ images the optimiser never saw.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from defenses.base import (
     DEFENSES,
@@ -108,6 +128,13 @@ one: a mask is kept for its step's mean L1 before the step's updates, and the ke
 can differ (up to 6% above an earlier kept mask's in the GTSRB grid's full runs)."""
 
 LabelSchedule = Literal["adaptive", "full"]
+Profile = Literal["paper", "fast"]
+PROFILES: dict[str, dict[str, int]] = {
+    "paper": {"n_samples": 1000, "batch_size": 32},
+    "fast": {"n_samples": 16, "batch_size": 16},
+}
+"""Step content per profile (see the module doc): the authors' pass over 1000 images in
+mini-batches of 32, and the one-update, 16-image step the grids used before protocol v1."""
 OutputGradient = Literal["straight_through", "deployed"]
 Forward = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]"]
 """NHWC pixels in [0, 255] → differentiable logits, or (logits, logits before the output
@@ -120,13 +147,25 @@ class NeuralCleanseParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    profile: Profile = Field(
+        "paper",
+        description="step content: 'paper' (1000 images in mini-batches of 32 per step) or "
+        "'fast' (one update on 16 images per step); explicit n_samples / batch_size override it",
+    )
     steps: int = Field(1000, ge=1, description="most optimisation steps per label (paper: 1000)")
-    batch_size: int = Field(32, ge=1, description="mini-batch size (paper: 32)")
+    batch_size: int = Field(32, ge=1, description="mini-batch size (paper: 32; from the profile)")
     n_samples: int = Field(
-        1000, ge=1, description="clean images one step passes over (paper: 1000)"
+        1000, ge=1, description="clean images one step passes over (paper: 1000; from the profile)"
     )
     n_eval: int = Field(
         500, ge=1, description="held-out clean images for the onnxruntime check (ours)"
+    )
+    confirm_threshold: float | None = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="share of held-out images a flagged label's trigger must send to it on the "
+        "deployed session for the flag to count (ours, docs/protocol.md; None: no confirmation)",
     )
     lr: float = Field(0.1, gt=0, description="Adam learning rate (paper: 0.1)")
     beta1: float = Field(0.5, ge=0, lt=1, description="paper: 0.5")
@@ -170,6 +209,20 @@ class NeuralCleanseParams(BaseModel):
         description="labels optimised at once in worker threads, one core each (ours; set "
         "torch_threads=1 with it)",
     )
+
+    @model_validator(mode="after")
+    def _apply_profile(self) -> NeuralCleanseParams:
+        """Fill the step content from the profile unless it was given explicitly."""
+        for key, value in PROFILES[self.profile].items():
+            if key not in self.model_fields_set:
+                setattr(self, key, value)
+        return self
+
+    @property
+    def custom_step(self) -> bool:
+        """Whether the step content differs from the named profile's (explicit overrides)."""
+        preset = PROFILES[self.profile]
+        return (self.n_samples, self.batch_size) != (preset["n_samples"], preset["batch_size"])
 
 
 # ---------------------------------------------------------------------------------- MAD rule
@@ -662,12 +715,17 @@ def ort_attack_success(
 
 @dataclass
 class Decision:
-    """The verdict of the bounds: detected (None when undecided), flagged labels, and why not."""
+    """The verdict of the bounds: detected (None when undecided), flagged labels, and why not.
+
+    ``unconfirmed``: flags dropped by :func:`confirm` (their triggers failed on the deployed
+    session); ``flagged`` then holds the confirmed ones only.
+    """
 
     detected: bool | None
     flagged: list[int]
     undetermined: list[int]
     inconclusive: str | None = None
+    unconfirmed: list[int] = field(default_factory=list)
 
 
 def decide(
@@ -701,11 +759,55 @@ def decide(
     return Decision(None, bounds.sure, open_labels, reason)
 
 
+def confirm(
+    decision: Decision,
+    ort_success: np.ndarray,
+    target_label: int | None,
+    threshold: float | None,
+) -> Decision:
+    """Keep the flags whose reversed trigger works on the deployed session (see module doc).
+
+    A flag is confirmed when its onnxruntime attack success is at least ``threshold`` (an
+    unmeasured rate confirms nothing). The detection rule is monotone in the flagged set, so the
+    verdict is the same for every subset between the confirmed flags and all of them exactly
+    when it is the same at both ends: then it stands on the confirmed flags; otherwise it is
+    inconclusive, naming the unconfirmed labels and their rates.
+    """
+    if threshold is None or not decision.flagged:
+        return decision
+    rates = {k: float(ort_success[k]) for k in decision.flagged}
+    unconfirmed = [k for k in decision.flagged if not rates[k] >= threshold]  # NaN: unconfirmed
+    if not unconfirmed:
+        return decision
+    confirmed = [k for k in decision.flagged if k not in unconfirmed]
+    shown = ", ".join(
+        f"{k}: {rates[k]:.3f}" if np.isfinite(rates[k]) else f"{k}: not measured"
+        for k in unconfirmed
+    )
+    note = (
+        f"flagged labels {unconfirmed} are not confirmed on the deployed session (reversed "
+        f"trigger's onnxruntime attack success on held-out images {shown}; the bar is "
+        f"{threshold})"
+    )
+    if decision.detected is None:  # already undecided: say that too
+        reason = f"{decision.inconclusive}; {note}"
+        return Decision(None, confirmed, decision.undetermined, reason, unconfirmed)
+    if label_verdict(confirmed, target_label) == decision.detected:
+        return Decision(decision.detected, confirmed, decision.undetermined, None, unconfirmed)
+    reason = f"{note}, and the verdict depends on them"
+    return Decision(None, confirmed, decision.undetermined, reason, unconfirmed)
+
+
 # ---------------------------------------------------------------------------------- the defense
 def _split(
     data: DefenseData, params: NeuralCleanseParams, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Disjoint optimisation / held-out evaluation indices into ``data.clean_x``."""
+    """Disjoint optimisation / held-out evaluation indices into ``data.clean_x``.
+
+    The evaluation images are the *last* ``n_eval`` of the seeded permutation and the
+    optimisation images its first ``n_samples``, so every profile confirms its flags on the same
+    held-out images (the step content changes only what the search sees).
+    """
     x, y = data.clean_x, data.clean_y
     if x.ndim != 4 or len(x) < 2 or len(y) != len(x):
         raise DataError(
@@ -715,7 +817,7 @@ def _split(
     order = rng.permutation(len(x))
     n_eval = min(params.n_eval, len(x) // 2)
     n_opt = min(params.n_samples, len(x) - n_eval)
-    return order[:n_opt], order[n_opt : n_opt + n_eval], order
+    return order[:n_opt], order[len(x) - n_eval :], order
 
 
 def _report_dict(report: Any) -> dict[str, Any]:
@@ -776,7 +878,14 @@ class NeuralCleanse(Defense):
         ort_success = ort_attack_success(
             adapter, data.clean_x[eval_idx], data.clean_y[eval_idx], triggers, checked
         )
-        sizes = {"n_optimisation_images": len(opt_idx), "n_eval_images": len(eval_idx)}
+        flagged_before = list(decision.flagged)
+        decision = confirm(decision, ort_success, data.target_label, p.confirm_threshold)
+        sizes = {
+            "n_optimisation_images": len(opt_idx),
+            "n_eval_images": len(eval_idx),
+            "updates_per_step": math.ceil(len(opt_idx) / p.batch_size),
+            "flagged_before_confirmation": flagged_before,
+        }
         return self._finding(triggers, decision, ort_success, parity_info, sizes, p)
 
     def _finding(
@@ -797,6 +906,10 @@ class NeuralCleanse(Defense):
         details = {
             "gradient_path": "onnx_replica",
             "parity": parity_info,
+            "profile": p.profile,
+            "custom_step": p.custom_step,
+            "ort_confirm_threshold": p.confirm_threshold,
+            "unconfirmed_labels": decision.unconfirmed,
             "label_schedule": p.label_schedule,
             "output_gradient": p.output_gradient,
             "l1_norms": triggers.norms.tolist(),

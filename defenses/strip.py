@@ -8,9 +8,15 @@ A clean input's prediction is scrambled by the overlay (high entropy); a trigger
 predicting the target (low entropy).
 
 Fidelity notes:
-- Blending: the authors' code superimposes with ``cv2.addWeighted(background, 1, overlay, 1, 0)``
-  on uint8 images, i.e. a *sum saturated at 255*; that is ``blend="add"`` (default).
-  ``blend="average"`` (0.5·x + 0.5·overlay) is the variant some re-implementations use.
+- Blending: the authors' released notebook scales images to float32 in [0, 1] and superimposes
+  with ``cv2.addWeighted(background, 1, overlay, 1, 0)``, which on float32 is a plain sum with no
+  saturation: the model sees values up to 2. That is ``blend="add_float"`` (default): the sum of
+  the two pixel arrays, up to 510, handed to the model's own preprocessing like any input.
+  ``blend="add_clipped"`` saturates the sum at 255 (what the same call gives on uint8 images,
+  and what this module did before docs/protocol.md v1); clipping whitens bright blends, which
+  pushes clean entropies towards 0 bits and the normal fit's 1% quantile below zero (GTSRB), so
+  it is kept as an option for side-by-side runs only. ``blend="average"`` (0.5·x + 0.5·overlay)
+  is the variant some re-implementations use.
 - Entropy: ``-Σ p·log2 p`` with ``0·log 0 = 0`` (the authors use ``np.nansum`` for that).
 - Threshold: a normal is fitted to the entropies of clean inputs and the threshold is its
   ``frr`` quantile (1% in the paper), via ``scipy.stats.norm.ppf``; inputs below are flagged.
@@ -60,13 +66,17 @@ PAPER_CLEAN_FIT = 2000
 
 
 class StripParams(BaseModel):
-    """``n_overlays`` (100), ``frr`` (1%), the additive blend, the normal fit and ``n_clean_fit``
-    (2000) are the paper's; ``detect_tpr`` is our verdict rule; the rest bound the cost."""
+    """``n_overlays`` (100), ``frr`` (1%), the unclipped additive blend, the normal fit and
+    ``n_clean_fit`` (2000) are the paper's; ``detect_tpr`` is our verdict rule; the rest bound
+    the cost."""
 
     model_config = ConfigDict(extra="forbid")
 
     n_overlays: int = Field(100, ge=1, description="superimpositions per tested input")
-    blend: Literal["add", "average"] = Field("add", description="saturated sum or mean")
+    blend: Literal["add_float", "add_clipped", "average"] = Field(
+        "add_float",
+        description="unclipped float sum (the authors'), sum saturated at 255, or mean",
+    )
     frr: float = Field(0.01, gt=0, lt=1, description="target false-rejection rate")
     detect_tpr: float = Field(0.5, gt=0, le=1, description="TPR at which we call an alarm (ours)")
     threshold_fit: Literal["normal", "empirical"] = Field(
@@ -86,12 +96,19 @@ def entropy_bits(probabilities: np.ndarray) -> np.ndarray:
 
 
 def superimpose(inputs: np.ndarray, overlays: np.ndarray, blend: str) -> np.ndarray:
-    """Blend every input (N, H, W, C) with its overlays (N, K, H, W, C) → (N·K, H, W, C) float."""
+    """Blend every input (N, H, W, C) with its overlays (N, K, H, W, C) → (N·K, H, W, C) float.
+
+    ``add_float`` may exceed 255 on purpose (the authors' float blend, see the module doc).
+    """
     base = inputs.astype(np.float32)[:, None]
-    if blend == "add":
-        mixed = np.minimum(base + overlays, 255.0)
-    else:
+    if blend == "add_float":
+        mixed = base + overlays.astype(np.float32)
+    elif blend == "add_clipped":
+        mixed = np.minimum(base + overlays.astype(np.float32), 255.0)
+    elif blend == "average":
         mixed = 0.5 * base + 0.5 * overlays.astype(np.float32)
+    else:
+        raise DataError(f"STRIP: unknown blend {blend!r}")
     return mixed.reshape(-1, *inputs.shape[1:]).astype(np.float32, copy=False)
 
 

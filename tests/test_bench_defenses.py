@@ -9,8 +9,11 @@ from defenses.neural_cleanse import NeuralCleanseParams
 
 
 def test_grid_budget_has_every_key_the_extrapolation_reads():
-    # the config sets n_samples and batch_size; steps comes from the paper's default
-    assert {"steps": NeuralCleanseParams().steps, "n_samples": 16, "batch_size": 16} == GRID_NC
+    # the config names the authors' step content (profile "paper", docs/protocol.md v1);
+    # steps comes from the paper's default
+    paper = NeuralCleanseParams(profile="paper")
+    expected = {"steps": paper.steps, "n_samples": paper.n_samples, "batch_size": paper.batch_size}
+    assert expected == GRID_NC == {"steps": 1000, "n_samples": 1000, "batch_size": 32}
 
 
 def test_the_one_trained_model_is_found_and_none_or_two_is_a_one_line_error(tmp_path):

@@ -349,12 +349,40 @@ def test_strip_average_blend_dilutes_a_saturating_trigger():
     assert result.scores["tpr"] < 0.5
 
 
-def test_superimpose_adds_with_saturation_or_averages():
+def test_superimpose_float_sum_clipped_sum_and_average():
+    # The authors' notebook adds float images without saturation (the default); the clipped
+    # sum is what the same OpenCV call gives on uint8 images (the option).
     x = np.full((1, 2, 2, 1), 200, np.uint8)
     overlays = np.full((1, 3, 2, 2, 1), 100, np.uint8)
-    added = superimpose(x, overlays, "add")
-    assert added.shape == (3, 2, 2, 1) and np.all(added == 255.0)
+    added = superimpose(x, overlays, "add_float")
+    assert added.shape == (3, 2, 2, 1) and added.dtype == np.float32 and np.all(added == 300.0)
+    assert np.all(superimpose(x, overlays, "add_clipped") == 255.0)
     assert np.all(superimpose(x, overlays, "average") == 150.0)
+    dark = np.full((1, 3, 2, 2, 1), 40, np.uint8)  # below saturation the two sums agree
+    np.testing.assert_array_equal(
+        superimpose(x, dark, "add_float"), superimpose(x, dark, "add_clipped")
+    )
+
+
+@dataclass
+class RecordingAdapter(FakeAdapter):
+    """Remembers the brightest pixel value the model was asked about."""
+
+    brightest: float = 0.0
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        self.brightest = max(self.brightest, float(np.max(pixels)))
+        return super().logits(pixels)
+
+
+@pytest.mark.parametrize(("blend", "over_255"), [("add_float", True), ("add_clipped", False)])
+def test_strip_hands_the_model_the_blend_it_names(blend, over_255):
+    assert StripParams().blend == "add_float"  # the authors' blend is the default
+    adapter = RecordingAdapter()
+    build_defense("strip", SMALL_STRIP | {"blend": blend}).run(
+        adapter, strip_data(), np.random.default_rng(0)
+    )
+    assert (adapter.brightest > 255) is over_255
 
 
 def test_entropy_is_finite_with_exact_zero_probabilities():

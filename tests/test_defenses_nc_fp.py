@@ -375,6 +375,41 @@ def test_fine_pruning_reports_the_retrained_artifact_and_its_budget(digits_world
     )
 
 
+def test_fine_pruning_reports_the_no_fine_tune_control_beside_the_repair(digits_world):
+    # the same success rule on the pruned artifact before fine-tuning, on the same images, so
+    # "fine-tuning brought the backdoor back" is read against it (protocol v1 §4.5)
+    repaired = RuntimeAdapter.from_path(digits_world.clean["fp32"])
+    r = _run("fine_pruning", {}, digits_world, retrainer=_StubRetrainer(repaired))
+    control = r.details["control_no_fine_tune"]
+    assert control["acc"] == r.details["pruned_acc"] and control["asr"] == r.details["pruned_asr"]
+    assert control["acc_loss"] == r.details["base_acc"] - r.details["pruned_acc"]
+    assert control["success"] is (control["asr"] <= 0.2 and control["acc_loss"] <= 0.05)
+    assert r.details["final_asr"] == _asr(repaired, digits_world)  # the repair, measured apart
+    alone = _run("fine_pruning", PRUNING_ONLY, digits_world)  # no retrainer: the control decides
+    assert alone.details["control_no_fine_tune"]["success"] is alone.detected
+
+
+class _DescribedStub(_StubRetrainer):
+    def __init__(self, adapter, source):
+        super().__init__(adapter)
+        self.source = source
+
+    def describe(self):
+        return {**super().describe(), "data_source": self.source}
+
+
+@pytest.mark.parametrize(
+    ("source", "recorded"),
+    [("held_out", "held_out"), ("training", "training (images the model was trained on")],
+)
+def test_fine_pruning_names_where_its_fine_tuning_images_came_from(digits_world, source, recorded):
+    repaired = RuntimeAdapter.from_path(digits_world.clean["fp32"])
+    r = _run("fine_pruning", {}, digits_world, retrainer=_DescribedStub(repaired, source))
+    assert r.details["fine_tune_data"].startswith(recorded)
+    plain = _run("fine_pruning", {}, digits_world, retrainer=_StubRetrainer(repaired))
+    assert plain.details["fine_tune_data"] is None  # a retrainer that does not say
+
+
 def test_fine_pruning_on_a_clean_control_reports_no_asr(digits_world):
     r = _run("fine_pruning", {"step_channels": 4, **PRUNING_ONLY}, digits_world, poisoned=False)
     assert r.status == "ok", r.reason
@@ -416,3 +451,5 @@ def test_fine_pruning_retrainer_runs_at_least_its_step_budget(tmp_path):
     assert budget["steps"] >= 500 and budget["epochs"] == 125 and budget["images"] == 500
     assert retrainer(epochs=200).describe()["epochs"] == 200  # epochs stays a floor
     assert retrainer(epochs=0, min_steps=0).planned_epochs() == 0  # no fine-tuning at all
+    assert budget["data_source"] == "training"  # what the runner passed before protocol v1
+    assert retrainer(data_source="held_out").describe()["data_source"] == "held_out"

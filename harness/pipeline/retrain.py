@@ -82,7 +82,11 @@ class FinePruneRetrainer:
     kernel_profile: KernelProfile = DEFAULT_PROFILE
     """INT8 kernel profile of the repaired artifact's session: the audited cell's own."""
     source_indices: np.ndarray | None = None
-    """Indices of ``clean_x`` in the training set (provenance; checked by the tests)."""
+    """Indices of ``clean_x`` in the set named by ``data_source`` (provenance; checked by tests)."""
+    data_source: str = "training"
+    """Where ``clean_x`` comes from: ``"training"`` (clean images the model was trained on, what
+    the runner passed before docs/protocol.md v1) or ``"held_out"`` (clean images the model never
+    saw, the paper's and protocol v1's fine-tuning data). Fine-Pruning records it."""
 
     def planned_epochs(self) -> int:
         """Passes over ``clean_x``: ``epochs``, raised until at least ``min_steps`` steps run."""
@@ -102,6 +106,7 @@ class FinePruneRetrainer:
             "min_steps": self.min_steps,
             "lr": self.lr,
             "schedule": "cosine",
+            "data_source": self.data_source,
         }
 
     def __call__(self, keep: np.ndarray) -> RuntimeAdapter:
