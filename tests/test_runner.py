@@ -204,6 +204,9 @@ def test_fine_pruning_tunes_on_clean_training_images_not_on_the_measured_ones(fi
     assert len(tune_x) == len(poisoned_cell.clean_x)
     assert not any(row.tobytes() in measured for row in tune_x)
     # every fine-tuning image is an unpoisoned training sample (none carries the trigger)
+    # digits' 450 test images cannot spare 225 held-out ones beyond the two pools, so the
+    # fine-tuning set falls back to training images, and says so (protocol v1 §4.5)
+    assert poisoned_cell.retrainer.data_source == "training"
     tune_idx = poisoned_cell.retrainer.source_indices
     assert tune_idx is not None and len(tune_idx) == len(tune_x)
     from harness.pipeline.runner import prepare_seed

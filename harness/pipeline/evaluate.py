@@ -30,7 +30,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -105,8 +105,12 @@ class DefensePools:
     clean_y: np.ndarray
     triggered_x: np.ndarray
     """Held-out non-target test images stamped with the trigger, disjoint from ``clean_x``."""
+    tune_x: np.ndarray
+    tune_y: np.ndarray
+    """Fine-Pruning's fine-tuning images (see :func:`defense_pools` for where they come from)."""
     tune_idx: np.ndarray
-    """Training-set indices of Fine-Pruning's fine-tuning images (clean ones only)."""
+    """Indices of the fine-tuning images in the split ``tune_source`` names."""
+    tune_source: Literal["held_out", "training"]
 
 
 def evaluation_images(
@@ -128,25 +132,40 @@ def defense_pools(
     poison_mask: np.ndarray | None = None,
     tune_size: int | None = None,
 ) -> DefensePools:
-    """Held-out clean and triggered pools and the fine-tuning draw of one seed.
+    """Held-out clean and triggered pools and Fine-Pruning's fine-tuning draw of one seed.
 
-    Fine-Pruning's fine-tuning images (``tune_size`` of them, by default ``clean_size``) come
-    from the *clean* training images (``poison_mask`` marks the others), disjoint from the
-    held-out test images every defense is measured on: tuning on those would inflate the
-    accuracy it reports.
+    Fine-tuning images (``tune_size``, by default ``clean_size``) are, as the paper and
+    docs/protocol.md v1 (§4.5) have it, *held-out* clean test images the defender holds:
+    disjoint from the clean pool every defense measures on and from the images whose triggered
+    copies measure attack success. Where the test split cannot spare that many (the embedded
+    digits set), they are clean *training* images instead (``poison_mask`` marks the others),
+    and ``tune_source`` says so — Fine-Pruning records it as a deviation.
     """
     pool, rest = defense_split(len(dataset.x_test), clean_size, seed)
     rest_nontarget = rest[dataset.y_test[rest] != attack.target_label]
-    clean_train = (
-        np.arange(len(dataset.x_train)) if poison_mask is None else np.flatnonzero(~poison_mask)
-    )
+    stamped = rest_nontarget[:clean_size]
     tune_size = clean_size if tune_size is None else tune_size
-    tune = clean_train[seeded_subset(len(clean_train), tune_size, "finetune", seed)]
+    spare = np.setdiff1d(rest, stamped)
+    source: Literal["held_out", "training"]
+    if len(spare) >= tune_size:
+        source = "held_out"
+        tune = spare[seeded_subset(len(spare), tune_size, "finetune", seed)]
+        tune_x, tune_y = dataset.x_test[tune], dataset.y_test[tune]
+    else:
+        source = "training"
+        clean_train = (
+            np.arange(len(dataset.x_train)) if poison_mask is None else np.flatnonzero(~poison_mask)
+        )
+        tune = clean_train[seeded_subset(len(clean_train), tune_size, "finetune", seed)]
+        tune_x, tune_y = dataset.x_train[tune], dataset.y_train[tune]
     return DefensePools(
         clean_x=dataset.x_test[pool],
         clean_y=dataset.y_test[pool],
-        triggered_x=attack.apply_for_test(dataset.x_test[rest_nontarget[:clean_size]]),
+        triggered_x=attack.apply_for_test(dataset.x_test[stamped]),
+        tune_x=tune_x,
+        tune_y=tune_y,
         tune_idx=tune,
+        tune_source=source,
     )
 
 

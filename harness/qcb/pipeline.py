@@ -291,8 +291,8 @@ def evaluate_seed(
                 retrainer=FinePruneRetrainer(
                     state_path=states[poisoned],
                     precision=precision,
-                    clean_x=data.x_train[pools.tune_idx],
-                    clean_y=data.y_train[pools.tune_idx],
+                    clean_x=pools.tune_x,
+                    clean_y=pools.tune_y,
                     calibration_images=calibration,
                     out_dir=paths[precision].parent / "fine_pruned",
                     epochs=config.finetune_epochs,
@@ -300,6 +300,7 @@ def evaluate_seed(
                     threads=config.threads,
                     kernel_profile=CELL_PROFILE,
                     source_indices=pools.tune_idx,
+                    data_source=pools.tune_source,
                 ),
                 reference=None if precision == "fp32" else reference,
             )
