@@ -23,6 +23,8 @@ test: setup
 	$(BIN)/ruff check .
 	# the tree's floors (.importlinter): a layer imports only the layers below it
 	$(BIN)/lint-imports --no-logo
+	# the typed seams: core, runtime, defenses and pipeline ([tool.mypy] in pyproject.toml)
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: setup

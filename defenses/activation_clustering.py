@@ -60,6 +60,7 @@ from defenses.base import (
     NotApplicable,
     label_verdict,
 )
+from defenses.deployed import DeployedModel
 from defenses.filtering import (
     class_features,
     sample_filter_metrics,
@@ -141,7 +142,7 @@ def cluster_class(
 
 
 @DEFENSES.register("activation_clustering")
-class ActivationClustering(Defense):
+class ActivationClustering(Defense[ActivationClusteringParams]):
     """Cluster each class's penultimate activations; flag small, well-separated clusters."""
 
     name = "activation_clustering"
@@ -150,8 +151,8 @@ class ActivationClustering(Defense):
     Params = ActivationClusteringParams
     paper = "Chen et al., Detecting Backdoor Attacks ... by Activation Clustering, 2018"
 
-    def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
-        p: ActivationClusteringParams = self.params  # type: ignore[assignment]
+    def _run(self, adapter: DeployedModel, data: DefenseData, rng: np.random.Generator) -> Finding:
+        p = self.params
         acts, labels = training_activations(adapter, data, p.layer)
 
         cluster_of = np.full(len(labels), -1, dtype=np.int8)

@@ -38,11 +38,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from defenses.deployed import DeployedModel
 from harness.core.errors import BlindspotsError, validation_message
 from harness.core.registry import Registry
 
@@ -57,6 +58,8 @@ class Need(StrEnum):
     RETRAIN = "retrain"
     TRAIN_DATA = "train_data"
     TRIGGERED_INPUTS = "triggered_inputs"
+    REFERENCE = "reference"
+    """The FP32 file beside a quantized one (``DefenseData.reference``)."""
 
 
 class Group(StrEnum):
@@ -117,7 +120,7 @@ class DefenseData:
     target_label: int | None = None
     poison_rate: float | None = None
     retrainer: Retrainer | None = None
-    reference: Any | None = None
+    reference: DeployedModel | None = None
 
 
 class DefenseResult(BaseModel):
@@ -172,13 +175,21 @@ class NotApplicable(Exception):  # noqa: N818 - it is an outcome, not a failure
     """Raised inside a defense when the cell cannot run here (reported, not an error)."""
 
 
-class Defense(ABC):
-    """Base of all defenses: parameter validation, need checks, timing, error capture."""
+P = TypeVar("P", bound=BaseModel)
+
+
+class Defense(ABC, Generic[P]):
+    """Base of all defenses: parameter validation, need checks, timing, error capture.
+
+    Generic in its parameter model: ``class Strip(Defense[StripParams])`` makes ``self.params``
+    a ``StripParams`` to the type checker, with ``Params = StripParams`` for validation.
+    """
 
     name: ClassVar[str]
     group: ClassVar[Group]
     needs: ClassVar[frozenset[Need]]
     Params: ClassVar[type[BaseModel]]
+    params: P
     paper: ClassVar[str]
     flags_labels: ClassVar[bool] = True
     """Whether the defense names suspect labels (``target_hit`` is only defined if it does)."""
@@ -190,13 +201,27 @@ class Defense(ABC):
         if isinstance(params, BaseModel):
             params = params.model_dump()
         try:
-            self.params = self.Params(**(params or {}))
+            self.params = cast(P, self.Params(**(params or {})))
         except ValidationError as exc:
             message = validation_message(exc, f"{self.name} parameter", self.Params.model_fields)
             raise BlindspotsError(message) from None
 
-    def missing_needs(self, adapter: Any, data: DefenseData) -> str | None:
-        """Reason this defense cannot run on ``adapter``/``data``, or None if it can."""
+    def missing_needs(self, adapter: DeployedModel, data: DefenseData) -> str | None:
+        """Reason this defense cannot run on ``adapter``/``data``, or None if it can.
+
+        Every :class:`Need` is checked here, before any work, so a cell that cannot run says
+        ``not_applicable`` with the reason instead of failing half-way.
+        """
+        if Need.LOGITS in self.needs and not callable(getattr(adapter, "logits", None)):
+            return "the model answers no class scores"
+        if Need.GRADIENTS in self.needs and not callable(getattr(adapter, "gradient_oracle", None)):
+            return "the model offers no gradient oracle"
+        if Need.RETRAIN in self.needs and data.retrainer is None:
+            return "needs a retrainable source model (the checkpoint the file was exported from)"
+        if Need.REFERENCE in self.needs and (
+            data.reference is None or getattr(adapter, "precision", None) == "fp32"
+        ):
+            return "needs the FP32 reference of a quantized artifact"
         if Need.ACTIVATIONS in self.needs and not adapter.layers:
             return "the model exposes no intermediate activations"
         if Need.CHANNEL_MASK in self.needs and "last_conv" not in adapter.layers:
@@ -207,9 +232,15 @@ class Defense(ABC):
             return "needs triggered inputs to evaluate"
         return None
 
-    def run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> DefenseResult:
+    def run(
+        self, adapter: DeployedModel, data: DefenseData, rng: np.random.Generator
+    ) -> DefenseResult:
         """Run the defense; never raises for a failure inside the method (see module doc)."""
-        base = {"defense": self.name, "group": self.group, "params": self.params.model_dump()}
+        base: dict[str, Any] = {
+            "defense": self.name,
+            "group": self.group,
+            "params": self.params.model_dump(),
+        }
         reason = self.missing_needs(adapter, data)
         if reason is not None:
             return DefenseResult(status=Status.NOT_APPLICABLE, reason=reason, **base)
@@ -267,7 +298,7 @@ class Defense(ABC):
         }
 
     @abstractmethod
-    def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
+    def _run(self, adapter: DeployedModel, data: DefenseData, rng: np.random.Generator) -> Finding:
         """The method itself. Raise :class:`NotApplicable` for cells that cannot run."""
 
 
@@ -286,7 +317,7 @@ def label_verdict(flagged: list[int], target_label: int | None) -> bool:
     return target_label in flagged
 
 
-DEFENSES: Registry[type[Defense]] = Registry("defense")
+DEFENSES: Registry[type[Defense[Any]]] = Registry("defense")
 """Built-ins below, in the order reports list them; third parties add entry points in the
 ``blindspots.defenses`` group (:mod:`harness.core.registry`)."""
 
@@ -301,7 +332,7 @@ for _name, _module in {
     DEFENSES.register_lazy(_name, _module)
 
 
-def build_defense(name: str, params: dict[str, Any] | None = None) -> Defense:
+def build_defense(name: str, params: dict[str, Any] | None = None) -> Defense[Any]:
     """Instantiate the registered defense ``name`` with validated parameters."""
     return DEFENSES.get(name)(params)
 

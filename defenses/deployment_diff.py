@@ -41,6 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from defenses.base import DEFENSES, Defense, DefenseData, Finding, Group, Need, NotApplicable
+from defenses.deployed import DeployedModel
 from harness.core.errors import DataError, ModelError
 from harness.core.threads import scoped_threads
 
@@ -179,24 +180,24 @@ def refine(
         (-gap.mean()).backward()
         optimizer.step()
     with torch.no_grad():
-        pattern = ((torch.tanh(param) + 1) * 127.5).numpy()
-    return Patch(patch.mask, np.where(patch.mask[..., None], pattern, 0.0)), None
+        refined = ((torch.tanh(param) + 1) * 127.5).numpy()
+    return Patch(patch.mask, np.where(patch.mask[..., None], refined, 0.0)), None
 
 
 @DEFENSES.register("deployment_diff")
-class DeploymentDiff(Defense):
+class DeploymentDiff(Defense[DeploymentDiffParams]):
     """Search a patch the quantized artifact answers and its FP32 reference does not."""
 
     name = "deployment_diff"
     group = Group.MODEL_INSPECTION
-    needs = frozenset({Need.LOGITS})
+    needs = frozenset({Need.LOGITS, Need.REFERENCE})
     Params = DeploymentDiffParams
     paper = "differential check of deployed vs FP32 artifacts (this project)"
     # Needs the FP32 file beside the deployed one; the QCB pipeline always has both.
     default_in = frozenset({"qcb"})
 
-    def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
-        p: DeploymentDiffParams = self.params  # type: ignore[assignment]
+    def _run(self, adapter: DeployedModel, data: DefenseData, rng: np.random.Generator) -> Finding:
+        p = self.params
         reference = data.reference
         if reference is None or getattr(adapter, "precision", None) == "fp32":
             raise NotApplicable("needs the FP32 reference of a quantized artifact")

@@ -50,6 +50,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from defenses.base import DEFENSES, Defense, DefenseData, Finding, Group, Need
+from defenses.deployed import DeployedModel
 from harness.core import metrics
 from harness.core.errors import DataError
 
@@ -141,7 +142,7 @@ def _data_source(budget: dict[str, Any] | None) -> str | None:
 
 
 @DEFENSES.register("fine_pruning")
-class FinePruning(Defense):
+class FinePruning(Defense[FinePruningParams]):
     """Prune dormant last-conv channels within an accuracy bound, then fine-tune."""
 
     name = "fine_pruning"
@@ -154,7 +155,7 @@ class FinePruning(Defense):
     flags_labels = False
 
     def _stride(self, channels: int) -> int:
-        p: FinePruningParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.step_channels is not None:
             return p.step_channels
         return max(1, round(p.step_fraction * channels))
@@ -163,7 +164,7 @@ class FinePruning(Defense):
         self, adapter: Any, x: np.ndarray, y: np.ndarray, trig: np.ndarray, target: int | None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
         """(keep mask, channel order, mean activations, curve) chosen on the selection half."""
-        p: FinePruningParams = self.params  # type: ignore[assignment]
+        p = self.params
         order, means = channel_ranking(adapter, x)
         channels, stride = len(order), self._stride(len(order))
         base_acc = accuracy(adapter, x, y)
@@ -190,13 +191,14 @@ class FinePruning(Defense):
             point["chosen"] = point["pruned"] == int((~keep).sum())
         return keep, order, means, curve
 
-    def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
-        p: FinePruningParams = self.params  # type: ignore[assignment]
+    def _run(self, adapter: DeployedModel, data: DefenseData, rng: np.random.Generator) -> Finding:
+        p = self.params
         x, y, trig, target = data.clean_x, data.clean_y, data.triggered_x, data.target_label
         if len(x) < 2 or len(y) != len(x) or trig is None or len(trig) == 0:
+            triggered = "no" if trig is None else str(np.shape(trig))
             raise DataError(
                 f"fine_pruning needs ≥ 2 clean images with one label each and triggered images, "
-                f"got {np.shape(x)} images, {np.shape(y)} labels, {np.shape(trig)} triggered"
+                f"got {np.shape(x)} images, {np.shape(y)} labels, {triggered} triggered"
             )
         selection = stratified_halves(y, rng)
         measure_x, measure_y = x[~selection], y[~selection]

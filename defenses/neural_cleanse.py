@@ -115,6 +115,7 @@ from defenses.base import (
     NotApplicable,
     label_verdict,
 )
+from defenses.deployed import DeployedModel
 from defenses.filtering import MAD_CONSISTENCY
 from harness.core.errors import DataError, ModelError
 from harness.core.threads import scoped_threads
@@ -397,6 +398,8 @@ class _KerasAdam:
         lr_t = p.lr * np.sqrt(1.0 - p.beta2**self.t) / (1.0 - p.beta1**self.t)
         for param, m, v in zip(self.params, self.m, self.v, strict=True):
             g = param.grad
+            if g is None:  # a tensor the loss did not reach: Adam leaves it as it is
+                continue
             m.mul_(p.beta1).add_(g, alpha=1.0 - p.beta1)
             v.mul_(p.beta2).addcmul_(g, g, value=1.0 - p.beta2)
             param.sub_(lr_t * m / (v.sqrt() + p.adam_epsilon))
@@ -821,7 +824,7 @@ def _split(
 
 
 def _report_dict(report: Any) -> dict[str, Any]:
-    if is_dataclass(report):
+    if is_dataclass(report) and not isinstance(report, type):
         raw = asdict(report)
     elif isinstance(report, BaseModel):
         raw = report.model_dump()
@@ -838,7 +841,7 @@ def _floats(values: np.ndarray | None) -> list[float | None] | None:
 
 
 @DEFENSES.register("neural_cleanse")
-class NeuralCleanse(Defense):
+class NeuralCleanse(Defense[NeuralCleanseParams]):
     """Trigger reverse-engineering per label + MAD outlier test on the mask norms."""
 
     name = "neural_cleanse"
@@ -847,8 +850,8 @@ class NeuralCleanse(Defense):
     Params = NeuralCleanseParams
     paper = "Wang et al., Neural Cleanse, IEEE S&P 2019"
 
-    def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
-        p: NeuralCleanseParams = self.params  # type: ignore[assignment]
+    def _run(self, adapter: DeployedModel, data: DefenseData, rng: np.random.Generator) -> Finding:
+        p = self.params
         opt_idx, eval_idx, order = _split(data, p, rng)
         try:
             oracle = adapter.gradient_oracle()
@@ -894,7 +897,7 @@ class NeuralCleanse(Defense):
         decision: Decision,
         ort_success: np.ndarray,
         parity_info: dict[str, Any],
-        sizes: dict[str, int],
+        sizes: dict[str, Any],
         p: NeuralCleanseParams,
     ) -> Finding:
         index, median, mad = mad_anomaly_index(triggers.norms)

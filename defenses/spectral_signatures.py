@@ -64,6 +64,7 @@ from defenses.base import (
     NotApplicable,
     label_verdict,
 )
+from defenses.deployed import DeployedModel
 from defenses.filtering import (
     class_features,
     robust_z,
@@ -138,7 +139,7 @@ def resolve_epsilon(
 
 
 @DEFENSES.register("spectral_signatures")
-class SpectralSignatures(Defense):
+class SpectralSignatures(Defense[SpectralSignaturesParams]):
     """Score samples along each class's top singular direction; flag outlying spectral gaps."""
 
     name = "spectral_signatures"
@@ -147,8 +148,8 @@ class SpectralSignatures(Defense):
     Params = SpectralSignaturesParams
     paper = "Tran, Li & Madry, Spectral Signatures in Backdoor Attacks, NeurIPS 2018"
 
-    def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
-        p: SpectralSignaturesParams = self.params  # type: ignore[assignment]
+    def _run(self, adapter: DeployedModel, data: DefenseData, rng: np.random.Generator) -> Finding:
+        p = self.params
         acts, labels = training_activations(adapter, data, p.layer)
         sizes = np.bincount(labels, minlength=data.num_classes)
         epsilons, epsilon_source = resolve_epsilon(p.epsilon, data.poison_rate, sizes)
@@ -190,7 +191,7 @@ class SpectralSignatures(Defense):
             "filtering": sample_filter_metrics(removed, data.poison_mask),
             "removed_fraction": float(removed.mean()) if len(removed) else 0.0,
         }
-        if epsilon_source == "poison_budget":
+        if epsilon_source == "poison_budget" and data.poison_rate is not None:
             details["poison_budget_images"] = float(data.poison_rate * len(labels))
         target_info = target_selection(data, labels, removed, "removed")
         if target_info is not None:

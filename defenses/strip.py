@@ -55,6 +55,7 @@ from scipy.special import entr, softmax
 from scipy.stats import norm
 
 from defenses.base import DEFENSES, Defense, DefenseData, Finding, Group, Need, NotApplicable
+from defenses.deployed import DeployedModel
 from defenses.filtering import auroc, input_filter_rates
 from harness.core.errors import DataError
 
@@ -154,7 +155,7 @@ def _check_images(name: str, images: np.ndarray, like: np.ndarray | None = None)
 
 
 @DEFENSES.register("strip")
-class Strip(Defense):
+class Strip(Defense[StripParams]):
     """Flag inputs whose predictions stay confident under random superimposition."""
 
     name = "strip"
@@ -164,8 +165,8 @@ class Strip(Defense):
     paper = "Gao et al., STRIP: A Defence Against Trojan Attacks on DNNs, ACSAC 2019"
     flags_labels = False
 
-    def _run(self, adapter: Any, data: DefenseData, rng: np.random.Generator) -> Finding:
-        p: StripParams = self.params  # type: ignore[assignment]
+    def _run(self, adapter: DeployedModel, data: DefenseData, rng: np.random.Generator) -> Finding:
+        p = self.params
         assert data.triggered_x is not None  # guaranteed by the needs
         clean_x, triggered_x = np.asarray(data.clean_x), np.asarray(data.triggered_x)
         _check_images("clean images", clean_x)

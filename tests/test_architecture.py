@@ -74,3 +74,65 @@ def test_light_entry_points_load_no_torch_and_no_onnxruntime():
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("datasets: ") and "models: cifar_cnn" in done.stdout
     assert json.loads(lines[-1]) == {"torch": False, "onnxruntime": False}
+
+
+# --- typed seams ---------------------------------------------------------------------------
+SEAM_CHECK = """
+from typing import Any
+
+import numpy as np
+
+from defenses.deployed import DeployedModel
+from defenses.strip import Strip
+from harness.runtime.adapter import RuntimeAdapter
+
+
+def the_adapter_is_a_deployed_model(adapter: RuntimeAdapter) -> DeployedModel:
+    return adapter
+
+
+def strip_params_are_typed(defense: Strip) -> float:
+    return defense.params.frr
+
+
+class LogitsOnly:
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        return pixels
+
+
+def PLANTED(model: LogitsOnly) -> DeployedModel:
+    return model
+"""
+
+
+def _mypy(source: str, tmp_path: Path) -> tuple[int, str]:
+    from mypy import api
+
+    module = tmp_path / "seam_check.py"
+    module.write_text(source)
+    stdout, stderr, status = api.run(
+        [
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(tmp_path / "mypy-cache"),
+            str(module),
+        ]
+    )
+    return status, stdout + stderr
+
+
+def test_the_type_checker_holds_both_sides_of_the_defense_seam(tmp_path, monkeypatch):
+    """The adapter satisfies :class:`DeployedModel`, a defense's params are its own model's type,
+    and an object with half the seam is refused — by mypy, as ``make test`` runs it."""
+    monkeypatch.chdir(ROOT)
+    status, output = _mypy(SEAM_CHECK, tmp_path)
+    errors = [line for line in output.splitlines() if ": error:" in line]
+    assert status == 1 and len(errors) == 1, output
+    line = SEAM_CHECK.splitlines().index("    return model") + 1
+    assert f"seam_check.py:{line}:" in errors[0] and "DeployedModel" in errors[0]
+    status, output = _mypy(SEAM_CHECK.replace("    return model", "    return None"), tmp_path)
+    assert status == 1 and "DeployedModel" in output  # still wrong: None is not a model
+    clean = SEAM_CHECK[: SEAM_CHECK.index("class LogitsOnly")]
+    status, output = _mypy(clean, tmp_path)
+    assert status == 0, output

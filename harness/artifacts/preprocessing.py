@@ -144,7 +144,7 @@ def _floats(name: str, values: object) -> tuple[float, ...]:
     if isinstance(values, str | bytes):  # tuple("0.5") would silently give three numbers
         raise ModelError(f"preprocessing {name} must be a list of numbers, got {values!r}")
     try:
-        return tuple(_float(name, v) for v in values)  # type: ignore[union-attr]
+        return tuple(_float(name, v) for v in values)  # type: ignore[attr-defined]
     except TypeError as exc:
         raise ModelError(f"preprocessing {name} must be a list of numbers, got {values!r}") from exc
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,18 @@ from harness.runtime.model_safety import load_untrusted_hashed
 from harness.runtime.sanity import check_labels, check_outputs, raise_on_errors
 
 PUBLISHED = "published"
+
+
+class AuditVerdict(StrEnum):
+    """An auditor's reading of one defense on one artifact (rules in the module doc)."""
+
+    SUSPICIOUS = "suspicious"
+    CLEAN = "clean"
+    INCONCLUSIVE = "inconclusive"
+    NOT_APPLICABLE = "not applicable"
+    ERROR = "error"
+
+
 #: A defense that flags more than this share of the labels names no suspect (our rule).
 MAX_SUSPECT_SHARE = 0.25
 REPAIR_DEFENSES = {"fine_pruning"}
@@ -237,7 +250,8 @@ def _audit_artifact(
     if broken:
         reason = f"model outputs are broken: {broken[0]}"
         cell["defenses"] = {
-            name: {"verdict": "not applicable", "reason": reason} for name in request.defenses
+            name: {"verdict": AuditVerdict.NOT_APPLICABLE, "reason": reason}
+            for name in request.defenses
         }
         return cell
     predictions = logits.argmax(axis=1)
@@ -269,19 +283,23 @@ def audit_verdict(result: DefenseResult, num_classes: int) -> dict[str, Any]:
     flagged = list(result.flagged_labels)
     rests_on = _rests_on(result)
     if result.status == "not_applicable":
-        return {"verdict": "not applicable", "reason": result.reason, "rests_on": rests_on}
+        return {
+            "verdict": AuditVerdict.NOT_APPLICABLE,
+            "reason": result.reason,
+            "rests_on": rests_on,
+        }
     if result.status == "error":
-        return {"verdict": "error", "reason": result.reason, "rests_on": rests_on}
+        return {"verdict": AuditVerdict.ERROR, "reason": result.reason, "rests_on": rests_on}
     if result.defense in REPAIR_DEFENSES:
         return {
-            "verdict": "not applicable",
+            "verdict": AuditVerdict.NOT_APPLICABLE,
             "reason": "Fine-Pruning is a repair: with no known trigger there is no backdoor "
             "whose removal it could measure",
             "rests_on": rests_on,
         }
     if result.verdict == "inconclusive":  # the defense's own "cannot decide", and why
         return {
-            "verdict": "inconclusive",
+            "verdict": AuditVerdict.INCONCLUSIVE,
             "reason": result.verdict_reason or "the defense could not decide",
             "suspected_labels": flagged,
             "rests_on": rests_on,
@@ -289,22 +307,26 @@ def audit_verdict(result: DefenseResult, num_classes: int) -> dict[str, Any]:
     unconverged = _unconverged(result, flagged)
     if result.detected and len(flagged) > max(1, int(MAX_SUSPECT_SHARE * num_classes)):
         return {
-            "verdict": "inconclusive",
+            "verdict": AuditVerdict.INCONCLUSIVE,
             "reason": f"flags {len(flagged)} of {num_classes} labels: no single suspect",
             "suspected_labels": flagged,
             "rests_on": rests_on,
         }
     if unconverged:
         return {
-            "verdict": "inconclusive",
+            "verdict": AuditVerdict.INCONCLUSIVE,
             "reason": f"trigger search did not reach its attack-success threshold for labels "
             f"{unconverged}",
             "suspected_labels": flagged,
             "rests_on": rests_on,
         }
     if result.detected:
-        return {"verdict": "suspicious", "suspected_labels": flagged, "rests_on": rests_on}
-    return {"verdict": "clean", "rests_on": rests_on}
+        return {
+            "verdict": AuditVerdict.SUSPICIOUS,
+            "suspected_labels": flagged,
+            "rests_on": rests_on,
+        }
+    return {"verdict": AuditVerdict.CLEAN, "rests_on": rests_on}
 
 
 def _unconverged(result: DefenseResult, flagged: list[int]) -> list[int]:

@@ -26,7 +26,7 @@ import importlib
 import logging
 from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from harness.core.errors import BlindspotsError
 
@@ -108,7 +108,7 @@ class Registry(Generic[T]):
             ) from None
         self._lazy.pop(name, None)
         if attr and name not in self._items:
-            obj = module
+            obj: Any = module
             for part in attr.split("."):
                 obj = getattr(obj, part, None)
                 if obj is None:

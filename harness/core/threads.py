@@ -14,23 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
-
-
-class ThreadSetting(Protocol):
-    """What owns a process-wide thread count: the ``torch`` module has this shape."""
-
-    def get_num_threads(self) -> int: ...
-
-    def set_num_threads(self, threads: int, /) -> None: ...
+from typing import Any
 
 
 @contextmanager
-def scoped_threads(owner: ThreadSetting, threads: int | None) -> Iterator[None]:
+def scoped_threads(owner: Any, threads: int | None) -> Iterator[None]:
     """Run the block with ``threads`` threads (the current count for None); restore it after.
 
     ``with scoped_threads(torch, 1): ...`` — the previous count comes back even when the block
-    raises, and even when something inside changed it again.
+    raises, and even when something inside changed it again. ``owner`` is typed ``Any``: the
+    ``torch`` module (what every caller passes) does not satisfy a structural type in torch's
+    stubs, and this core module may not name torch.
     """
     previous = owner.get_num_threads()
     if threads is not None:

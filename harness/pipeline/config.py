@@ -140,6 +140,34 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"entry '{wrong[0]}' must be a {'path' if kind is str else 'table'}")
         return value
 
+    def _one(self, name: str) -> str:
+        value = getattr(self, name)
+        if not isinstance(value, str):
+            raise BlindspotsError(f"{name} names several values; expand() the sweep config first")
+        return value
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset of a single-valued config (see :meth:`expand`)."""
+        return self._one("dataset")
+
+    @property
+    def model_name(self) -> str:
+        """The model of a single-valued config."""
+        return self._one("model")
+
+    @property
+    def attack_name(self) -> str:
+        """The attack of a single-valued config."""
+        return self._one("attack")
+
+    @property
+    def data_location(self) -> str | None:
+        """The data root of a single-valued config (a table only before :meth:`expand`)."""
+        if isinstance(self.data_root, dict):
+            raise BlindspotsError("data_root is a table per dataset; expand() the config first")
+        return self.data_root
+
     def expand_axes(self) -> list[tuple[str, str, str]]:
         """Every (dataset, model, attack) combination, in the config's order."""
         return list(
@@ -202,7 +230,7 @@ class ExperimentConfig(BaseModel):
         # Parameters as the plug-ins validate them: a default spelled out is the same experiment,
         # and settings of a defense the config does not run change nothing.
         relevant.update(
-            attack_params=build_attack(self.attack, self.attack_params).describe()["params"],
+            attack_params=build_attack(self.attack_name, self.attack_params).describe()["params"],
             defenses={
                 name: build_defense(name, self.defense_params.get(name)).params.model_dump(
                     mode="json"

@@ -29,11 +29,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, Literal
 
 from harness.core.errors import BlindspotsError
 
+distributed: ModuleType | None
 try:  # the optional [dask] extra
     import distributed
 except ImportError:  # pragma: no cover - exercised only where the extra is missing
@@ -193,7 +194,7 @@ class DaskExecutor(Executor):
         return max(1, live or self.workers)
 
     def wait(self, pending: Collection[Any]) -> list[Any]:
-        return list(distributed.wait(list(pending), return_when="FIRST_COMPLETED").done)
+        return list(_dask().wait(list(pending), return_when="FIRST_COMPLETED").done)
 
     def close(self) -> None:
         if self._owns_client:
@@ -203,10 +204,17 @@ class DaskExecutor(Executor):
             self._cluster = None
 
 
+def _dask() -> ModuleType:
+    """The ``distributed`` package, or the one-line error saying how to install it."""
+    if distributed is None:
+        raise BlindspotsError(DASK_MISSING)
+    return distributed
+
+
 def _connect(scheduler: str) -> Any:
     """A client of the scheduler at ``scheduler``, or a one-line error saying why not."""
     try:
-        return distributed.Client(scheduler, timeout="20s")
+        return _dask().Client(scheduler, timeout="20s")
     except (OSError, TimeoutError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BlindspotsError(f"cannot reach the Dask scheduler at {scheduler}: {reason}") from None

@@ -112,7 +112,7 @@ class FinePruneRetrainer:
     def __call__(self, keep: np.ndarray) -> RuntimeAdapter:
         model, meta = load_model(self.state_path)
         preprocessing = Preprocessing.from_json(meta["preprocessing"])
-        pruned = PrunedModel(model, keep)
+        pruned: nn.Module = PrunedModel(model, keep)
         epochs = self.planned_epochs()
         if epochs > 0:
             config = TrainConfig(

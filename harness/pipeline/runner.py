@@ -133,8 +133,8 @@ def prepare_seed(
     ``"lines"``).
     """
 
-    dataset = load_dataset(config.dataset, config.data_root, **config.dataset_options)
-    attack = build_attack(config.attack, config.attack_params)
+    dataset = load_dataset(config.dataset_name, config.data_location, **config.dataset_options)
+    attack = build_attack(config.attack_name, config.attack_params)
     attack.validate_for(dataset.image_shape, dataset.num_classes)
     preprocessing = Preprocessing.from_images(dataset.x_train)
     rng = np.random.default_rng(stable_seed("poison", seed))
@@ -142,7 +142,7 @@ def prepare_seed(
     # clean images: the vendor calibrates on clean data
     calibration = calibration_draw(dataset.x_train, config.calibration_size, seed)
 
-    fingerprint = data_fingerprint or input_fingerprint(config.dataset, config.data_root)
+    fingerprint = data_fingerprint or input_fingerprint(config.dataset_name, config.data_location)
     root = out / "artifacts" / config.training_key(seed, fingerprint)
     train_cfg = TrainConfig(
         model=config.model, seed=seed, num_threads=config.threads, **config.training.model_dump()

@@ -224,7 +224,8 @@ class ResultStore:
         if arrays:
             target = self.arrays_dir / f"{cell_id(record)}.npz"
             with atomic_target(target) as partial:
-                np.savez_compressed(partial, **arrays)
+                # numpy's stub reads ** as its allow_pickle keyword: a stub limitation
+                np.savez_compressed(partial, **arrays)  # type: ignore[arg-type]
             record = {**record, "arrays": str(target.relative_to(self.folder))}
         line = (json.dumps(record, sort_keys=True, default=_jsonable) + "\n").encode()
         self.repair()  # cheap when intact: reads only the last line

@@ -111,7 +111,7 @@ def expand_cells(config: ExperimentConfig) -> list[Cell]:
     config.check_plugins()
     cells = []
     for single in config.expand():
-        fingerprint = input_fingerprint(single.dataset, single.data_root)
+        fingerprint = input_fingerprint(single.dataset_name, single.data_location)
         variants = [True, False] if single.clean_control else [True]
         for seed in single.seeds:
             for poisoned in variants:

@@ -69,11 +69,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from harness.core.atomic import atomic_write_bytes, atomic_write_text
-from harness.core.errors import one_line
+from harness.core.errors import BlindspotsError, one_line, validation_message
 from harness.report.data import build_plots, build_report
 from harness.report.figures.model import Plot
 from harness.report.render import render_markdown, render_report_html
+from harness.report.schema import ReportDocument
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,16 @@ def json_safe(value: Any) -> Any:
 def report_json(report: dict[str, Any]) -> str:
     """``report.json``'s text: strict JSON (non-finite numbers as ``null``)."""
     return json.dumps(json_safe(report), indent=2, sort_keys=False, allow_nan=False)
+
+
+def check_schema(document: str) -> None:
+    """Refuse to write a ``report.json`` that its published schema would reject (a harness bug,
+    named in one line, instead of a document that breaks its readers later)."""
+    try:
+        ReportDocument.model_validate_json(document)
+    except ValidationError as exc:
+        problem = validation_message(exc, "report.json field", ReportDocument.model_fields)
+        raise BlindspotsError(f"report.json would not match its schema: {problem}") from None
 
 
 def remove_stale_plots(folder: Path, keep: Sequence[Path]) -> list[Path]:
@@ -148,6 +161,7 @@ def write_report(folder: str | Path) -> dict[str, Path]:
     report = build_report(folder)
     plots = build_plots(report, folder)
     document = report_json(report)
+    check_schema(document)
     markdown = render_markdown(report, plots)
     page = render_report_html(report, plots)
     plot_paths = _write_plots(plots, folder / "plots")

@@ -86,7 +86,7 @@ class RuntimeAdapter:
         self._has_dynamic_quant = any(
             n.op_type == "DynamicQuantizeLinear" for n in self.model.graph.node
         )
-        self._oracle = None
+        self._oracle: GradientOracle | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -84,6 +84,9 @@ class PixelReplica(nn.Module):
         self.channels = preprocessing.channels
         self.channels_first = preprocessing.layout == "NCHW"
         self.reverse_channels = preprocessing.channel_order == "BGR"
+        self.scale: torch.Tensor  # buffers: they follow the module across devices and dtypes
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("scale", torch.tensor(np.float32(preprocessing.scale)))
         self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32))
