@@ -193,8 +193,10 @@ class DeploymentDiff(Defense[DeploymentDiffParams]):
     needs = frozenset({Need.LOGITS, Need.REFERENCE})
     Params = DeploymentDiffParams
     paper = "differential check of deployed vs FP32 artifacts (this project)"
-    # Needs the FP32 file beside the deployed one; the QCB pipeline always has both.
-    default_in = frozenset({"qcb"})
+    # Needs the FP32 file beside the deployed one: the QCB pipeline always has both, the audit
+    # whenever it checks a quantized copy or a --deployed file (0/12 false alarms on the QCB
+    # clean controls' INT8/INT4 files, BENCHMARKS.md; about 4 400 images per artifact).
+    default_in = frozenset({"qcb", "audit"})
 
     def _run(self, adapter: DeployedModel, data: DefenseData, rng: np.random.Generator) -> Finding:
         p = self.params

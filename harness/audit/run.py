@@ -13,13 +13,23 @@ runs, nothing
 broken
    model (non-finite, one-class, constant outputs) is an error, never an accuracy;
 4. runs the defenses on a stratified, seeded sample of the auditor's data (AC/SS only when the
-   auditor says the data is the training set) and states a verdict an auditor can act on.
+   auditor says the data is the training set) and states a verdict an auditor can act on;
+5. holds every quantized artifact (a copy built here, or a file the vendor ships, ``--deployed``)
+   against the published float file with the deployment-differential check: a backdoor that
+   only the quantized file answers is invisible to every check of one file alone;
+6. runs STRIP on Neural Cleanse's reversed triggers (the triggered inputs an auditor otherwise
+   lacks), and says per suspected label which signals agree.
 
 Verdicts (our own rules, on top of each defense's published test): ``suspicious`` — the
 defense's test fired on one or a few labels (named as suspected targets); ``clean`` — it ran and
 did not fire; ``inconclusive`` — it fired on so many labels that no single suspect stands out,
 or its optimisation did not converge where it matters; ``not applicable`` — it cannot run on this
 model or data (the reason says why); ``error`` — it failed.
+
+Budgets (``--budget``): ``paper`` runs every defense at its authors' settings; ``quick`` is a
+named deviation for CI — Neural Cleanse's ``fast`` step profile (docs/protocol.md §4.1: one
+update on 16 images per step) capped at 300 steps, and STRIP fitting its threshold on 100 clean
+inputs with 50 overlays. Explicit ``--defense-params`` override either.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -36,6 +46,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from defenses.base import DefenseData, DefenseResult, build_defense, default_defenses
+from defenses.neural_cleanse import stamp
 from exporters.quantizers import PRECISIONS, quantize
 from harness.artifacts.intake import IntakeOverrides, IntakeResult, check_num_classes, intake
 from harness.core.atomic import atomic_target, atomic_write_text
@@ -43,7 +54,13 @@ from harness.core.errors import BlindspotsError, ModelError
 from harness.core.metrics import accuracy, agreement
 from harness.core.sampling import stable_seed, stratified_sample
 from harness.data.base import ImageDataset, load_dataset
-from harness.pipeline.evaluate import DefensePlan, calibration_draw, result_fields, run_defenses
+from harness.pipeline.evaluate import (
+    DefensePlan,
+    calibration_draw,
+    result_fields,
+    run_defenses,
+    seeded_subset,
+)
 from harness.runtime.adapter import RuntimeAdapter, infer_precision
 from harness.runtime.kernels import DEFAULT_PROFILE, KernelProfile, profile_record
 from harness.runtime.model_safety import load_untrusted_hashed
@@ -65,6 +82,29 @@ class AuditVerdict(StrEnum):
 #: A defense that flags more than this share of the labels names no suspect (our rule).
 MAX_SUSPECT_SHARE = 0.25
 REPAIR_DEFENSES = {"fine_pruning"}
+DEPLOYED_PREFIX = "deployed:"
+"""Artifact names of the quantized files the vendor ships (``--deployed``)."""
+
+Budget = Literal["quick", "paper"]
+BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {},
+    "quick": {
+        "neural_cleanse": {"profile": "fast", "steps": 300},
+        "strip": {"n_overlays": 50, "n_clean_fit": 100},
+    },
+}
+"""Per-defense parameters of each budget (see the module doc); ``paper`` keeps the defaults."""
+
+STRIP_TRIGGERED = 200
+"""Held-out images stamped with each reversed trigger for STRIP (its ``n_test`` default)."""
+
+
+def budget_params(budget: str, explicit: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The budget's parameters per defense, with the auditor's explicit ones on top."""
+    merged = {name: dict(params) for name, params in BUDGETS[budget].items()}
+    for name, params in explicit.items():
+        merged[name] = {**merged.get(name, {}), **params}
+    return merged
 
 
 class AuditRequest(BaseModel):
@@ -79,6 +119,8 @@ class AuditRequest(BaseModel):
     defenses: list[str] = Field(default_factory=lambda: default_defenses("audit"))
     defense_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     precisions: list[str] = Field(default_factory=lambda: [PUBLISHED])
+    deployed: list[Path] = Field(default_factory=list)
+    budget: Budget = "paper"
     trained_on_dataset: bool = False
     sample_size: int = Field(200, ge=10)
     calibration_size: int = Field(256, ge=1)
@@ -132,15 +174,28 @@ def vendor_adapter(
 
 
 def run_audit(request: AuditRequest, log: Any = print) -> dict[str, Any]:
-    """Audit one vendor model; writes ``audit.json``, ``audit.md`` and trigger images to ``out``."""
-    for name in [*request.defenses, *request.defense_params]:
-        build_defense(name, request.defense_params.get(name))  # fail fast on names and params
+    """Audit one vendor model; writes ``audit.json``, ``audit.md``, ``audit.html`` and trigger
+    images to ``out``."""
+    params = budget_params(request.budget, request.defense_params)
+    for name in [*request.defenses, *params]:
+        build_defense(name, params.get(name))  # fail fast on names and params
     for name in request.precisions:
         if name != PUBLISHED:
             PRECISIONS.get(name)
+    for path in request.deployed:
+        if not path.is_file():
+            raise BlindspotsError(f"--deployed file not found: {path}")
     vendor = open_vendor_model(request.model, request.overrides)
+    if request.deployed and vendor.precision != "fp32":
+        raise ModelError(
+            f"--deployed is checked against the vendor's float file, but {vendor.path.name} is "
+            f"already quantized ({vendor.precision}): pass the float file as the model"
+        )
+    deployed = [open_vendor_model(path, request.overrides) for path in request.deployed]
     dataset = load_dataset(request.dataset, request.data_root)
     check_num_classes(vendor.intake, dataset.num_classes)
+    for shipped in deployed:
+        check_num_classes(shipped.intake, dataset.num_classes)
     raise_on_errors(check_labels(dataset.y_test, dataset.num_classes))
     out = request.out
     if out.exists() and not out.is_dir():
@@ -149,14 +204,18 @@ def run_audit(request: AuditRequest, log: Any = print) -> dict[str, Any]:
 
     rng = np.random.default_rng(stable_seed("audit-sample", request.seed))
     sample = stratified_sample(dataset.y_test, request.sample_size, rng)
-    artifacts = _artifacts(request, vendor, dataset, log)
+    artifacts = _artifacts(request, vendor, deployed, dataset, log)
     published = artifacts[0].adapter.predict(dataset.x_test)
+    reference = artifacts[0].adapter if vendor.precision == "fp32" else None
     cells = [
-        _audit_artifact(request, artifact, dataset, sample, published, log)
+        _audit_artifact(request, params, artifact, dataset, sample, published, reference, log)
         for artifact in artifacts
     ]
     report = {
         "model": {"path": str(vendor.path), "sha256": vendor.sha256, "precision": vendor.precision},
+        "deployed": [
+            {"path": str(d.path), "sha256": d.sha256, "precision": d.precision} for d in deployed
+        ],
         "intake": {
             "changes": vendor.intake.changes,
             "layout": vendor.intake.layout,
@@ -172,18 +231,29 @@ def run_audit(request: AuditRequest, log: Any = print) -> dict[str, Any]:
             "defense_sample": len(sample),
             "trained_on_dataset": request.trained_on_dataset,
         },
+        "budget": {"name": request.budget, "defense_params": params},
+        "seed": request.seed,
         "kernels": profile_record(request.int8_kernels),
         "cells": cells,
+        "overall": overall_verdict(cells),
     }
     atomic_write_text(out / "audit.json", json.dumps(report, indent=2, default=_jsonable))
     atomic_write_text(out / "audit.md", render_audit(report))
+    from harness.audit.page import render_html  # the page is optional reading; load it late
+
+    atomic_write_text(out / "audit.html", render_html(report))
     return report
 
 
 def _artifacts(
-    request: AuditRequest, vendor: AuditedModel, dataset: ImageDataset, log: Any
+    request: AuditRequest,
+    vendor: AuditedModel,
+    deployed: list[AuditedModel],
+    dataset: ImageDataset,
+    log: Any,
 ) -> list[Artifact]:
-    """The published model first, then each requested quantized copy of a float model."""
+    """The published model first, then the vendor's shipped files, then each quantized copy
+    built here from a float model."""
     published = Artifact(
         PUBLISHED,
         vendor.precision,
@@ -191,6 +261,15 @@ def _artifacts(
         vendor.path,
     )
     artifacts = [published]
+    for shipped in deployed:
+        adapter = vendor_adapter(shipped, request.int8_kernels, request.threads)
+        if adapter.input_shape != published.adapter.input_shape:
+            raise ModelError(
+                f"--deployed {shipped.path.name} takes images shaped {adapter.input_shape}, "
+                f"the float file {published.adapter.input_shape}: not the same model"
+            )
+        name = f"{DEPLOYED_PREFIX}{shipped.path.name}"
+        artifacts.append(Artifact(name, shipped.precision, adapter, shipped.path))
     wanted = [p for p in request.precisions if p != PUBLISHED]
     if not wanted:
         return artifacts
@@ -202,7 +281,8 @@ def _artifacts(
     folder = request.out / "artifacts"
     folder.mkdir(parents=True, exist_ok=True)
     contract = folder / "contract-fp32.onnx"
-    onnx.save(vendor.intake.model, str(contract))
+    with atomic_target(contract) as partial:
+        onnx.save(vendor.intake.model, str(partial))
     pool = dataset.x_train if len(dataset.x_train) else dataset.x_test
     calibration = calibration_draw(
         pool, request.calibration_size, request.seed, stream="audit-calibration"
@@ -229,13 +309,20 @@ def _artifacts(
 
 def _audit_artifact(
     request: AuditRequest,
+    params: dict[str, dict[str, Any]],
     artifact: Artifact,
     dataset: ImageDataset,
     sample: np.ndarray,
     published: np.ndarray,
+    reference: RuntimeAdapter | None,
     log: Any,
 ) -> dict[str, Any]:
-    """Sanity, accuracy and every defense's verdict on one artifact."""
+    """Sanity, accuracy and every defense's verdict on one artifact.
+
+    Every artifact but the published one gets the published float file as its reference, so
+    the deployment-differential check can compare the two. STRIP runs after the others, on
+    Neural Cleanse's reversed triggers.
+    """
     cell: dict[str, Any] = {"artifact": artifact.name, "precision": artifact.precision}
     if artifact.path is not None:
         cell["path"] = str(artifact.path)
@@ -247,12 +334,15 @@ def _audit_artifact(
     broken = [f.message for f in findings if f.severity == "error"]
     if broken and artifact.name == PUBLISHED:
         raise_on_errors(findings)
+    if broken and artifact.name.startswith(DEPLOYED_PREFIX):  # a file the vendor ships
+        raise ModelError(f"{artifact.path}: {broken[0]}")
     if broken:
         reason = f"model outputs are broken: {broken[0]}"
         cell["defenses"] = {
             name: {"verdict": AuditVerdict.NOT_APPLICABLE, "reason": reason}
             for name in request.defenses
         }
+        cell["signals"] = {}
         return cell
     predictions = logits.argmax(axis=1)
     cell["clean_acc"] = accuracy(predictions, dataset.y_test)
@@ -264,18 +354,183 @@ def _audit_artifact(
         # AC / SS inspect the data the model was trained on; only the auditor can say it is.
         train_x=dataset.x_train if request.trained_on_dataset else None,
         train_y=dataset.y_train if request.trained_on_dataset else None,
+        reference=reference if artifact.name != PUBLISHED else None,
     )
-    plan = DefensePlan(request.defenses, request.defense_params, request.seed)
+    first = [name for name in request.defenses if name != "strip"]
+    plan = DefensePlan(first, params, request.seed)
     results = run_defenses(plan, artifact.adapter, data, artifact.name, log)
     fields, _ = result_fields(results)
     cell["defenses"] = {}
-    for name, result in results.items():
-        verdict = audit_verdict(result, dataset.num_classes)
-        entry = {**verdict, "result": fields[name]}
-        entry["trigger_images"] = _save_triggers(request.out, artifact.name, result, verdict)
+    for name in request.defenses:
+        if name == "strip":
+            entry = _strip_on_reversed_triggers(
+                request, params, artifact, dataset, sample, data, results, log
+            )
+        else:
+            result = results[name]
+            entry = {**audit_verdict(result, dataset.num_classes), "result": fields[name]}
+            if name == "neural_cleanse" and result.status == "ok":
+                entry["confirmation"] = nc_confirmation(result)
+            entry["trigger_images"] = _save_triggers(request.out, artifact.name, result, entry)
         cell["defenses"][name] = entry
-        log(f"{artifact.name} {name}: {verdict['verdict']}")
+        log(f"{artifact.name} {name}: {entry['verdict']}")
+    cell["signals"] = agreeing_signals(cell["defenses"])
     return cell
+
+
+def nc_confirmation(result: DefenseResult) -> dict[str, Any]:
+    """Neural Cleanse's flags and whether the shipped session confirms them.
+
+    Neural Cleanse confirms each flag itself (``confirm_threshold``, docs/protocol.md §4.1): a
+    flag counts only when its reversed trigger, stamped on held-out images, sends that share of
+    them to the label on the onnxruntime session. The audit shows the rates beside the verdict,
+    so the reader sees whether a suspicion holds on the file that ships.
+    """
+    details = result.details
+    before = details.get("flagged_before_confirmation", result.flagged_labels)
+    rates = details.get("ort_attack_success") or []
+    return {
+        "threshold": details.get("ort_confirm_threshold"),
+        "flagged": list(before),
+        "confirmed": list(result.flagged_labels),
+        "unconfirmed": list(details.get("unconfirmed_labels", [])),
+        "ort_attack_success": {str(k): rates[k] if k < len(rates) else None for k in before},
+    }
+
+
+def _strip_on_reversed_triggers(
+    request: AuditRequest,
+    params: dict[str, dict[str, Any]],
+    artifact: Artifact,
+    dataset: ImageDataset,
+    sample: np.ndarray,
+    data: DefenseData,
+    results: dict[str, DefenseResult],
+    log: Any,
+) -> dict[str, Any]:
+    """STRIP as a second opinion on each label Neural Cleanse flagged.
+
+    STRIP needs triggered inputs; an auditor has none, but Neural Cleanse's reversed trigger of
+    a suspected label is one. It is stamped on held-out test images (outside the defenses'
+    sample, of other labels); STRIP fits its entropy threshold on the sample's clean images only
+    and asks whether the stamped inputs stay confident under superimposition, as a real trigger
+    does. Labels flagged before onnxruntime confirmation are all tested, so the second opinion
+    does not depend on the first one's confirmation.
+    """
+    nc = results.get("neural_cleanse")
+    if nc is None:
+        return _not_applicable(
+            "STRIP runs on Neural Cleanse's reversed triggers: add neural_cleanse to --defenses"
+        )
+    if nc.status != "ok":
+        return _not_applicable(f"Neural Cleanse did not run ({nc.reason})")
+    labels = list(nc.details.get("flagged_before_confirmation", nc.flagged_labels))
+    if not labels:
+        return _not_applicable("Neural Cleanse reversed no suspect trigger to test")
+    held_out = np.setdiff1d(np.arange(len(dataset.y_test)), sample)
+    masks, patterns = nc.arrays["masks"], nc.arrays["patterns"]
+    per_label: dict[str, Any] = {}
+    for label in labels:
+        others = held_out[dataset.y_test[held_out] != label]
+        if not len(others):
+            per_label[str(label)] = _not_applicable("no held-out test image outside the sample")
+            continue
+        chosen = others[seeded_subset(len(others), STRIP_TRIGGERED, "audit-strip", request.seed)]
+        stamped = stamp(
+            dataset.x_test[chosen].astype(np.float32), masks[label], patterns[label]
+        ).astype(np.float32)
+        strip_data = DefenseData(
+            num_classes=data.num_classes,
+            clean_x=data.clean_x,
+            clean_y=data.clean_y,
+            triggered_x=stamped,
+        )
+        plan = DefensePlan(["strip"], params, request.seed)
+        cell = f"{artifact.name} (NC label {label})"
+        result = run_defenses(plan, artifact.adapter, strip_data, cell, log)["strip"]
+        verdict = audit_verdict(result, data.num_classes)
+        if verdict["verdict"] == AuditVerdict.SUSPICIOUS:
+            verdict["suspected_labels"] = [int(label)]
+        fields, _ = result_fields({"strip": result})
+        per_label[str(label)] = {**verdict, "result": fields["strip"]}
+    verdicts = [entry["verdict"] for entry in per_label.values()]
+    combined = _combined(verdicts)
+    entry: dict[str, Any] = {
+        "verdict": combined,
+        "on": "Neural Cleanse's reversed triggers",
+        "per_label": per_label,
+        "rests_on": "; ".join(
+            f"label {k}: {v.get('rests_on') or v.get('reason', '')}" for k, v in per_label.items()
+        ),
+    }
+    fired = [int(k) for k, v in per_label.items() if v["verdict"] == AuditVerdict.SUSPICIOUS]
+    if fired:
+        entry["suspected_labels"] = fired
+    if combined == AuditVerdict.INCONCLUSIVE:
+        entry["reason"] = "; ".join(
+            f"label {k}: {v.get('reason', '')}"
+            for k, v in per_label.items()
+            if v["verdict"] == AuditVerdict.INCONCLUSIVE
+        )
+    return entry
+
+
+def _not_applicable(reason: str) -> dict[str, Any]:
+    return {"verdict": AuditVerdict.NOT_APPLICABLE, "reason": reason}
+
+
+SEVERITY = {
+    AuditVerdict.NOT_APPLICABLE: 0,
+    AuditVerdict.CLEAN: 1,
+    AuditVerdict.ERROR: 2,
+    AuditVerdict.INCONCLUSIVE: 3,
+    AuditVerdict.SUSPICIOUS: 4,
+}
+"""Order in which verdicts win when several are combined: any alarm stands out, then any
+check that could not decide, then a failure; ``not applicable`` only when nothing ran."""
+
+
+def _combined(verdicts: list[str]) -> AuditVerdict:
+    """The most severe of several verdicts (:data:`SEVERITY`)."""
+    if not verdicts:
+        return AuditVerdict.NOT_APPLICABLE
+    return max((AuditVerdict(v) for v in verdicts), key=SEVERITY.__getitem__)
+
+
+def agreeing_signals(entries: dict[str, Any]) -> dict[str, list[str]]:
+    """Per suspected label, the checks that point at it (the reader's "which signals agree").
+
+    Only ``suspicious`` verdicts count. Neural Cleanse's flags are shown with their onnxruntime
+    confirmation; a flag the shipped session did not confirm is listed as such, so a reader
+    sees it without mistaking it for evidence.
+    """
+    signals: dict[str, list[str]] = {}
+    for name, entry in entries.items():
+        confirmation = entry.get("confirmation") or {}
+        if entry["verdict"] == AuditVerdict.SUSPICIOUS:
+            confirmed = name == "neural_cleanse" and confirmation.get("threshold") is not None
+            shown = f"{name} (confirmed on onnxruntime)" if confirmed else name
+            for label in entry.get("suspected_labels") or []:
+                signals.setdefault(str(label), []).append(shown)
+        for label in confirmation.get("unconfirmed", []):
+            signals.setdefault(str(label), []).append(f"{name} (not confirmed on onnxruntime)")
+    return signals
+
+
+def overall_verdict(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """The most severe verdict over every artifact and check, with where it came from."""
+    pairs = [
+        (cell["artifact"], name, entry["verdict"])
+        for cell in cells
+        for name, entry in cell.get("defenses", {}).items()
+    ]
+    verdict = _combined([v for _, _, v in pairs])
+    return {
+        "verdict": verdict,
+        "from": [f"{artifact} {name}" for artifact, name, v in pairs if v == verdict]
+        if verdict != AuditVerdict.CLEAN
+        else [],
+    }
 
 
 def audit_verdict(result: DefenseResult, num_classes: int) -> dict[str, Any]:
@@ -349,21 +604,29 @@ def _rests_on(result: DefenseResult) -> str:
 def _save_triggers(
     out: Path, artifact: str, result: DefenseResult, verdict: dict[str, Any]
 ) -> list[str]:
-    """Reversed triggers (mask × pattern) of suspected labels as PNG files, for the reader."""
-    masks, patterns = result.arrays.get("masks"), result.arrays.get("patterns")
+    """The triggers behind a suspicion as PNG files, for the reader: Neural Cleanse's reversed
+    trigger (mask × pattern) per suspected label, the deployment-differential patch."""
     labels = verdict.get("suspected_labels") or []
-    if masks is None or patterns is None or not labels:
+    if not labels:
         return []
+    arrays = result.arrays
+    images: dict[int, np.ndarray] = {}
+    if "masks" in arrays and "patterns" in arrays:
+        images = {k: arrays["masks"][k][..., None] * arrays["patterns"][k] for k in labels}
+    elif "patch_mask" in arrays and "patch_pattern" in arrays:
+        patch = arrays["patch_mask"][..., None] * arrays["patch_pattern"]
+        images = {k: patch for k in labels}
     folder = out / "triggers"
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for label in labels:
-        image = (masks[label][..., None] * patterns[label]).clip(0, 255).astype(np.uint8)
+    for label, pixels in images.items():
+        image = np.asarray(pixels).clip(0, 255).astype(np.uint8)
         if image.shape[-1] == 1:
             image = image[..., 0]
-        path = folder / f"{artifact}-{result.defense}-label{label}.png"
+        folder.mkdir(parents=True, exist_ok=True)
+        safe = artifact.replace(DEPLOYED_PREFIX, "deployed-").replace("/", "_")
+        path = folder / f"{safe}-{result.defense}-label{label}.png"
         enlarged = Image.fromarray(image).resize(
-            (image.shape[1] * 8, image.shape[0] * 8), Image.NEAREST
+            (image.shape[1] * 8, image.shape[0] * 8), Image.Resampling.NEAREST
         )
         with atomic_target(path) as partial:
             enlarged.save(partial, format="PNG")
@@ -380,17 +643,31 @@ def _jsonable(value: Any) -> Any:
 
 
 def render_audit(report: dict[str, Any]) -> str:
-    """``audit.md``: what was audited, what intake changed, and the verdict table."""
+    """``audit.md``: what was audited, what intake changed, the verdicts and what backs them."""
     model = report["model"]
+    budget = report.get("budget", {})
     lines = [
         f"# Audit of `{Path(model['path']).name}`",
         "",
+        f"**Overall: {report['overall']['verdict']}**"
+        + (f" ({', '.join(report['overall']['from'])})" if report["overall"]["from"] else ""),
+        "",
         f"sha256 `{model['sha256']}`, published precision `{model['precision']}`; dataset "
         f"`{report['dataset']['name']}` ({report['dataset']['n_test']} test images, "
-        f"{report['dataset']['defense_sample']} in the defenses' stratified sample); INT8 kernel "
+        f"{report['dataset']['defense_sample']} in the defenses' stratified sample); budget "
+        f"`{budget.get('name', 'paper')}`; INT8 kernel "
         f"profile `{report['kernels']['profile']}` (host kernels: "
         f"`{report['kernels']['host_kernel_class']}`).",
         "",
+    ]
+    if report.get("deployed"):
+        lines += ["## Shipped files checked against the float file", ""]
+        lines += [
+            f"- `{Path(d['path']).name}` ({d['precision']}), sha256 `{d['sha256']}`"
+            for d in report["deployed"]
+        ]
+        lines.append("")
+    lines += [
         "## What intake changed (in a copy; the file itself is untouched)",
         "",
         *([f"- {change}" for change in report["intake"]["changes"]] or ["- nothing"]),
@@ -402,6 +679,34 @@ def render_audit(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     lines += verdict_rows(report)
+    lines += ["", "## Which signals agree", ""]
+    for cell in report["cells"]:
+        signals = cell.get("signals") or {}
+        shown = "; ".join(f"label {k}: {', '.join(v)}" for k, v in signals.items())
+        lines.append(f"- {cell['artifact']}: {shown or 'no check points at any label'}")
+    confirmations = [
+        (cell["artifact"], cell["defenses"]["neural_cleanse"]["confirmation"])
+        for cell in report["cells"]
+        if "confirmation" in cell.get("defenses", {}).get("neural_cleanse", {})
+    ]
+    if any(c["flagged"] for _, c in confirmations):
+        lines += [
+            "",
+            "## Neural Cleanse flags on the shipped session",
+            "",
+            "A flag counts only when its reversed trigger, stamped on held-out images, sends at "
+            "least the bar's share of them to the label through onnxruntime.",
+            "",
+            "| artifact | label | onnxruntime attack success | bar | confirmed |",
+            "|---|---|---|---|---|",
+        ]
+        for artifact, c in confirmations:
+            for label in c["flagged"]:
+                rate = c["ort_attack_success"].get(str(label))
+                lines.append(
+                    f"| {artifact} | {label} | {'—' if rate is None else f'{rate:.3f}'} | "
+                    f"{c['threshold']} | {'yes' if label in c['confirmed'] else 'no'} |"
+                )
     return "\n".join(lines) + "\n"
 
 

@@ -155,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="the ONNX file to audit (read as untrusted, never modified)")
     _dataset_args(p)
-    p.add_argument("--defenses", nargs="*", default=None, help="default: NC, AC, SS, STRIP")
+    p.add_argument(
+        "--defenses",
+        nargs="*",
+        default=None,
+        help="default: NC, AC, SS, STRIP (on NC's reversed triggers), deployment_diff",
+    )
     p.add_argument("--defense-params", default=None, help="JSON/TOML file of per-defense tables")
     p.add_argument(
         "--precisions",
@@ -163,6 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list: 'published' and/or precisions to build from a float model "
         "(e.g. published,int8-static,int4)",
     )
+    p.add_argument(
+        "--deployed",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a quantized file the vendor ships beside the float MODEL (repeatable): checked "
+        "against it with the deployment-differential check",
+    )
+    p.add_argument(
+        "--budget",
+        choices=("quick", "paper"),
+        default="paper",
+        help="'paper': the defenses' authors' settings (default); 'quick': NC's fast profile "
+        "capped at 300 steps and STRIP on 100 clean inputs, for CI",
+    )
+    p.add_argument(
+        "--fail-on",
+        choices=("suspicious", "inconclusive", "never"),
+        default="never",
+        help="exit 1 on a suspicious verdict, 3 on an inconclusive/error one (with "
+        "'inconclusive'); default 'never': exit 0 whatever the audit finds",
+    )
+    p.add_argument("--junit", default=None, metavar="FILE", help="write a JUnit XML summary")
     p.add_argument(
         "--trained-on-dataset",
         action="store_true",

@@ -8,6 +8,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from defenses.base import default_defenses
+from harness.audit.ci import exit_status, write_junit
 from harness.audit.run import (
     PUBLISHED,
     AuditRequest,
@@ -39,14 +41,17 @@ def _read_params_file(path: str | None) -> dict[str, Any]:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    """Run the audit; the exit status follows ``--fail-on`` (:mod:`harness.audit.ci`)."""
     request = AuditRequest(
         model=Path(args.model),
         dataset=args.dataset,
         data_root=args.data_root,
         out=Path(args.out),
-        defenses=args.defenses or AuditRequest.model_fields["defenses"].default_factory(),
+        defenses=args.defenses or default_defenses("audit"),
         defense_params=_read_params_file(args.defense_params),
         precisions=[p.strip() for p in args.precisions.split(",") if p.strip()] or [PUBLISHED],
+        deployed=[Path(path) for path in args.deployed],
+        budget=args.budget,
         trained_on_dataset=args.trained_on_dataset,
         sample_size=args.sample_size,
         seed=args.seed,
@@ -57,5 +62,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     print("| artifact | clean acc | agreement | defense | verdict | suspected | rests on |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(verdict_rows(report)))
-    print(f"wrote {request.out / 'audit.json'} and {request.out / 'audit.md'}")
-    return 0
+    written = [request.out / name for name in ("audit.json", "audit.md", "audit.html")]
+    if args.junit:
+        write_junit(report, args.fail_on, Path(args.junit))
+        written.append(Path(args.junit))
+    print(f"overall: {report['overall']['verdict']}")
+    print("wrote " + ", ".join(str(path) for path in written))
+    return exit_status(report, args.fail_on)
