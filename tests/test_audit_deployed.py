@@ -121,7 +121,10 @@ def _nc_result(masks: np.ndarray, patterns: np.ndarray, flagged: list[int]) -> D
         status=Status.OK,
         detected=bool(flagged),
         flagged_labels=flagged,
-        details={"flagged_before_confirmation": flagged},
+        details={
+            "flagged_before_confirmation": flagged,
+            "l1_norms": masks.sum(axis=(1, 2)).tolist(),
+        },
     )
     result.arrays = {"masks": masks, "patterns": patterns}
     return result
@@ -129,7 +132,8 @@ def _nc_result(masks: np.ndarray, patterns: np.ndarray, flagged: list[int]) -> D
 
 def test_strip_judges_a_reversed_trigger_that_is_the_real_one(digits_world, tmp_path):
     """STRIP on a "reversed trigger" equal to the planted one fires; on an empty mask it
-    does not: the wiring hands STRIP the stamped held-out images and the clean sample."""
+    does not: the wiring hands STRIP the stamped held-out images and the clean sample. When the
+    control label's trigger fires too, STRIP cannot tell them apart: inconclusive."""
     from harness.audit.run import _strip_on_reversed_triggers
 
     dataset = load_dataset("digits")
@@ -158,6 +162,13 @@ def test_strip_judges_a_reversed_trigger_that_is_the_real_one(digits_world, tmp_
     assert entry["verdict"] == "suspicious" and entry["suspected_labels"] == [0]
     strip = entry["per_label"]["0"]["result"]
     assert 150 < strip["details"]["n_triggered"] <= 200  # held-out images outside the sample
+    assert entry["control"]["verdict"] == "clean" and entry["control"]["label"] not in (0, 3)
+    everywhere = _nc_result(np.repeat(mask[None], 10, 0), np.repeat(pattern[None], 10, 0), [0])
+    both = _strip_on_reversed_triggers(
+        request, params, artifact, dataset, sample, data, {"neural_cleanse": everywhere}, print
+    )
+    assert both["control"]["verdict"] == "suspicious"
+    assert both["verdict"] == "inconclusive" and "cannot tell" in both["reason"]
     none = _strip_on_reversed_triggers(
         request, params, artifact, dataset, sample, data, {}, lambda _: None
     )
@@ -165,9 +176,9 @@ def test_strip_judges_a_reversed_trigger_that_is_the_real_one(digits_world, tmp_
 
 
 def test_budgets_merge_under_explicit_parameters():
-    assert budget_params("paper", {}) == {}
-    quick = budget_params("quick", {"neural_cleanse": {"steps": 50}})
-    assert quick["neural_cleanse"] == {"profile": "fast", "steps": 50}
+    assert budget_params("paper", {}) == {"neural_cleanse": {"torch_threads": 1}}
+    quick = budget_params("quick", {"neural_cleanse": {"steps": 50, "torch_threads": 2}})
+    assert quick["neural_cleanse"] == {"profile": "fast", "steps": 50, "torch_threads": 2}
     assert quick["strip"]["n_clean_fit"] == 100
 
 

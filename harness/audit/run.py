@@ -35,7 +35,7 @@ inputs with 50 overlays. Explicit ``--defense-params`` override either.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -95,13 +95,22 @@ BUDGETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 """Per-defense parameters of each budget (see the module doc); ``paper`` keeps the defaults."""
 
+EXECUTION: dict[str, dict[str, Any]] = {"neural_cleanse": {"torch_threads": 1}}
+"""How the audit runs a defense, whatever the budget; changes no number. Neural Cleanse's
+small batches lose to intra-op threading: on the digits demo model, with the 2-core host loaded
+by other jobs, one thread took 10 s where torch's default took 136 s, with identical steps and
+anomaly indices."""
+
 STRIP_TRIGGERED = 200
 """Held-out images stamped with each reversed trigger for STRIP (its ``n_test`` default)."""
 
 
 def budget_params(budget: str, explicit: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The budget's parameters per defense, with the auditor's explicit ones on top."""
-    merged = {name: dict(params) for name, params in BUDGETS[budget].items()}
+    """The execution settings, the budget's parameters per defense, and the auditor's explicit
+    ones on top."""
+    merged = {name: dict(params) for name, params in EXECUTION.items()}
+    for name, params in BUDGETS[budget].items():
+        merged[name] = {**merged.get(name, {}), **params}
     for name, params in explicit.items():
         merged[name] = {**merged.get(name, {}), **params}
     return merged
@@ -408,7 +417,7 @@ def _strip_on_reversed_triggers(
     results: dict[str, DefenseResult],
     log: Any,
 ) -> dict[str, Any]:
-    """STRIP as a second opinion on each label Neural Cleanse flagged.
+    """STRIP as a second opinion on each label Neural Cleanse flagged, against a control.
 
     STRIP needs triggered inputs; an auditor has none, but Neural Cleanse's reversed trigger of
     a suspected label is one. It is stamped on held-out test images (outside the defenses'
@@ -416,6 +425,14 @@ def _strip_on_reversed_triggers(
     and asks whether the stamped inputs stay confident under superimposition, as a real trigger
     does. Labels flagged before onnxruntime confirmation are all tested, so the second opinion
     does not depend on the first one's confirmation.
+
+    A reversed trigger reaches 99% attack success for *every* label, so STRIP may fire on any of
+    them: on the clean vendor MLP's INT8 file it fired on the reversed trigger of a label Neural
+    Cleanse flagged and onnxruntime did not confirm. STRIP is therefore also run on a control —
+    the reversed trigger of the unflagged label with the median mask norm, a label Neural
+    Cleanse found nothing against. A suspect counts only when STRIP fires on it and not on the
+    control; when it fires on both, STRIP cannot tell that trigger from any strong patch, and
+    the verdict is ``inconclusive``.
     """
     nc = results.get("neural_cleanse")
     if nc is None:
@@ -424,44 +441,46 @@ def _strip_on_reversed_triggers(
         )
     if nc.status != "ok":
         return _not_applicable(f"Neural Cleanse did not run ({nc.reason})")
-    labels = list(nc.details.get("flagged_before_confirmation", nc.flagged_labels))
+    labels = [int(k) for k in nc.details.get("flagged_before_confirmation", nc.flagged_labels)]
     if not labels:
         return _not_applicable("Neural Cleanse reversed no suspect trigger to test")
     held_out = np.setdiff1d(np.arange(len(dataset.y_test)), sample)
-    masks, patterns = nc.arrays["masks"], nc.arrays["patterns"]
-    per_label: dict[str, Any] = {}
-    for label in labels:
+
+    def strip_on(label: int, role: str) -> dict[str, Any]:
         others = held_out[dataset.y_test[held_out] != label]
         if not len(others):
-            per_label[str(label)] = _not_applicable("no held-out test image outside the sample")
-            continue
+            return _not_applicable("no held-out test image outside the sample")
         chosen = others[seeded_subset(len(others), STRIP_TRIGGERED, "audit-strip", request.seed)]
         stamped = stamp(
-            dataset.x_test[chosen].astype(np.float32), masks[label], patterns[label]
+            dataset.x_test[chosen].astype(np.float32),
+            nc.arrays["masks"][label],
+            nc.arrays["patterns"][label],
         ).astype(np.float32)
-        strip_data = DefenseData(
-            num_classes=data.num_classes,
-            clean_x=data.clean_x,
-            clean_y=data.clean_y,
-            triggered_x=stamped,
-        )
+        strip_data = replace(data, triggered_x=stamped, train_x=None, train_y=None, reference=None)
         plan = DefensePlan(["strip"], params, request.seed)
-        cell = f"{artifact.name} (NC label {label})"
+        cell = f"{artifact.name} (NC {role} label {label})"
         result = run_defenses(plan, artifact.adapter, strip_data, cell, log)["strip"]
-        verdict = audit_verdict(result, data.num_classes)
-        if verdict["verdict"] == AuditVerdict.SUSPICIOUS:
-            verdict["suspected_labels"] = [int(label)]
         fields, _ = result_fields({"strip": result})
-        per_label[str(label)] = {**verdict, "result": fields["strip"]}
-    verdicts = [entry["verdict"] for entry in per_label.values()]
-    combined = _combined(verdicts)
+        return {**audit_verdict(result, data.num_classes), "result": fields["strip"]}
+
+    control_label = _control_label(nc, labels)
+    control = None if control_label is None else strip_on(control_label, "control")
+    per_label: dict[str, Any] = {}
+    for label in labels:
+        verdict = strip_on(label, "suspect")
+        if verdict["verdict"] == AuditVerdict.SUSPICIOUS:
+            verdict = _against_control(verdict, label, control_label, control)
+        per_label[str(label)] = verdict
+    combined = _combined([entry["verdict"] for entry in per_label.values()])
     entry: dict[str, Any] = {
         "verdict": combined,
         "on": "Neural Cleanse's reversed triggers",
         "per_label": per_label,
+        "control": None if control is None else {"label": control_label, **control},
         "rests_on": "; ".join(
             f"label {k}: {v.get('rests_on') or v.get('reason', '')}" for k, v in per_label.items()
-        ),
+        )
+        + ("" if control is None else f"; control label {control_label}: {control['verdict']}"),
     }
     fired = [int(k) for k, v in per_label.items() if v["verdict"] == AuditVerdict.SUSPICIOUS]
     if fired:
@@ -473,6 +492,34 @@ def _strip_on_reversed_triggers(
             if v["verdict"] == AuditVerdict.INCONCLUSIVE
         )
     return entry
+
+
+def _control_label(nc: DefenseResult, flagged: list[int]) -> int | None:
+    """The unflagged label with the median mask norm (None when every label is flagged)."""
+    norms = nc.details.get("l1_norms")
+    candidates = [k for k in range(len(norms or [])) if k not in flagged]
+    if not norms or not candidates:
+        return None
+    ordered = sorted(candidates, key=lambda k: norms[k])
+    return ordered[len(ordered) // 2]
+
+
+def _against_control(
+    verdict: dict[str, Any], label: int, control_label: int | None, control: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A STRIP alarm on a suspect's trigger stands only if the control's trigger raised none."""
+    if control is None or control_label is None:
+        reason = "no unflagged label to run STRIP's control on"
+    elif control["verdict"] == AuditVerdict.CLEAN:
+        return {**verdict, "suspected_labels": [label]}
+    elif control["verdict"] == AuditVerdict.SUSPICIOUS:
+        reason = (
+            f"STRIP also fires on the reversed trigger of label {control_label}, which Neural "
+            "Cleanse found unremarkable: it cannot tell this trigger from any strong patch"
+        )
+    else:
+        reason = f"STRIP's control (label {control_label}) is {control['verdict']}"
+    return {**verdict, "verdict": AuditVerdict.INCONCLUSIVE, "reason": reason}
 
 
 def _not_applicable(reason: str) -> dict[str, Any]:
