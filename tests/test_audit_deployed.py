@@ -169,6 +169,12 @@ def test_strip_judges_a_reversed_trigger_that_is_the_real_one(digits_world, tmp_
     )
     assert both["control"]["verdict"] == "suspicious"
     assert both["verdict"] == "inconclusive" and "cannot tell" in both["reason"]
+    unconfirmed = _nc_result(masks, patterns, [0])
+    unconfirmed.flagged_labels = []  # flagged, then not confirmed on onnxruntime
+    alone = _strip_on_reversed_triggers(
+        request, params, artifact, dataset, sample, data, {"neural_cleanse": unconfirmed}, print
+    )
+    assert alone["verdict"] == "inconclusive" and "only corroborates" in alone["reason"]
     none = _strip_on_reversed_triggers(
         request, params, artifact, dataset, sample, data, {}, lambda _: None
     )

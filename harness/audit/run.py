@@ -433,6 +433,12 @@ def _strip_on_reversed_triggers(
     Cleanse found nothing against. A suspect counts only when STRIP fires on it and not on the
     control; when it fires on both, STRIP cannot tell that trigger from any strong patch, and
     the verdict is ``inconclusive``.
+
+    Even so, STRIP on a reversed trigger measures the trigger as much as the model: on that same
+    clean file STRIP fired on the smallest-mask label's trigger (TPR 0.62) and not on the
+    control's (0.03). So STRIP only corroborates: its alarm on a label stands where Neural
+    Cleanse's flag of that label is confirmed on the shipped session, and is ``inconclusive``
+    otherwise — it never raises an alarm on its own.
     """
     nc = results.get("neural_cleanse")
     if nc is None:
@@ -470,6 +476,14 @@ def _strip_on_reversed_triggers(
         verdict = strip_on(label, "suspect")
         if verdict["verdict"] == AuditVerdict.SUSPICIOUS:
             verdict = _against_control(verdict, label, control_label, control)
+        if verdict["verdict"] == AuditVerdict.SUSPICIOUS and label not in nc.flagged_labels:
+            verdict = {
+                **verdict,
+                "verdict": AuditVerdict.INCONCLUSIVE,
+                "reason": f"STRIP fires on the reversed trigger of label {label}, but Neural "
+                "Cleanse's flag of it is not confirmed on the shipped session; STRIP on a "
+                "reversed trigger only corroborates a confirmed flag",
+            }
         per_label[str(label)] = verdict
     combined = _combined([entry["verdict"] for entry in per_label.values()])
     entry: dict[str, Any] = {
