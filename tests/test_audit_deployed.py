@@ -256,3 +256,52 @@ def test_the_ci_example_uses_flags_the_cli_has():
     yaml = pytest.importorskip("yaml")
     job = yaml.safe_load(WORKFLOW.read_text())["jobs"]["audit"]
     assert job["runs-on"] == "ubuntu-latest"
+
+
+def test_default_checks_end_to_end_record_confirmation_strip_and_signals(
+    digits_world, tmp_path, capsys
+):
+    params = tmp_path / "params.json"
+    small = {"steps": 30, "n_samples": 32, "batch_size": 16, "parity_samples": 32}
+    params.write_text(json.dumps({"neural_cleanse": small}))
+    out = tmp_path / "audit"
+    code = _audit(
+        digits_world.poisoned["fp32"],
+        out,
+        "--deployed",
+        str(digits_world.poisoned["int8-static"]),
+        "--budget",
+        "quick",
+        "--defense-params",
+        str(params),
+        "--fail-on",
+        "never",
+    )
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "audit.json").read_text())
+    assert report["budget"]["defense_params"]["neural_cleanse"]["profile"] == "fast"
+    assert report["budget"]["defense_params"]["neural_cleanse"]["steps"] == 30
+    for cell in report["cells"]:
+        checks = cell["defenses"]
+        assert list(checks) == [
+            "neural_cleanse",
+            "activation_clustering",
+            "spectral_signatures",
+            "strip",
+            "deployment_diff",
+        ]
+        nc = checks["neural_cleanse"]
+        assert nc["verdict"] in {"suspicious", "clean", "inconclusive"}, nc
+        confirmation = nc["confirmation"]
+        assert confirmation["threshold"] == 0.9
+        assert set(confirmation["confirmed"]) <= set(confirmation["flagged"])
+        strip = checks["strip"]
+        if confirmation["flagged"]:
+            assert set(strip["per_label"]) == {str(k) for k in confirmation["flagged"]}
+        else:
+            assert strip["verdict"] == "not applicable" and "no suspect" in strip["reason"]
+        assert isinstance(cell["signals"], dict)
+    assert report["cells"][1]["defenses"]["deployment_diff"]["verdict"] == "clean"
+    text = (out / "audit.md").read_text()
+    assert "Which signals agree" in text and "budget `quick`" in text
+    assert "Neural Cleanse mask L1 norms" in (out / "audit.html").read_text()

@@ -380,7 +380,11 @@ def _audit_artifact(
             entry = {**audit_verdict(result, dataset.num_classes), "result": fields[name]}
             if name == "neural_cleanse" and result.status == "ok":
                 entry["confirmation"] = nc_confirmation(result)
-            entry["trigger_images"] = _save_triggers(request.out, artifact.name, result, entry)
+            shown = {*(entry.get("suspected_labels") or [])}
+            shown |= set(entry.get("confirmation", {}).get("flagged", []))  # unconfirmed too
+            entry["trigger_images"] = _save_triggers(
+                request.out, artifact.name, result, sorted(shown)
+            )
         cell["defenses"][name] = entry
         log(f"{artifact.name} {name}: {entry['verdict']}")
     cell["signals"] = agreeing_signals(cell["defenses"])
@@ -662,12 +666,10 @@ def _rests_on(result: DefenseResult) -> str:
     return f"{result.score_name or 'score'} {result.score:.4g}{threshold}"
 
 
-def _save_triggers(
-    out: Path, artifact: str, result: DefenseResult, verdict: dict[str, Any]
-) -> list[str]:
+def _save_triggers(out: Path, artifact: str, result: DefenseResult, labels: list[int]) -> list[str]:
     """The triggers behind a suspicion as PNG files, for the reader: Neural Cleanse's reversed
-    trigger (mask × pattern) per suspected label, the deployment-differential patch."""
-    labels = verdict.get("suspected_labels") or []
+    trigger (mask × pattern) per flagged label, confirmed or not, and the
+    deployment-differential patch."""
     if not labels:
         return []
     arrays = result.arrays
