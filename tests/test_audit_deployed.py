@@ -96,6 +96,15 @@ def test_a_missing_deployed_file_is_one_line(digits_world, tmp_path, capsys):
     assert code == 2 and "--deployed file not found" in err and "\n" not in err
 
 
+def test_two_deployed_files_of_one_name_are_refused(digits_world, tmp_path, capsys):
+    shipped = str(digits_world.clean["int8-static"])
+    code = _audit(
+        digits_world.clean["fp32"], tmp_path / "o", "--deployed", shipped, "--deployed", shipped
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "two --deployed files" in err and "\n" not in err
+
+
 def test_a_quantized_model_cannot_be_the_float_reference(digits_world, tmp_path, capsys):
     code = _audit(
         digits_world.clean["int8-static"],

@@ -194,6 +194,12 @@ def run_audit(request: AuditRequest, log: Any = print) -> dict[str, Any]:
     for path in request.deployed:
         if not path.is_file():
             raise BlindspotsError(f"--deployed file not found: {path}")
+    names = [path.name for path in request.deployed]
+    if len(set(names)) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise BlindspotsError(
+            f"two --deployed files are named {twice}: results are keyed by file name, rename one"
+        )
     vendor = open_vendor_model(request.model, request.overrides)
     if request.deployed and vendor.precision != "fp32":
         raise ModelError(
