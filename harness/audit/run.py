@@ -151,7 +151,8 @@ class AuditedModel:
 
 @dataclass
 class Artifact:
-    """One model audited: the published file, or a copy quantized here."""
+    """One model audited: the published file, a file the vendor ships (``--deployed``), or a
+    copy quantized here."""
 
     name: str
     precision: str
