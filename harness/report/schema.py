@@ -27,10 +27,15 @@ class _Open(BaseModel):
 
 
 class DefenseRecord(_Open):
-    """One defense on one cell, as :class:`defenses.base.DefenseResult` serialises it."""
+    """One defense on one cell, as :class:`defenses.base.DefenseResult` serialises it.
 
-    defense: str
-    group: str
+    Only ``status`` is required, as the result store requires it
+    (:class:`harness.pipeline.store.DefenseOutcome`): stores written by earlier versions lack
+    some of the other fields, and their reports must still build.
+    """
+
+    defense: str | None = None
+    group: str | None = None
     status: Literal["ok", "not_applicable", "error"]
     reason: str | None = None
     verdict: Literal["detected", "not_detected", "inconclusive"] | None = None
