@@ -36,7 +36,7 @@ import torch
 from bench._cpu import cpu_description
 from defenses.base import DefenseData
 from exporters.onnx_export import export_onnx
-from exporters.quantizers import quantize_all
+from exporters.quantization import quantize_all
 from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks.base import build_attack
 from harness.core.sampling import stable_seed

@@ -33,7 +33,7 @@ import numpy as np
 from bench.bench_nc import cpu_description
 from defenses.base import DefenseData, build_defense
 from exporters.onnx_export import export_onnx
-from exporters.quantizers import quantize_all
+from exporters.quantization import quantize_all
 from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks.base import build_attack
 from harness.data.base import load_dataset

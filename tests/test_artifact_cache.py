@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-from exporters.quantizers import quantize_all, sha256_file
+from exporters.quantization import quantize_all
+from harness.artifacts.sidecar import sha256_file
 
 
 def _exported(digits_world, tmp_path):

@@ -17,24 +17,21 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from exporters import quantizers
+from exporters import precisions
+from exporters.inspection import describe_quantization
 from exporters.onnx_export import (
     export_onnx,
     onnx_logits_for,
     read_metadata,
     read_preprocessing,
 )
-from exporters.quantizers import (
-    FP32Copy,
-    cpu_isa_flags,
-    describe_quantization,
-    quantize,
-    read_sidecar,
-    sha256_file,
-)
+from exporters.precisions import FP32Copy
+from exporters.quantization import quantize
 from harness.artifacts.preprocessing import Preprocessing
+from harness.artifacts.sidecar import read_sidecar, sha256_file
 from harness.core.errors import DataError, ModelError
 from harness.core.registry import UnknownNameError
+from harness.runtime.kernels import cpu_isa_flags
 from harness.training.models import build_model
 
 NUM_CLASSES = 10
@@ -326,14 +323,14 @@ def test_calibration_method_is_selectable_and_changes_ranges(
 
 
 def test_dynamic_falls_back_to_uint8_weights_when_int8_is_refused(exported, tmp_path, monkeypatch):
-    real = quantizers.ort_run_problem
+    real = precisions.ort_run_problem
     calls: list[str] = []
 
     def refuse_first(path):
         calls.append(str(path))
         return "NOT_IMPLEMENTED: ConvInteger(int8 weights)" if len(calls) == 1 else real(path)
 
-    monkeypatch.setattr(quantizers, "ort_run_problem", refuse_first)
+    monkeypatch.setattr(precisions, "ort_run_problem", refuse_first)
     artifact = quantize("int8-dynamic", exported[0], tmp_path / "dyn.onnx")
     assert artifact.recipe.weight_type == "uint8"
     assert any("uint8" in note for note in artifact.notes)

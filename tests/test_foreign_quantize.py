@@ -21,9 +21,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 
-from exporters import quantizers
+from exporters import inspection, precisions, quantization
+from exporters.inspection import ort_run_problem
 from exporters.onnx_export import read_preprocessing
-from exporters.quantizers import ort_run_problem, quantize
+from exporters.quantization import quantize
 from exporters.recipes import QuantRecipe
 from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
 from harness.artifacts.sidecar import read_sidecar, sha256_file, sidecar_precision
@@ -101,7 +102,7 @@ def _listing(folder: Path) -> list[str]:
 
 
 def _opset(path: Path | str) -> int:
-    return quantizers.model_opset(onnx.load(str(path), load_external_data=False))
+    return inspection.model_opset(onnx.load(str(path), load_external_data=False))
 
 
 # --- preprocessing for models without blindspots metadata ------------------------------------
@@ -185,7 +186,7 @@ def test_failed_conversion_names_the_source_opset_and_leaves_nothing(tmp_path, i
     def no_adapter(model, target):
         raise RuntimeError("No Adapter For Conv\n(more converter detail)")
 
-    monkeypatch.setattr(quantizers.version_converter, "convert_version", no_adapter)
+    monkeypatch.setattr(quantization.version_converter, "convert_version", no_adapter)
     out = tmp_path / "out"
     with pytest.raises(ModelError, match="opset 9") as caught:
         quantize("int8-static", src, out / "q.onnx", images, preprocessing=PRE)
@@ -205,7 +206,7 @@ def test_unrunnable_output_blames_the_quantized_model_and_keeps_the_old_artifact
     old = quantize("int8-static", src, out / "q.onnx", images, preprocessing=PRE)
     listing = _listing(out)
     monkeypatch.setattr(
-        quantizers,
+        quantization,
         "ort_run_problem",
         lambda path: "NOT_IMPLEMENTED : Could not find an implementation for DequantizeLinear(21)",
     )
@@ -228,7 +229,7 @@ def replace(src, dst, **kwargs):  # both files written beside the target, neithe
     real_replace(src, dst, **kwargs)
 
 os.replace = replace
-from exporters.quantizers import quantize
+from exporters.quantization import quantize
 quantize("int8-dynamic", sys.argv[1], sys.argv[2])
 """
 
@@ -281,7 +282,7 @@ def test_library_errors_become_one_line_model_errors(
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(quantizers, "quantize_static", fail)
+    monkeypatch.setattr(precisions, "quantize_static", fail)
     src = _save(_vendor_cnn(), tmp_path / "vendor.onnx")
     out = tmp_path / "out"
     with pytest.raises(ModelError, match="to int8-static") as caught:
@@ -392,7 +393,7 @@ def test_smoke_run_feeds_the_declared_dtype_and_fixed_batch(tmp_path, monkeypatc
         profiles.append(profile)
         return session_options(profile, threads)
 
-    monkeypatch.setattr(quantizers, "session_options", recording)
+    monkeypatch.setattr(inspection, "session_options", recording)
     assert ort_run_problem(_save(_fixed_uint8_model(3), tmp_path / "fixed.onnx")) is None
     assert profiles == [DEFAULT_PROFILE]
     problem = ort_run_problem(_save(_fixed_uint8_model(2), tmp_path / "wrong.onnx"))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from defenses.base import DEFENSES, DefenseData, Status, Verdict, build_defense
-from exporters.quantizers import PRECISIONS, quantize
+from exporters.catalog import PRECISIONS
+from exporters.quantization import quantize
 from harness.attacks.base import ATTACKS, build_attack
 from harness.runtime.adapter import RuntimeAdapter
 

@@ -19,8 +19,9 @@ from onnx import numpy_helper
 
 from defenses.base import DefenseData, Status, Verdict
 from defenses.deployment_diff import DeploymentDiff
+from exporters.catalog import PRECISIONS
 from exporters.onnx_export import export_onnx
-from exporters.quantizers import PRECISIONS, quantize, quantize_all
+from exporters.quantization import quantize, quantize_all
 from exporters.recipes import resolve_recipe
 from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks.base import build_attack

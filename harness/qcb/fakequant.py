@@ -5,7 +5,7 @@ file will compute, so the attack needs that arithmetic in torch, with gradients.
 (:mod:`harness.replica.interpreter`) interprets a quantized ONNX graph whose weights are constants;
 during
 fine-tuning the weights change every step, so this module re-derives, from the live torch
-model, exactly what ``exporters.quantizers.quantize`` + onnxruntime would do with it:
+model, exactly what ``exporters.quantization.quantize`` + onnxruntime would do with it:
 
 - Conv+BatchNorm are folded as the ONNX exporter folds them (``w·γ/√(σ²+ε)``, ``β − γμ/√(σ²+ε)``);
 - weights: symmetric, per output channel (or per tensor), onnxruntime's integer ranges

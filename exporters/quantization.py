@@ -1,7 +1,8 @@
-"""FP32 ONNX model → deployable precision, each artifact with a reproducibility sidecar.
+"""The quantize transaction: FP32 ONNX model → deployable precision, with a reproducibility sidecar.
 
-Precisions are plug-ins in ``PRECISIONS``: a quantizer is a class with a default recipe and a
-``run`` method wrapping one onnxruntime quantizer. ``quantize`` does the rest the same way for
+Precisions are plug-ins in ``PRECISIONS`` (:mod:`exporters.precisions`): a quantizer is a class
+with a default recipe and a ``run`` method wrapping one onnxruntime quantizer. ``quantize`` does
+the rest the same way for
 all of them: validation, a self-contained working copy of the source (external weights pulled
 in, opset converted when the precision needs newer operators), optional ``quant_pre_process``,
 calibration from pixel images, the preprocessing written into the model metadata, a smoke run in
@@ -22,31 +23,29 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import external_data_helper, helper, version_converter
-from onnxruntime.quantization import quantize_dynamic, quantize_static
+from onnx import external_data_helper, version_converter
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from exporters.calibration import (
     PixelBatchReader,
     check_pixel_images,
     images_fingerprint,
     select_calibration_images,
-    write_calibration_cache,
 )
 from exporters.catalog import PRECISIONS
+from exporters.inspection import describe_quantization, model_opset, ort_run_problem
+from exporters.precisions import QuantizedArtifact, Quantizer
 from exporters.recipes import (
     QuantRecipe,
     calibrator_options,
@@ -60,7 +59,7 @@ from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
 from harness.artifacts.sidecar import read_sidecar, sha256_file, sidecar_path
 from harness.core.atomic import atomic_targets
 from harness.core.errors import BlindspotsError, ModelError, one_line, validation_message
-from harness.runtime.kernels import DEFAULT_PROFILE, cpu_isa_flags, session_options
+from harness.runtime.kernels import cpu_isa_flags
 
 logger = logging.getLogger(__name__)
 
@@ -78,138 +77,6 @@ PREPROCESSING_FLAGS = "--mean/--std (and --scale/--layout where they differ from
 # Symbolic shape inference is skipped: it is meant for transformer graphs, and plain ONNX
 # shape inference already resolves every shape of these CNNs.
 PRE_PROCESS_ARGUMENTS = {"skip_symbolic_shape": True}
-
-
-class QuantizedArtifact(BaseModel):
-    """A quantized (or copied) model file, its sidecar and the recipe that produced it."""
-
-    precision: str
-    path: str
-    sidecar_path: str
-    sha256: str
-    recipe: QuantRecipe
-    notes: list[str]
-
-
-class Quantizer:
-    """One precision: a default recipe and the onnxruntime call that realises it.
-
-    ``run`` writes ``dst`` from ``src`` (already pre-processed if the recipe says so) and
-    returns the recipe actually applied, which differs from the requested one only when a
-    documented fallback kicked in (explained in ``notes``).
-    """
-
-    default_recipe: ClassVar[QuantRecipe]
-
-    def run(
-        self,
-        src: Path,
-        dst: Path,
-        recipe: QuantRecipe,
-        calibration: PixelBatchReader | None,
-        work_dir: Path,
-        notes: list[str],
-    ) -> QuantRecipe:
-        raise NotImplementedError
-
-
-@PRECISIONS.register("fp32")
-class FP32Copy(Quantizer):
-    """The unquantized baseline: a byte copy, so its sha256 equals the exported model's."""
-
-    default_recipe = QuantRecipe(precision="fp32", format="none")
-
-    def run(
-        self,
-        src: Path,
-        dst: Path,
-        recipe: QuantRecipe,
-        calibration: PixelBatchReader | None,
-        work_dir: Path,
-        notes: list[str],
-    ) -> QuantRecipe:
-        shutil.copyfile(src, dst)
-        return recipe
-
-
-@PRECISIONS.register("int8-dynamic")
-class Int8Dynamic(Quantizer):
-    """Per-tensor int8 weights, activations quantized at run time (ConvInteger/MatMulInteger)."""
-
-    default_recipe = QuantRecipe(
-        precision="int8-dynamic", format="dynamic", weight_type="int8", preprocess=True
-    )
-
-    def run(
-        self,
-        src: Path,
-        dst: Path,
-        recipe: QuantRecipe,
-        calibration: PixelBatchReader | None,
-        work_dir: Path,
-        notes: list[str],
-    ) -> QuantRecipe:
-        quantize_dynamic(src, dst, **dynamic_kwargs(recipe))
-        if recipe.weight_type != "int8":
-            return recipe
-        problem = ort_run_problem(dst)
-        if problem is None:
-            return recipe
-        # Older onnxruntime CPU builds implement ConvInteger only for uint8 weights.
-        fallback = recipe.model_copy(update={"weight_type": "uint8"})
-        quantize_dynamic(src, dst, **dynamic_kwargs(fallback))
-        notes.append(f"onnxruntime refused int8 dynamic weights ({problem}); used uint8 weights")
-        return fallback
-
-
-class _StaticQDQ(Quantizer):
-    """QDQ quantization with activation ranges calibrated on pixel images."""
-
-    def run(
-        self,
-        src: Path,
-        dst: Path,
-        recipe: QuantRecipe,
-        calibration: PixelBatchReader | None,
-        work_dir: Path,
-        notes: list[str],
-    ) -> QuantRecipe:
-        if calibration is None:
-            raise ModelError(f"precision '{recipe.precision}' needs calibration images")
-        cache = write_calibration_cache(src, calibration, recipe, work_dir)
-        quantize_static(src, dst, None, calibration_cache_path=cache, **static_kwargs(recipe))
-        return recipe
-
-
-@PRECISIONS.register("int8-static")
-class Int8Static(_StaticQDQ):
-    """Per-channel int8 weights, uint8 activations, min/max calibration by default."""
-
-    default_recipe = QuantRecipe(
-        precision="int8-static",
-        format="qdq",
-        weight_type="int8",
-        activation_type="uint8",
-        per_channel=True,
-        calibration_method="minmax",
-        preprocess=True,
-    )
-
-
-@PRECISIONS.register("int4")
-class Int4Static(_StaticQDQ):
-    """W4A8: per-channel INT4 weights, uint8 activations in ONNX's native INT4 (opset 21; older
-    sources are converted first)."""
-
-    default_recipe = QuantRecipe(
-        precision="int4",
-        format="qdq",
-        weight_type="int4",
-        activation_type="uint8",
-        per_channel=True,
-        calibration_method="minmax",
-        preprocess=True,
-    )
 
 
 @dataclass(frozen=True)
@@ -612,71 +479,3 @@ def _is_current(target: Path, source: str | Path, calibration_images: np.ndarray
         calibration_images, recipe.get("calibration_size"), recipe.get("calibration_seed", 0)
     )
     return calibration.get("images_sha256") == images_fingerprint(chosen)
-
-
-def ort_run_problem(path: str | Path, profile: str = DEFAULT_PROFILE) -> str | None:
-    """None if onnxruntime CPU loads the model and runs it once, else why not.
-
-    The session is built like every other harness session (kernel ``profile``), and each input
-    gets zeros of its declared element type and shape, symbolic dimensions set to 1, so a model
-    with a fixed batch or a non-float input is judged on what it really accepts.
-    """
-    try:
-        session = ort.InferenceSession(
-            str(path),
-            sess_options=session_options(profile, threads=1),
-            providers=["CPUExecutionProvider"],
-        )
-        feeds = {
-            arg.name: np.zeros(_smoke_shape(arg.shape), dtype=_numpy_dtype(arg.type))
-            for arg in session.get_inputs()
-        }
-        session.run(None, feeds)
-    except Exception as exc:  # onnxruntime's pybind errors share no public base class
-        return one_line(exc, first_line=True)
-    return None
-
-
-def _smoke_shape(shape: list[int | str | None]) -> list[int]:
-    """Fixed dimensions as declared; symbolic or unknown ones as 1."""
-    return [dim if isinstance(dim, int) and dim > 0 else 1 for dim in shape]
-
-
-def _numpy_dtype(ort_type: str) -> np.dtype:
-    """numpy dtype of an onnxruntime input type such as ``tensor(uint8)``."""
-    match = re.fullmatch(r"tensor\((\w+)\)", ort_type)
-    if match is None:
-        raise ModelError(f"model input of type {ort_type} is not a tensor")
-    name = match.group(1).upper()
-    elem_type = onnx.TensorProto.DataType.Value("FLOAT" if name == "FLOAT32" else name)
-    return helper.tensor_dtype_to_np_dtype(elem_type)
-
-
-def model_opset(proto: onnx.ModelProto) -> int:
-    """The default-domain (ai.onnx) opset a model declares."""
-    for entry in proto.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    raise ModelError("ONNX model declares no default-domain opset")
-
-
-def describe_quantization(onnx_path: str | Path) -> dict[str, Any]:
-    """Op-type counts and initializer dtypes: evidence that a graph really is quantized.
-
-    ``initializer_dtypes`` counts tensors per element type (``float``, ``int8``, ``uint8``,
-    ``int4``, ...) and ``initializer_elements`` counts their elements, so a report can say
-    what fraction of the weights is stored in low precision.
-    """
-    proto = onnx.load(str(onnx_path))
-    dtypes: Counter[str] = Counter()
-    elements: Counter[str] = Counter()
-    for init in proto.graph.initializer:
-        name = onnx.TensorProto.DataType.Name(init.data_type).lower()
-        dtypes[name] += 1
-        elements[name] += int(np.prod(init.dims, dtype=np.int64))
-    return {
-        "opset": model_opset(proto),
-        "op_types": dict(sorted(Counter(node.op_type for node in proto.graph.node).items())),
-        "initializer_dtypes": dict(sorted(dtypes.items())),
-        "initializer_elements": dict(sorted(elements.items())),
-    }
