@@ -24,7 +24,7 @@ replica's own (:mod:`harness.replica.arithmetic`), so both mirror onnxruntime th
 Only plain stacks of Conv/BN/ReLU/MaxPool → global pool → Linear/ReLU are mirrored
 (``small_cnn``, ``cifar_cnn``); anything else is refused with a :class:`ModelError`, never
 approximated. Agreement with the real onnxruntime session is
-a test (``tests/test_qcb.py``), not an assumption.
+a test (``tests/qcb/test_qcb.py``), not an assumption.
 """
 
 from __future__ import annotations
