@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from defenses.base import DefenseData
+from exporters.catalog import PRECISIONS
 from exporters.onnx_export import export_onnx
-from exporters.quantizers import PRECISIONS, quantize
+from exporters.quantization import quantize
 from exporters.recipes import resolve_recipe
 from harness.artifacts.intake import IntakeOverrides, check_num_classes
 from harness.artifacts.preprocessing import Preprocessing

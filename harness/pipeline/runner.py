@@ -30,9 +30,10 @@ import torch
 
 from defenses.base import DefenseData
 from exporters.onnx_export import export_onnx
-from exporters.quantizers import cpu_isa_flags, quantize_all, sidecar_path
+from exporters.quantization import quantize_all
 from harness import __version__
 from harness.artifacts.preprocessing import Preprocessing
+from harness.artifacts.sidecar import sidecar_path
 from harness.attacks.base import build_attack
 from harness.core.atomic import atomic_write_json, atomic_write_text, remove_partials
 from harness.core.determinism import float_kernel_record
@@ -55,7 +56,7 @@ from harness.pipeline.evaluate import (
 from harness.pipeline.retrain import FinePruneRetrainer
 from harness.pipeline.store import ResultStore, cell_id, read_json
 from harness.runtime.adapter import RuntimeAdapter
-from harness.runtime.kernels import probe_host
+from harness.runtime.kernels import cpu_isa_flags, probe_host
 from harness.training.loop import (
     TrainConfig,
     checkpoint_meta,
