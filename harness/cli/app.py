@@ -73,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "demo", help="whole pipeline on the embedded digits set, all precisions and defenses"
+        "demo", help="BadNet vs clean control at every precision, and the QCB vignette (digits)"
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="every defense at its full demo budget and the QCB re-quantization table (minutes)",
+    )
     _kernel_args(p)
     p.set_defaults(func=_lazy("harness.cli.steps", "cmd_demo"))
 

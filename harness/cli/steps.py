@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from harness.core.errors import BlindspotsError
 from harness.core.metrics import accuracy, agreement, attack_success_rate
 from harness.core.sampling import stable_seed
 from harness.data.base import load_dataset
-from harness.pipeline.config import build_config, load_config, parse_json_object
+from harness.pipeline.config import load_config, parse_json_object
 from harness.pipeline.runner import run_experiment
 from harness.report.document import write_report
 from harness.runtime.kernels import profile_record
@@ -55,10 +54,12 @@ DEMO_CONFIG: dict[str, Any] = {
     "threads": 1,
     "calibration_size": 256,
     "defense_clean_size": 225,
-    "defense_params": {
-        "neural_cleanse": {"steps": 400, "batch_size": 32, "n_samples": 256, "torch_threads": 1},
-        "strip": {"n_overlays": 50, "n_test": 100},
-    },
+    # The two-minute demo runs the defenses that take seconds here; Neural Cleanse and
+    # Fine-Pruning (minutes) run with `blindspots demo --full` (harness/cli/demo.py).
+    "defenses": ["strip", "activation_clustering", "spectral_signatures"],
+    # STRIP's paper fits its threshold on 2000 clean inputs; digits holds 225 for defenses, so
+    # the demo names the deviation (defenses/strip.py) instead of reporting "inconclusive".
+    "defense_params": {"strip": {"n_overlays": 50, "n_test": 100, "n_clean_fit": 100}},
 }
 
 
@@ -79,14 +80,9 @@ def _intake_overrides(args: argparse.Namespace) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    config = build_config({**DEMO_CONFIG, "int8_kernels": args.int8_kernels}, "demo config")
-    started = time.perf_counter()
-    run_experiment(config, args.out, log=_log)
-    paths = write_report(args.out)
-    _log(f"demo finished in {time.perf_counter() - started:.0f}s")
-    print(Path(paths["markdown"]).read_text())
-    print(f"wrote {paths['json']}, {paths['markdown']} and {paths['html']}")
-    return 0
+    from harness.cli.demo import run_demo
+
+    return run_demo(args, DEMO_CONFIG)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
