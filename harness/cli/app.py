@@ -143,8 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_args(p)
     p.add_argument("--model", required=True, help="ONNX file to audit")
     p.add_argument("--reference", default=None, help="FP32 ONNX file for top-1 agreement")
-    p.add_argument("--attack", default="badnet")
-    p.add_argument("--attack-params", default=None)
+    p.add_argument(
+        "--attack",
+        default=None,
+        help="trigger to stamp (default: the attack in the model's metadata, else badnet)",
+    )
+    p.add_argument(
+        "--attack-params",
+        default=None,
+        help="JSON; given with or without --attack, overrides the model's recorded attack",
+    )
     p.add_argument("--defenses", nargs="*", default=None)
     p.add_argument(
         "--trained-on-dataset",

@@ -16,6 +16,7 @@ from defenses.base import DefenseData, build_defense
 from exporters.onnx_export import export_onnx
 from exporters.quantizers import PRECISIONS, quantize
 from exporters.recipes import resolve_recipe
+from harness.artifacts.attack_metadata import read_attack
 from harness.artifacts.intake import IntakeOverrides, check_num_classes
 from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks.base import build_attack
@@ -167,6 +168,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_attack(args: argparse.Namespace, model: Any) -> tuple[Any, str]:
+    """The trigger ``evaluate`` stamps: the command line's when it names one, else the attack
+    the model's metadata records (exports carry it), else BadNet's defaults."""
+    stored = read_attack({p.key: p.value for p in model.metadata_props})
+    if args.attack is None and args.attack_params is None and stored is not None:
+        return build_attack(stored.name, stored.params), "model metadata"
+    params = parse_json_object(args.attack_params, "--attack-params")
+    source = "command line" if args.attack or args.attack_params else "default"
+    return build_attack(args.attack or "badnet", params), source
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
 
     overrides = _intake_overrides(args)
@@ -175,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_num_classes(vendor.intake, data.num_classes)
     adapter = vendor_adapter(vendor, args.int8_kernels)
     raise_on_errors(check_outputs(adapter.logits(data.x_test), data.y_test))
-    attack = build_attack(args.attack, parse_json_object(args.attack_params, "--attack-params"))
+    attack, attack_source = _evaluation_attack(args, vendor.intake.model)
     pred = adapter.predict(data.x_test)
     triggered, _ = attack.triggered_test_set(data.x_test, data.y_test)
     result: dict[str, Any] = {
@@ -183,6 +195,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "precision": adapter.precision,
         "clean_acc": accuracy(pred, data.y_test),
         "asr": attack_success_rate(adapter.predict(triggered), attack.target_label),
+        "attack": {**attack.describe(), "from": attack_source},
         "layers": adapter.layers,
         "kernels": profile_record(args.int8_kernels),
     }
