@@ -49,6 +49,8 @@ def load_demo(path: Path) -> dict:
     if path.is_dir():
         if (path / "demo.json").is_file():
             return json.loads((path / "demo.json").read_text())
+        if not (path / "report.json").is_file() or not (path / "qcb" / "qcb.json").is_file():
+            raise SystemExit(f"demo_table: error: {path} holds no demo (run `blindspots demo`)")
         return demo_summary(path)
     if not path.is_file():
         raise SystemExit(f"demo_table: error: no demo report at {path}")
