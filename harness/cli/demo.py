@@ -199,6 +199,13 @@ def render_demo(demo: dict[str, Any]) -> str:
     lines += ["", f"- Backdoor ASR per precision: {asr}; "
               f"clean control at most {max(r['asr_mean'] for r in clean):.4f}."]  # fmt: skip
     for name in defenses:
+        if name == "fine_pruning":  # a repair: its "detected" means the repair worked
+            lines.append(
+                "- FP is a repair, not a detection: backdoor removed with accuracy kept on the "
+                f"poisoned model at: {_listing(_flagged_at(poisoned, name))}; accuracy kept on "
+                f"the clean control at: {_listing(_flagged_at(clean, name))}."
+            )
+            continue
         lines.append(
             f"- {SHORT.get(name, name)} flags the poisoned model at: "
             f"{_listing(_flagged_at(poisoned, name))}; the clean control at: "
@@ -253,6 +260,12 @@ def _render_qcb(qcb: dict[str, Any]) -> list[str]:
         per = verdicts.get(name, {})
         hit = [p for p in setting["precisions"] if (per.get(f"{p}/qcb") or {}).get("detected")]
         fa = [p for p in setting["precisions"] if (per.get(f"{p}/clean") or {}).get("detected")]
+        if name == "fine_pruning":
+            lines.append(
+                "- FP is a repair, not a detection: it succeeded on the QCB at: "
+                f"{_listing(hit)}; accuracy kept on the clean control at: {_listing(fa)}."
+            )
+            continue
         lines.append(
             f"- {SHORT.get(name, name)} flags the QCB at: {_listing(hit)}; "
             f"the clean control at: {_listing(fa)}."
