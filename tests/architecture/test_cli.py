@@ -122,7 +122,7 @@ def test_step_by_step_commands_chain(tmp_path, capsys):
                 "--batch-size",
                 "64",
                 "--attack-params",
-                '{"patch_size": 3}',
+                '{"patch_size": 2, "margin": 0}',  # not evaluate's default trigger (3x3, margin 1)
                 "--out",
                 str(state),
             ]
@@ -158,8 +158,6 @@ def test_step_by_step_commands_chain(tmp_path, capsys):
                 str(q_path),
                 "--reference",
                 str(onnx_path),
-                "--attack-params",
-                '{"patch_size": 3}',
             ]
         )
         == 0
@@ -167,5 +165,12 @@ def test_step_by_step_commands_chain(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["precision"] == "int8-static"
     assert result["clean_acc"] > 0.85
+    # the trigger the model was trained with travelled checkpoint -> ONNX -> INT8 file
+    assert result["attack"]["from"] == "model metadata"
+    assert result["attack"]["params"]["patch_size"] == 2
     assert result["asr"] > 0.85
     assert result["agreement_fp32"] > 0.95
+    # told otherwise, evaluate stamps what it is told
+    assert main(["evaluate", "--model", str(q_path), "--attack-params", '{"patch_size": 3}']) == 0
+    told = json.loads(capsys.readouterr().out)
+    assert told["attack"]["from"] == "command line" and told["attack"]["params"]["patch_size"] == 3
