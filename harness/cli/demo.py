@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.pipeline.config import ALL_DEFENSES, build_config
+from defenses.base import default_defenses
+from harness.pipeline.config import build_config
 from harness.pipeline.runner import run_experiment
 from harness.qcb.pipeline import QCBConfig, run_qcb
 from harness.report.document import write_report
@@ -62,7 +63,6 @@ FULL_DEFENSE_PARAMS: dict[str, dict[str, Any]] = {
 FULL_QCB_CHANGES: dict[str, Any] = {
     "precisions": ["fp32", "int8-static", "int4"],
     "qcb": {**DEMO_QCB_CONFIG["qcb"], "targets": ["int8-static", "int4"]},
-    "defenses": [*ALL_DEFENSES, "deployment_diff"],
     "defense_params": {
         "neural_cleanse": {"steps": 200, "batch_size": 32, "n_samples": 128, "torch_threads": 1},
         "strip": {"n_overlays": 50, "n_test": 100},
@@ -88,8 +88,9 @@ def demo_configs(base: dict[str, Any], full: bool) -> tuple[dict[str, Any], dict
     """The two runs' raw configs: the fast demo, or the full budget with ``full``."""
     if not full:
         return base, DEMO_QCB_CONFIG
-    main = {**base, "defenses": list(ALL_DEFENSES), "defense_params": FULL_DEFENSE_PARAMS}
-    return main, {**DEMO_QCB_CONFIG, **FULL_QCB_CHANGES}
+    main = {**base, "defenses": default_defenses("run"), "defense_params": FULL_DEFENSE_PARAMS}
+    qcb = {**DEMO_QCB_CONFIG, **FULL_QCB_CHANGES, "defenses": default_defenses("qcb")}
+    return main, qcb
 
 
 def run_demo(args: argparse.Namespace, base: dict[str, Any]) -> int:

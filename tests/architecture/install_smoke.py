@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from exporters.quantizers import quantize
+from exporters.quantization import quantize
 
 from harness.artifacts.intake import IntakeOverrides, intake
 from harness.data.base import load_dataset
