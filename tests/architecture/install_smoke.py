@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from exporters.quantization import quantize
 
+from exporters.quantization import quantize
 from harness.artifacts.intake import IntakeOverrides, intake
 from harness.data.base import load_dataset
 from harness.runtime.model_safety import load_untrusted
