@@ -108,7 +108,10 @@ def git_provenance() -> dict[str, Any]:
 
     def git(*args: str) -> str:
         done = subprocess.run(
-            ["git", "-C", str(package), *args], capture_output=True, text=True, timeout=10
+            ["git", "--no-optional-locks", "-C", str(package), *args],  # never take the index lock
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         if done.returncode:
             raise OSError(done.stderr.strip())
