@@ -20,8 +20,9 @@ stays in). A seed without a poisoned FP32 cell cannot show validity and is left 
 Alongside, what §4 asks the tables to show: Neural Cleanse's step profile and the onnxruntime
 confirmation rates of its flagged labels, Fine-Pruning's fine-tuning data source, STRIP's blend
 and its TPR/FRR at both thresholds, and for AC/SS the measured poison fraction of the target
-class, SS's removed fraction and poison recall and AC's smaller-cluster purity and recall. Everything is read from the records; nothing here
-decides a verdict anew, and a field an older record lacks is reported as not recorded.
+class, SS's removed fraction and poison recall and AC's smaller-cluster purity and recall.
+Everything is read from the records; nothing here decides a verdict anew, and a field an older
+record lacks is reported as not recorded.
 
 The output is plain JSON data (``report.json``'s ``primary_metrics``, typed in
 :mod:`harness.report.schema`); :func:`primary_sections` renders it for report.md/.html.
@@ -713,6 +714,7 @@ def _repair_blocks(group: dict[str, Any]) -> list[Any]:
         return []
     body = tuple(
         (
+            e["defense"],
             e["precision"],
             _rate_text(e["repair"]["removal"]),
             _rate_text(e["repair"]["accuracy_kept"]),
@@ -723,6 +725,7 @@ def _repair_blocks(group: dict[str, Any]) -> list[Any]:
         for e in entries
     )
     header = (
+        "defense",
         "precision",
         "removal (poisoned)",
         "accuracy kept (clean)",
@@ -761,8 +764,8 @@ def _nc_blocks(group: dict[str, Any]) -> list[Any]:
         return []
     body = tuple(
         (
-            row["precision"],
             "poisoned" if row["poisoned"] else "clean",
+            row["precision"],
             str(row["runs"]),
             ", ".join(f"{k} ({v})" for k, v in row["profiles"].items()),
             _num(row["confirm_threshold"]),
@@ -773,8 +776,8 @@ def _nc_blocks(group: dict[str, Any]) -> list[Any]:
         for row in rows
     )
     header = (
-        "precision",
         "variant",
+        "precision",
         "ok runs",
         "profile (runs)",
         "confirmation bar",
@@ -803,6 +806,7 @@ def _regime_blocks(group: dict[str, Any]) -> list[Any]:
 
     body = tuple(
         (
+            "poisoned",
             row["precision"],
             str(row["seed"]),
             fraction(row["target_poison_fraction"]),
@@ -817,6 +821,7 @@ def _regime_blocks(group: dict[str, Any]) -> list[Any]:
         for row in rows
     )
     header = (
+        "variant",
         "precision",
         "seed",
         "target-class poison fraction",
@@ -844,8 +849,8 @@ def _strip_blocks(group: dict[str, Any]) -> list[Any]:
         return []
     body = tuple(
         (
-            row["precision"],
             "poisoned" if row["poisoned"] else "clean",
+            row["precision"],
             str(row["runs"]),
             ", ".join(f"{k} ({v})" for k, v in row["blends"].items()),
             *(_num(row[key], 3) for key in ("tpr_normal", "frr_normal")),
@@ -854,8 +859,8 @@ def _strip_blocks(group: dict[str, Any]) -> list[Any]:
         for row in rows
     )
     header = (
-        "precision",
         "variant",
+        "precision",
         "ok runs",
         "blend (runs)",
         "TPR, normal-fit threshold",
