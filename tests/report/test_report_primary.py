@@ -341,7 +341,7 @@ def test_a_store_without_a_commit_says_so(tmp_path):
 
 
 def test_the_runner_records_the_commit_it_runs_from():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
