@@ -7,6 +7,9 @@ if [ "$(id -u)" = 0 ]; then
   if [ -d /results ] && [ "$(stat -c %u /results)" != 1000 ]; then
     chown 1000:1000 /results
   fi
+  # setpriv keeps root's environment: give the user its own HOME (matplotlib and onnxruntime
+  # write their caches there; /root is not writable by uid 1000).
+  export HOME=/home/auditor
   exec setpriv --reuid=1000 --regid=1000 --init-groups blindspots "$@"
 fi
 exec blindspots "$@"
