@@ -72,7 +72,7 @@ def _export(model: Any, preprocessing: Preprocessing, calib: np.ndarray, folder:
     quantize_all(folder / "exported.onnx", folder, list(PRECISIONS), calib)
 
 
-def world(name: str) -> tuple[Path, DefenseData]:
+def world(name: str, gtsrb: Path = GTSRB) -> tuple[Path, DefenseData]:
     """The world's ONNX folder and its defense data (held-out clean images), built once."""
     folder = CACHE / name
     clean = folder / "clean.npz"
@@ -87,9 +87,9 @@ def world(name: str) -> tuple[Path, DefenseData]:
             test_x, test_y = data.x_test, data.y_test
             config = TrainConfig(model="small_cnn", epochs=25, batch_size=64, seed=SEED)
         elif name == "cifar_cnn":
-            if not GTSRB.is_file():
-                raise BlindspotsError(f"the cifar_cnn world needs {GTSRB}")
-            with np.load(GTSRB) as saved:
+            if not gtsrb.is_file():
+                raise BlindspotsError(f"the cifar_cnn world needs {gtsrb} (see --gtsrb)")
+            with np.load(gtsrb) as saved:
                 pick = np.random.default_rng(SEED).permutation(len(saved["x_train"]))[:4000]
                 x, y = saved["x_train"][pick], saved["y_train"][pick]
                 test_x, test_y = saved["x_test"][:1500], saved["y_test"][:1500]
@@ -226,11 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dask-workers", type=int, default=2)
     parser.add_argument("--scheduler", default=None, help="an existing cluster (tcp://…)")
     parser.add_argument("--params", type=json.loads, default={}, help="NC parameter overrides")
+    parser.add_argument("--gtsrb", type=Path, default=GTSRB, help="gtsrb32.npz (cifar_cnn)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
     params = {"torch_threads": 1, "workers": 1} | args.params
-    folder, data = world(args.world)
+    folder, data = world(args.world, args.gtsrb)
     adapter = RuntimeAdapter.from_path(folder / f"{args.precision}.onnx")
     cpu = cpu_description()
     print(

@@ -1010,6 +1010,7 @@ class NeuralCleanse(Defense[NeuralCleanseParams]):
             "n_eval_images": len(eval_idx),
             "updates_per_step": math.ceil(len(opt_idx) / p.batch_size),
             "flagged_before_confirmation": flagged_before,
+            "label_tasks": "in process" if data.label_map is None else data.label_map.describe(),
         }
         return self._finding(triggers, decision, ort_success, parity_info, sizes, p)
 

@@ -195,3 +195,58 @@ def test_shared_handles_resolve_where_the_task_runs(tmp_path):
         executor.unshare(handle)
         executor.unshare(handle)  # idempotent
     assert resolve_shared(SerialExecutor().share("x")) == "x"
+
+
+# ---------------------------------------------------------------------------- sweeps
+NC_SWEEP = {
+    "dataset": "digits",
+    "model": "small_cnn",
+    "attack": "badnet",
+    "attack_params": {"patch_size": 2, "margin": 0, "poison_rate": 0.1, "target_label": 0},
+    "training": {"epochs": 1, "batch_size": 64},
+    "seeds": [0],
+    "precisions": ["int8-static"],
+    "defenses": ["neural_cleanse"],
+    "defense_params": {"neural_cleanse": {"profile": "fast", "steps": 8, "torch_threads": 1}},
+    "threads": 1,
+}
+
+
+def _nc_details(folder) -> dict[str, dict]:
+    from harness.pipeline.store import ResultStore
+
+    return {
+        r["cell"]: {k: v for k, v in r["defenses"]["neural_cleanse"].items() if "time" not in k}
+        for r in ResultStore(folder).records()
+    }
+
+
+def test_a_dask_sweep_spreads_a_cells_labels_and_matches_serial(tmp_path):
+    """On Dask, each cell's Neural Cleanse runs its labels as tasks on the same cluster (through
+    the worker's client, seceded); the records equal a serial sweep's."""
+    distributed = pytest.importorskip("distributed")
+    from harness.pipeline.config import build_config
+    from harness.pipeline.sweep import run_sweep
+
+    config = build_config(NC_SWEEP)
+    serial = run_sweep(config, tmp_path / "serial", SerialExecutor(1), log=lambda _: None)
+    assert serial.exit_code == 0
+    with (
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,
+        ) as cluster,
+        distributed.Client(cluster) as client,
+        DaskExecutor(client=client) as executor,
+    ):
+        fanned = run_sweep(config, tmp_path / "dask", executor, log=lambda _: None)
+    assert fanned.exit_code == 0
+    fanned_nc, serial_nc = _nc_details(tmp_path / "dask"), _nc_details(tmp_path / "serial")
+    for cell, serial_result in serial_nc.items():
+        assert serial_result["status"] == "ok"
+        assert serial_result["details"].pop("label_tasks") == "in process"
+        assert fanned_nc[cell]["details"].pop("label_tasks") == "dask (2 workers)"
+    assert fanned_nc == serial_nc

@@ -30,7 +30,7 @@ import pickle
 import tempfile
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -351,6 +351,19 @@ class ExecutorLabelMap:
 
     def describe(self) -> str:
         return self.executor.describe()
+
+
+@contextlib.contextmanager
+def dask_worker_label_map() -> Iterator[ExecutorLabelMap]:
+    """From inside a Dask task: a label map over the cluster that runs the task.
+
+    ``worker_client`` secedes the calling task from its worker's thread pool while it waits, so
+    the label tasks it submits can use that worker's thread too and a cluster busy with cells
+    cannot deadlock on them.
+    """
+    with _dask().worker_client(separate_thread=True) as client:
+        executor = DaskExecutor(client=client)
+        yield executor.label_map()
 
 
 def _dask() -> ModuleType:
