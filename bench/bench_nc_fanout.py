@@ -7,7 +7,10 @@ runs the same scan (same model, images, parameters, defense seed) under each exe
 process, one after the other, and reports for each
 
 - ``start_s``: starting the executor (spawning workers; not part of the scan),
-- ``wall_s`` / ``cpu_s``: the scan itself (driver CPU only: workers' CPU is not counted),
+- ``wall_s`` / ``cpu_s``: the scan itself (``cpu_s``: the driver process only),
+- ``workers_cpu_s``: CPU time of the worker processes over their whole life (start-up, warm-up
+  and shutdown included), read once they have exited — on shared cores the wall ratio also
+  reflects that N processes get a larger share of a contended CPU than one,
 - ``ratio``: serial wall / this wall (above 1: faster than serial),
 - ``identical``: masks, patterns, norms, steps, verdict and every other detail equal to the
   serial scan's, bit for bit.
@@ -60,6 +63,8 @@ CACHE = ROOT / "runs" / "bench_nc_fanout"
 GTSRB = ROOT.parent / "shared" / "data" / "gtsrb32.npz"
 PRECISIONS = ("fp32", "int8-static", "int8-dynamic", "int4")
 SEED = 0
+PROVENANCE = {"label_tasks"}
+"""Details that say where the scan ran, not what it found: not compared."""
 
 
 # ---------------------------------------------------------------------------------- worlds
@@ -151,6 +156,20 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def parse_runs(text: str) -> list[str]:
+    """The comma-separated runs, checked before anything runs (one-line error otherwise)."""
+    runs = [run.strip() for run in text.split(",") if run.strip()]
+    for run in runs:
+        kind, _, count = run.partition(":")
+        if kind not in ("serial", "processes", "dask") or (count and not count.isdigit()):
+            raise BlindspotsError(
+                f"unknown run '{run}'; expected serial, processes:N or dask (comma-separated)"
+            )
+    if not runs or runs[0] != "serial":
+        raise BlindspotsError("the first run must be 'serial': the others are compared with it")
+    return runs
+
+
 def executor_for(run: str, stack: ExitStack, dask_workers: int, scheduler: str | None) -> Executor:
     """``serial``, ``processes:N`` or ``dask`` (the loopback cluster, or ``scheduler``)."""
     kind, _, count = run.partition(":")
@@ -206,7 +225,9 @@ def warm_up(executor: Executor) -> int:
 def differences(result: DefenseResult, reference: DefenseResult) -> list[str]:
     """What differs from the serial scan (nothing, for a correct fan-out)."""
     diffs = [
-        f"details[{k}]" for k in reference.details if result.details.get(k) != reference.details[k]
+        f"details[{k}]"
+        for k in reference.details
+        if k not in PROVENANCE and result.details.get(k) != reference.details[k]
     ]
     diffs += [
         f"arrays[{k}]"
@@ -230,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
+    runs = parse_runs(args.runs)
     params = {"torch_threads": 1, "workers": 1} | args.params
     folder, data = world(args.world, args.gtsrb)
     adapter = RuntimeAdapter.from_path(folder / f"{args.precision}.onnx")
@@ -249,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     reference: DefenseResult | None = None
     serial_wall = None
-    for run in args.runs.split(","):
+    for run in runs:
+        children = os.times()
         with ExitStack() as stack:
             started = time.perf_counter()
             executor = stack.enter_context(
@@ -262,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             wall, cpu_s = time.perf_counter(), time.process_time()
             result = run_defense("neural_cleanse", params, SEED, adapter, scan_data)
             wall, cpu_s = time.perf_counter() - wall, time.process_time() - cpu_s
+        after = os.times()  # workers have exited (pool shut down, cluster stopped): counted
+        workers_cpu = after.children_user + after.children_system
+        workers_cpu -= children.children_user + children.children_system
         if result.status != "ok":
             print(f"{run}: {result.status} {result.reason}", flush=True)
             return 1
@@ -276,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             "start_s": start_s,
             "wall_s": wall,
             "cpu_s": cpu_s,
+            "workers_cpu_s": workers_cpu,
             "ratio": None if serial_wall is None else serial_wall / wall,
             "identical": not diffs,
             "differences": diffs,
@@ -288,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         report["runs"].append(row)
         print(
             f"{run:12s} start {start_s:5.1f}s  wall {wall:7.1f}s  cpu {cpu_s:7.1f}s  "
+            f"workers' cpu {workers_cpu:7.1f}s  "
             f"x{row['ratio']:.2f} vs serial  steps {row['steps_total']}  "
             f"{row['verdict']} {row['flagged']}  identical={row['identical']} {diffs or ''}  "
             f"load {row['load_after'][0]:.2f}",

@@ -67,6 +67,14 @@ Deviations, each a named parameter:
   ``n_samples`` / ``batch_size`` given explicitly override the profile's.
 - ``workers``: labels are optimised that many at a time in threads (one core each; labels are
   independent, and each computes the same bits in any thread).
+- label fan-out (``DefenseData.label_map``, :mod:`defenses.fanout`): the pipeline may inject
+  where each step's labels run instead — local worker processes, a Dask cluster. The schedule
+  (costs, pauses, kept masks) stays in this process; a label's state (parameters, Adam moments,
+  random stream) and its cost go out, its new state and the step's outcome come back, and the
+  gradient oracle with the images is shipped once per scan. Every label computes what it would
+  here, with the scan's own intra-op thread count (``torch_threads``; set it to 1 with fan-out,
+  one core per worker), so the scan is the serial one bit for bit; ``details["label_tasks"]``
+  says where the labels ran.
 - the onnxruntime re-check of the reversed triggers runs for the labels the verdict rests on
   (flagged, undecided, and the smallest mask), ``n_eval`` held-out images each, and
   ``confirm_threshold`` (ours, docs/protocol.md §4.1) decides whether a flag counts: see below.
@@ -519,6 +527,9 @@ class _LabelScan:
     ) -> None:
         self.forward, self.images, self.params, self.quantizer = forward, images, params, quantizer
         self._x: torch.Tensor | None = None
+        self.threads = torch.get_num_threads()
+        """The scan's intra-op threads: label tasks elsewhere use as many, since a float
+        reduction's order (so its bits) can depend on the count."""
 
     @property
     def x(self) -> torch.Tensor:
@@ -573,13 +584,11 @@ def remote_label_step(
     """One label's step wherever a :class:`~defenses.fanout.LabelMap` runs it.
 
     ``item`` is (label, its :meth:`_Label.snapshot`, its cost); returns the step's outcome and
-    the label's new snapshot. The step runs with ``torch_threads`` intra-op threads (one when
-    unset, as a worker owns one core): the same bits as the serial scan when that runs with the
-    same count, since a float reduction's order can depend on the thread count.
+    the label's new snapshot, computed with the scan's intra-op thread count.
     """
     label, snapshot, cost = item
     state = _Label.restore(snapshot, scan.params)
-    with scoped_threads(torch, scan.params.torch_threads or 1):
+    with scoped_threads(torch, scan.threads):
         outcome = label_step(scan, label, state, cost)
     return outcome, state.snapshot()
 

@@ -250,3 +250,25 @@ def test_a_dask_sweep_spreads_a_cells_labels_and_matches_serial(tmp_path):
         assert serial_result["details"].pop("label_tasks") == "in process"
         assert fanned_nc[cell]["details"].pop("label_tasks") == "dask (2 workers)"
     assert fanned_nc == serial_nc
+
+
+# ---------------------------------------------------------------------------- the bench
+def test_the_fanout_bench_compares_each_run_with_serial(digits_world, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import bench.bench_nc_fanout as bench
+
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    shutil.copy(digits_world.poisoned["int8-static"], folder / "int8-static.onnx")
+    np.savez(folder / "clean.npz", x=digits_world.x_test, y=digits_world.y_test, num_classes=10)
+    monkeypatch.setattr(bench, "CACHE", tmp_path)
+    out = tmp_path / "report.json"
+    argv = ["--runs", "serial,processes:1", "--params", '{"profile": "fast", "steps": 3}']
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["run"] for r in runs] == ["serial", "processes:1"]
+    assert all(r["identical"] and r["steps_total"] == 30 for r in runs)
+    with pytest.raises(BlindspotsError, match="unknown run 'threads:2'"):
+        bench.main([*argv, "--runs", "serial,threads:2"])
