@@ -30,7 +30,7 @@ import pickle
 import tempfile
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -353,17 +353,44 @@ class ExecutorLabelMap:
         return self.executor.describe()
 
 
-@contextlib.contextmanager
-def dask_worker_label_map() -> Iterator[ExecutorLabelMap]:
+class _SecededTasks:
+    """An open scan from inside a Dask task; closing it rejoins the worker's thread pool."""
+
+    def __init__(self, shared: Any) -> None:
+        self._context = _dask().worker_client(separate_thread=True)
+        client = self._context.__enter__()
+        try:
+            self._tasks: _ExecutorTasks | None = _ExecutorTasks(DaskExecutor(client=client), shared)
+        except BaseException:
+            self._context.__exit__(None, None, None)
+            raise
+
+    def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any]) -> list[Any]:
+        if self._tasks is None:
+            raise BlindspotsError("this label map was closed; open a new one")
+        return self._tasks.map(fn, items)
+
+    def close(self) -> None:
+        if self._tasks is not None:
+            self._tasks.close()
+            self._tasks = None
+            self._context.__exit__(None, None, None)
+
+
+class DaskWorkerLabelMap:
     """From inside a Dask task: a label map over the cluster that runs the task.
 
-    ``worker_client`` secedes the calling task from its worker's thread pool while it waits, so
-    the label tasks it submits can use that worker's thread too and a cluster busy with cells
-    cannot deadlock on them.
+    Each scan secedes the calling task from its worker's thread pool (``worker_client``) for as
+    long as it is open, so the label tasks it submits can use that worker's thread too and a
+    cluster busy with cells cannot deadlock on them; the rest of the cell keeps its slot.
     """
-    with _dask().worker_client(separate_thread=True) as client:
-        executor = DaskExecutor(client=client)
-        yield executor.label_map()
+
+    def open(self, shared: Any) -> _SecededTasks:
+        return _SecededTasks(shared)
+
+    def describe(self) -> str:
+        workers = len(_dask().get_client().scheduler_info().get("workers", {}))
+        return f"dask ({workers} worker{'s' if workers != 1 else ''})"
 
 
 def _dask() -> ModuleType:

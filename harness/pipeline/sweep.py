@@ -53,9 +53,9 @@ from harness.core.threads import scoped_threads
 from harness.pipeline.config import ExperimentConfig, input_fingerprint
 from harness.pipeline.executors import (
     DaskExecutor,
+    DaskWorkerLabelMap,
     Executor,
     SerialExecutor,
-    dask_worker_label_map,
 )
 from harness.pipeline.runner import (
     EvaluationSets,
@@ -283,27 +283,22 @@ def run_cell(task: CellTask) -> CellOutcome:
             models, sets = _prepared(config, cell, Path(task.out))
             timings = {**models.timings[cell.poisoned], **task.prepare_timings}
             models = replace(models, timings={**models.timings, cell.poisoned: timings})
-            with _cell_label_map(task.fan_out_labels) as label_map:
-                record, arrays = evaluate_cell(
-                    config, models, sets, cell.poisoned, cell.precision, _silent, label_map
-                )
+            label_map = _cell_label_map(task.fan_out_labels)
+            record, arrays = evaluate_cell(
+                config, models, sets, cell.poisoned, cell.precision, _silent, label_map
+            )
         except Exception as exc:
             return CellOutcome(error=error_line(exc), traceback=traceback.format_exc())
     return CellOutcome(record=record, arrays=arrays)
 
 
-@contextmanager
-def _cell_label_map(fan_out: bool) -> Iterator[LabelMap | None]:
+def _cell_label_map(fan_out: bool) -> LabelMap | None:
     """The cluster's label map inside a Dask task that asked for one, else None (in process).
 
     Local worker processes already run one cell each on every core, so only a Dask cell
     spreads its labels: over every worker of the cluster, its own included.
     """
-    if not fan_out:
-        yield None
-        return
-    with dask_worker_label_map() as label_map:
-        yield label_map
+    return DaskWorkerLabelMap() if fan_out else None
 
 
 def _prepared(config: ExperimentConfig, cell: Cell, out: Path) -> tuple[SeedModels, EvaluationSets]:
