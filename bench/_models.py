@@ -92,7 +92,7 @@ def build_artifacts(
     import torch
 
     from exporters.onnx_export import export_onnx
-    from exporters.quantizers import quantize_all
+    from exporters.quantization import quantize_all
     from harness.training.models import build_model
 
     folder = Path(folder)

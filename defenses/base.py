@@ -216,7 +216,9 @@ class Defense(ABC, Generic[P]):
         Every :class:`Need` is checked here, before any work, so a cell that cannot run says
         ``not_applicable`` with the reason instead of failing half-way.
         """
-        if Need.LOGITS in self.needs and not callable(getattr(adapter, "logits", None)):
+        if Need.LOGITS in self.needs and not any(
+            callable(getattr(adapter, answer, None)) for answer in ("logits", "predict")
+        ):
             return "the model answers no class scores"
         if Need.GRADIENTS in self.needs and not callable(getattr(adapter, "gradient_oracle", None)):
             return "the model offers no gradient oracle"

@@ -3,7 +3,7 @@
 Defenses never import onnxruntime or the runtime package (``.importlinter``); they receive an
 object with this shape — in the harness :class:`harness.runtime.adapter.RuntimeAdapter` over an
 onnxruntime session, in tests a small fake. Writing the shape down as a :class:`typing.Protocol`
-lets the type checker hold both sides to it (``tests/test_architecture.py`` checks the adapter
+lets the type checker hold both sides to it (``tests/architecture/test_architecture.py`` checks the adapter
 conforms) and tells a plug-in author exactly what they can rely on.
 
 Every capability maps to a :class:`defenses.base.Need`: a defense declares what it uses and

@@ -14,12 +14,12 @@ _LAZY = {
     "export_onnx": "exporters.onnx_export",
     "read_preprocessing": "exporters.onnx_export",
     "QuantRecipe": "exporters.recipes",
-    "PRECISIONS": "exporters.quantizers",
-    "QuantizedArtifact": "exporters.quantizers",
-    "quantize": "exporters.quantizers",
-    "read_sidecar": "exporters.quantizers",
-    "describe_quantization": "exporters.quantizers",
-    "sha256_file": "exporters.quantizers",
+    "PRECISIONS": "exporters.catalog",
+    "QuantizedArtifact": "exporters.precisions",
+    "quantize": "exporters.quantization",
+    "read_sidecar": "harness.artifacts.sidecar",
+    "describe_quantization": "exporters.inspection",
+    "sha256_file": "harness.artifacts.sidecar",
     "cpu_isa_flags": "harness.runtime.kernels",
 }
 

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from pydantic import BaseModel
 
 from exporters.calibration import check_pixel_images
+from harness.artifacts.attack_metadata import MODEL_META_ATTR, attack_entries
 from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
 from harness.core.errors import ModelError, one_line
 from harness.runtime.kernels import session_options
@@ -67,7 +68,8 @@ def export_onnx(
 
     path = Path(path)
     check_pixel_images(sample, preprocessing.channels, what="export sample")
-    extra = dict(metadata or {})
+    # the attack behind the model (checkpoint metadata left on it by save_state/load_model)
+    extra = {**attack_entries(getattr(model, MODEL_META_ATTR, None) or {}), **(metadata or {})}
     if METADATA_KEY in extra:
         raise ModelError(f"metadata key '{METADATA_KEY}' is reserved for the preprocessing")
     bad = [key for key, value in extra.items() if not isinstance(value, str)]

@@ -65,7 +65,7 @@ def _export_all(
 ) -> dict[str, Path]:
     """The project's own exporter and quantizers, as the runner uses them."""
     from exporters.onnx_export import export_onnx
-    from exporters.quantizers import quantize_all
+    from exporters.quantization import quantize_all
 
     folder.mkdir(parents=True, exist_ok=True)
     exported = folder / "exported.onnx"

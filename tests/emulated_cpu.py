@@ -1,6 +1,6 @@
 """Run under ``qemu-x86_64 -cpu Haswell-v4``: an AVX2-only x86 CPU whose INT8 kernels saturate.
 
-Invoked as a subprocess by tests/test_kernels.py (``python tests/emulated_cpu.py MODE ...``); it
+Invoked as a subprocess by tests/runtime/test_kernels.py (``python tests/emulated_cpu.py MODE ...``); it
 prints one JSON document on stdout. Kept as a script, not a test module, so the emulated process
 imports only what the check needs.
 """

@@ -117,6 +117,25 @@ class Preprocessing:
         versions that did not write them meant, so older exports keep loading unchanged."""
         try:
             raw = json.loads(text)
+        except ValueError as exc:
+            raise ModelError(
+                f"malformed preprocessing metadata (not JSON: {exc}): {text[:80]!r}"
+            ) from None
+        if not isinstance(raw, dict):
+            # Python's own message here ("list indices must be integers") names no field
+            raise ModelError(
+                "preprocessing metadata must be a JSON object with 'mean' and 'std', "
+                f"got a JSON {type(raw).__name__}: {text[:80]!r}"
+            )
+        missing = [key for key in ("mean", "std") if key not in raw]
+        if missing:
+            raise ModelError(f"preprocessing metadata lacks {', '.join(missing)}: {text[:80]!r}")
+        for key in ("mean", "std"):
+            if not isinstance(raw[key], list):
+                raise ModelError(
+                    f"preprocessing metadata '{key}' must be a list of numbers, got {raw[key]!r}"
+                )
+        try:
             return cls(
                 mean=tuple(raw["mean"]),
                 std=tuple(raw["std"]),

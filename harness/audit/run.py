@@ -36,7 +36,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from defenses.base import DefenseData, DefenseResult, build_defense, default_defenses
-from exporters.quantizers import PRECISIONS, quantize
+from exporters.catalog import PRECISIONS
+from exporters.quantization import quantize
 from harness.artifacts.intake import IntakeOverrides, IntakeResult, check_num_classes, intake
 from harness.core.atomic import atomic_target, atomic_write_text
 from harness.core.errors import BlindspotsError, ModelError

@@ -73,9 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
-        "demo", help="whole pipeline on the embedded digits set, all precisions and defenses"
+        "demo", help="BadNet vs clean control at every precision, and the QCB vignette (digits)"
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="every defense at its full demo budget and the QCB re-quantization table (minutes)",
+    )
     _kernel_args(p)
     p.set_defaults(func=_lazy("harness.cli.steps", "cmd_demo"))
 
@@ -138,8 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_args(p)
     p.add_argument("--model", required=True, help="ONNX file to audit")
     p.add_argument("--reference", default=None, help="FP32 ONNX file for top-1 agreement")
-    p.add_argument("--attack", default="badnet")
-    p.add_argument("--attack-params", default=None)
+    p.add_argument(
+        "--attack",
+        default=None,
+        help="trigger to stamp (default: the attack in the model's metadata, else badnet)",
+    )
+    p.add_argument(
+        "--attack-params",
+        default=None,
+        help="JSON; given with or without --attack, overrides the model's recorded attack",
+    )
     p.add_argument("--defenses", nargs="*", default=None)
     p.add_argument(
         "--trained-on-dataset",

@@ -13,8 +13,8 @@ CPU it runs on. Two things vary:
   ``b1213ee0…`` on an emulated Intel Haswell and ``d090a8aa…`` natively on an AMD EPYC and under
   ``qemu-x86_64 -cpu EPYC-Rome``. ``MKL_CBWR=COMPATIBLE`` is the branch MKL documents as giving
   the same results on Intel and compatible (non-Intel) processors; with it all three give
-  ``a496fc8a…`` (``tests/test_kernels.py`` checks both emulated vendors against the host; what
-  it costs is in BENCHMARKS, ``python -m bench.bench_float_kernels``).
+  ``a496fc8a…`` (``tests/runtime/test_kernels.py`` checks both emulated vendors against the host; what
+  it costs is in BENCHMARKS, ``python -m bench.runtime.bench_float_kernels``).
 
 A few ulps at training time become a different trained model, so Neural Cleanse's
 reversed-trigger norms and every table downstream would depend on the auditor's CPU.

@@ -49,9 +49,10 @@ class TrainingOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(0.05, gt=0)
+    # The bounds of TrainConfig, checked when the config is read, before any work.
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=2, le=65_536)
+    lr: float = Field(0.05, gt=0, le=10.0, allow_inf_nan=False)
     augment: bool = False
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from exporters.onnx_export import export_onnx
-from exporters.quantizers import quantize
+from exporters.quantization import quantize
 from harness.artifacts.preprocessing import Preprocessing
 from harness.core.errors import ModelError
 from harness.core.kernel_profiles import DEFAULT_PROFILE, KernelProfile

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,9 +32,10 @@ import torch
 from defenses.base import DefenseData
 from defenses.fanout import LabelMap
 from exporters.onnx_export import export_onnx
-from exporters.quantizers import cpu_isa_flags, quantize_all, sidecar_path
+from exporters.quantization import quantize_all
 from harness import __version__
 from harness.artifacts.preprocessing import Preprocessing
+from harness.artifacts.sidecar import sidecar_path
 from harness.attacks.base import build_attack
 from harness.core.atomic import atomic_write_json, atomic_write_text, remove_partials
 from harness.core.determinism import float_kernel_record
@@ -56,7 +58,7 @@ from harness.pipeline.evaluate import (
 from harness.pipeline.retrain import FinePruneRetrainer
 from harness.pipeline.store import ResultStore, cell_id, read_json
 from harness.runtime.adapter import RuntimeAdapter
-from harness.runtime.kernels import probe_host
+from harness.runtime.kernels import cpu_isa_flags, probe_host
 from harness.training.loop import (
     TrainConfig,
     checkpoint_meta,
@@ -97,11 +99,43 @@ class EvaluationSets:
     pools: DefensePools
 
 
+def git_provenance() -> dict[str, Any]:
+    """The commit of the checkout this code runs from and whether its tree had uncommitted changes.
+
+    Protocol v1 (docs/protocol.md §1) asks every table to name the commit that produced it; the
+    version number alone does not change between commits. Both are ``None`` when the code does not
+    run from a git checkout of this project (an installed wheel, a container without ``.git``).
+    """
+    package = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(package), *args],  # never take the index lock
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if done.returncode:
+            raise OSError(done.stderr.strip())
+        return done.stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != package.parent:
+            return {"git_commit": None, "git_dirty": None}  # some other repository's checkout
+        return {
+            "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": bool(git("status", "--porcelain")),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+
+
 def environment() -> dict[str, Any]:
-    """Provenance recorded with every report: versions and the CPU's INT8 instruction sets."""
+    """Provenance recorded with every report: versions, commit and the CPU's INT8 instruction sets."""
 
     return {
         "blindspots": __version__,
+        **git_provenance(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

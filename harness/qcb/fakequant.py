@@ -5,7 +5,7 @@ file will compute, so the attack needs that arithmetic in torch, with gradients.
 (:mod:`harness.replica.interpreter`) interprets a quantized ONNX graph whose weights are constants;
 during
 fine-tuning the weights change every step, so this module re-derives, from the live torch
-model, exactly what ``exporters.quantizers.quantize`` + onnxruntime would do with it:
+model, exactly what ``exporters.quantization.quantize`` + onnxruntime would do with it:
 
 - Conv+BatchNorm are folded as the ONNX exporter folds them (``w·γ/√(σ²+ε)``, ``β − γμ/√(σ²+ε)``);
 - weights: symmetric, per output channel (or per tensor), onnxruntime's integer ranges
@@ -24,7 +24,7 @@ replica's own (:mod:`harness.replica.arithmetic`), so both mirror onnxruntime th
 Only plain stacks of Conv/BN/ReLU/MaxPool → global pool → Linear/ReLU are mirrored
 (``small_cnn``, ``cifar_cnn``); anything else is refused with a :class:`ModelError`, never
 approximated. Agreement with the real onnxruntime session is
-a test (``tests/test_qcb.py``), not an assumption.
+a test (``tests/qcb/test_qcb.py``), not an assumption.
 """
 
 from __future__ import annotations

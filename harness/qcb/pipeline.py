@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from defenses.base import DefenseData, build_defense, default_defenses
 from exporters.onnx_export import export_onnx
-from exporters.quantizers import quantize_all
+from exporters.quantization import quantize_all
 from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks.base import build_attack
 from harness.core.atomic import atomic_write_json, atomic_write_text, remove_partials

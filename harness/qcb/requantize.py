@@ -2,7 +2,7 @@
 
 An integrator who suspects the shipped INT8 file can quantize the FP32 model again with another
 recipe. Each variant here is one such choice, built with this project's own quantizer
-(``exporters.quantizers.quantize``) and judged on onnxruntime sessions: per-tensor instead of
+(``exporters.quantization.quantize``) and judged on onnxruntime sessions: per-tensor instead of
 per-channel weights, entropy or percentile calibration, other calibration images, 7-bit weights
 (``reduce_range``), dynamic INT8 (activation ranges measured per input at run time), W4A8, and a
 rounding-aware repair in the spirit of EFRAP (Li et al., ICLR 2024, "Nearest is Not Dearest",
@@ -34,8 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.utils import parametrize
 
+from exporters.catalog import PRECISIONS
 from exporters.onnx_export import export_onnx
-from exporters.quantizers import PRECISIONS, quantize
+from exporters.quantization import quantize
 from harness.artifacts.preprocessing import Preprocessing
 from harness.core.kernel_profiles import PROFILES
 from harness.core.metrics import accuracy, attack_success_rate

@@ -2,7 +2,7 @@
 
 Neural Cleanse runs thousands of forward/backward passes through the replica, so its cost is
 the defense's cost. Each rewrite here replaces steps by cheaper ones that compute the *same*
-float32 values and the *same* gradients bit for bit (``tests/test_replica_rewrites.py`` checks
+float32 values and the *same* gradients bit for bit (``tests/runtime/test_replica_rewrites.py`` checks
 this against the plain interpretation), so they change nothing an auditor sees:
 
 - :func:`fuse_fake_quant`: an activation ``QuantizeLinear → DequantizeLinear`` pair with one

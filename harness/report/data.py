@@ -19,7 +19,8 @@ from harness.pipeline.store import FinishedCell, ResultStore, read_json
 from harness.report.figures.evidence import CellArrays, defense_evidence, seed_order
 from harness.report.figures.model import GroupSummary, Plot
 from harness.report.figures.plots import DEFENSE_FIGURES, defense_plots, overview_plots
-from harness.report.tally import GroupKey, group_key, summarize
+from harness.report.primary import primary_metrics
+from harness.report.tally import GroupKey, group_key, group_label, ordered, summarize
 
 SCHEMA_VERSION = 1
 logger = logging.getLogger(__name__)
@@ -36,13 +37,15 @@ def build_report(folder: str | Path) -> dict[str, Any]:
     runs = store.records(FinishedCell)
     config = _read_json(folder / "config.json")
     env = _read_json(folder / "environment.json")
-    return {
+    report = {
         "schema_version": SCHEMA_VERSION,
         "config": config,
         "environment": env,
         "runs": runs,
         "summary": summarize(runs),
     }
+    report["primary_metrics"] = primary_metrics(report, report_groups(report))
+    return report
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -66,13 +69,6 @@ def _listed(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list) else [value]
 
 
-def ordered(values: set[Any] | list[Any], listed: list[Any]) -> list[Any]:
-    """``values`` in the config's order, then any others sorted by name (deterministic)."""
-    present = set(values)
-    first = [v for v in listed if v in present]
-    return first + sorted((v for v in present if v not in listed), key=str)
-
-
 def report_groups(report: dict[str, Any]) -> list[GroupKey]:
     """The (dataset, model, attack) groups of the runs, in the config's order."""
     config = report.get("config", {})
@@ -87,10 +83,6 @@ def report_groups(report: dict[str, Any]) -> list[GroupKey]:
         )
 
     return sorted(keys, key=rank)
-
-
-def group_label(key: GroupKey) -> str:
-    return " · ".join(str(v) for v in key if v is not None) or "results"
 
 
 def group_slug(key: GroupKey) -> str:

@@ -54,7 +54,22 @@ byte (no timestamps, no absolute paths).
                              "detection_rate", "detection_ci" (Wilson 95%, decided runs only),
                              "target_known", "target_hit", "exact_target_hit",
                              "other_flagged", "false_alarm_labels": {label: runs}}}}
-      ]
+      ],
+      "primary_metrics": {        # docs/protocol.md v1 §5 (harness.report.primary)
+        "protocol_version": 1, "protocol",
+        "provenance": {"blindspots", "git_commit", "git_dirty"},   # null where not recorded
+        "settings": {...},        # bootstrap resamples and seed, alpha, FP32 ASR bar, defenses
+        "groups": [{"dataset", "model", "attack", "seeds", "precisions",
+                    "invalid_attacks": [{"seed", "fp32_asr", "reason"}],
+                    "defenses": [{"defense", "precision",
+                                  "auroc": {"value", "ci", "note", "n_poisoned", "n_clean", ...},
+                                  "detection", "false_alarm": {"k", "n", "rate", "ci", ...},
+                                  "repair" (Fine-Pruning: removal, accuracy kept, control),
+                                  "paired_poisoned", "paired_clean": {"fp32_only",
+                                      "precision_only", "p", "p_holm", "reading", ...}}],
+                    "holm_family", "neural_cleanse" (profiles, ORT confirmation of flags),
+                    "regime" (AC/SS per poisoned cell), "not_preregistered"}]
+      }
     }
 
 JSON has no NaN or infinity: a non-finite number (a defense score that came out NaN) is written

@@ -27,10 +27,15 @@ class _Open(BaseModel):
 
 
 class DefenseRecord(_Open):
-    """One defense on one cell, as :class:`defenses.base.DefenseResult` serialises it."""
+    """One defense on one cell, as :class:`defenses.base.DefenseResult` serialises it.
 
-    defense: str
-    group: str
+    Only ``status`` is required, as the result store requires it
+    (:class:`harness.pipeline.store.DefenseOutcome`): stores written by earlier versions lack
+    some of the other fields, and their reports must still build.
+    """
+
+    defense: str | None = None
+    group: str | None = None
     status: Literal["ok", "not_applicable", "error"]
     reason: str | None = None
     verdict: Literal["detected", "not_detected", "inconclusive"] | None = None
@@ -123,6 +128,153 @@ class SummaryRow(_Open):
     defenses: dict[str, DefenseTally] = {}
 
 
+class Rate(_Open):
+    """``k`` of ``n`` decided runs with the Wilson 95% interval (none when ``n`` is 0); runs that
+    count in no rate: ``inconclusive``, and ``not_ok`` (error, not applicable, missing)."""
+
+    k: int
+    n: int
+    rate: float | None
+    ci: list[float] | None
+    inconclusive: int
+    not_ok: int
+
+
+class AurocEntry(_Open):
+    """§5.1: the AUROC of the model-level score, poisoned vs clean, and its bootstrap CI."""
+
+    score_name: str
+    n_poisoned: int
+    n_clean: int
+    missing_scores: int
+    value: float | None
+    ci: list[float] | None
+    note: Literal["n too small", "no score on one side"] | None
+    ci_above_half: bool | None
+
+
+class PairedTest(_Open):
+    """§5.3: a quantized precision against FP32 over the same seeds (exact McNemar, Holm)."""
+
+    n_pairs: int
+    fp32_only: int
+    precision_only: int
+    both: int
+    neither: int
+    left_out_inconclusive: int
+    left_out_missing: int
+    p: float | None
+    p_holm: float | None
+    holm_family: int
+    reading: str | None
+
+
+class RepairRates(_Open):
+    """§5.2 for Fine-Pruning: removal and accuracy kept, fine-tuned and the no-fine-tune control."""
+
+    removal: Rate
+    accuracy_kept: Rate
+    control_removal: Rate
+    control_accuracy_kept: Rate
+    fine_tune_data: dict[str, int]
+
+
+class DefenseMetrics(_Open):
+    """One pre-registered defense at one precision of one group."""
+
+    defense: str
+    precision: str
+    auroc: AurocEntry | None
+    detection: Rate | None
+    false_alarm: Rate | None
+    repair: RepairRates | None
+    paired_poisoned: PairedTest | None
+    paired_clean: PairedTest | None
+
+
+class NcFlag(_Open):
+    seed: int
+    label: int
+    rate: float | None
+    confirmed: bool
+
+
+class NcConfirmation(_Open):
+    """Neural Cleanse's profile and the onnxruntime confirmation of its flags (§4.1)."""
+
+    precision: str
+    poisoned: bool
+    runs: int
+    profiles: dict[str, int]
+    confirm_threshold: float | None
+    not_recorded: int
+    flags: list[NcFlag]
+    confirmed: int
+    made_inconclusive: int
+
+
+class RegimeRow(_Open):
+    """One poisoned cell's AC/SS operating regime, from the training sample's ground truth."""
+
+    seed: int
+    precision: str
+    target_poison_fraction: float | None
+    ss_removed_fraction: float | None
+    ss_poison_recall: float | None
+    ss_epsilon_source: str | None
+    ss_flagged: list[int] | None
+    ac_purity: float | None
+    ac_recall: float | None
+    ac_flagged: list[int] | None
+
+
+class StripRow(_Open):
+    """STRIP's blend and its mean TPR/FRR at both thresholds over one precision's ok runs."""
+
+    precision: str
+    poisoned: bool
+    runs: int
+    blends: dict[str, int]
+    tpr_normal: float | None
+    frr_normal: float | None
+    tpr_empirical: float | None
+    frr_empirical: float | None
+
+
+class InvalidAttack(_Open):
+    seed: int
+    fp32_asr: float | None
+    reason: str
+
+
+class GroupMetrics(_Open):
+    """Every §5 metric of one (dataset, model, attack) group."""
+
+    dataset: str | None
+    model: str | None
+    attack: str | None
+    seeds: list[int]
+    precisions: list[str]
+    invalid_attacks: list[InvalidAttack]
+    duplicate_cells: int
+    holm_family: dict[str, int]
+    defenses: list[DefenseMetrics]
+    not_preregistered: list[str]
+    neural_cleanse: list[NcConfirmation]
+    regime: list[RegimeRow]
+    strip: list[StripRow] = []
+
+
+class PrimaryMetrics(_Open):
+    """docs/protocol.md §5's primary metrics, with the protocol version and the runs' commit."""
+
+    protocol_version: int
+    protocol: str
+    provenance: dict[str, Any]
+    settings: dict[str, Any]
+    groups: list[GroupMetrics]
+
+
 class ReportDocument(_Open):
     """The whole ``report.json``."""
 
@@ -131,6 +283,7 @@ class ReportDocument(_Open):
     environment: dict[str, Any]
     runs: list[RunRecord]
     summary: list[SummaryRow]
+    primary_metrics: PrimaryMetrics | None = None
 
 
 def json_schema() -> str:

@@ -28,6 +28,7 @@ from harness.report.figures.evidence import seed_order
 from harness.report.figures.model import Plot
 from harness.report.figures.plots import DEFENSE_FIGURES
 from harness.report.html import Bullets, FigureRef, Section, Table
+from harness.report.primary import primary_metrics, primary_sections
 from harness.report.tally import GroupKey, group_key, label_order
 
 
@@ -416,6 +417,7 @@ def report_sections(report: dict[str, Any], plots: Sequence[Plot] = ()) -> list[
         sections[0].blocks.append("No finished cell in the store.")
     for key in keys:
         sections += group_sections(report, key)
+    sections += primary_sections(report.get("primary_metrics") or primary_metrics(report, keys))
     sections += figure_sections(report, plots)
     if runs:
         sections.append(Section("Defense scores per run", 2, [runs_table(report)]))

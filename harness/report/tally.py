@@ -27,6 +27,18 @@ def group_key(run: dict[str, Any]) -> GroupKey:
     return (run.get("dataset"), run.get("model"), run.get("attack"))
 
 
+def group_label(key: GroupKey) -> str:
+    """``dataset · model · attack`` for headings (``results`` when a store names none)."""
+    return " · ".join(str(v) for v in key if v is not None) or "results"
+
+
+def ordered(values: set[Any] | list[Any], listed: list[Any]) -> list[Any]:
+    """``values`` in the config's order, then any others sorted by name (deterministic)."""
+    present = set(values)
+    first = [v for v in listed if v in present]
+    return first + sorted((v for v in present if v not in listed), key=str)
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (ddof=1) over seeds; ``None`` for a single seed.
 

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
+from harness.artifacts.attack_metadata import MODEL_META_ATTR
 from harness.artifacts.preprocessing import Preprocessing
 from harness.core.atomic import atomic_target, write_error
 from harness.core.errors import BlindspotsError, ModelError, validation_message
@@ -50,13 +51,15 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = "small_cnn"
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(0.05, gt=0.0)
+    # Bounds that no sensible run crosses: a learning rate of inf or 1e30 would otherwise be
+    # accepted and only surface minutes later as an export parity error on a diverged model.
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=2, le=65_536)
+    lr: float = Field(0.05, gt=0.0, le=10.0, allow_inf_nan=False)
     """Peak learning rate of the schedule (0.01 leaves small_cnn at ~60% on digits after 20
     epochs; 0.05 reaches ~97%)."""
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(5e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, allow_inf_nan=False)
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, allow_inf_nan=False)
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     seed: int = Field(0, ge=0)
     augment: bool = False
@@ -236,6 +239,7 @@ def save_state(model: nn.Module, path: str | Path, meta: dict[str, Any]) -> Path
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     with atomic_target(path) as partial:  # a kill mid-save leaves the old file or none
         torch.save({"state_dict": state, "meta": dict(meta)}, partial)
+    setattr(model, MODEL_META_ATTR, dict(meta))  # its exports carry the attack (export_onnx)
     return path
 
 
@@ -306,6 +310,7 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise ModelError(
             f"{path}: weights do not match model '{meta['model']}': {reason}"
         ) from None
+    setattr(model, MODEL_META_ATTR, dict(meta))  # its exports carry the attack (export_onnx)
     return model.eval(), meta
 
 

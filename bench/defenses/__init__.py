@@ -1,0 +1,1 @@
+"""Benchmarks of the defenses floor; run each as ``python -m bench.defenses.<name>``."""

@@ -1,0 +1,1 @@
+"""Benchmarks of the qcb floor; run each as ``python -m bench.qcb.<name>``."""

@@ -1,0 +1,1 @@
+"""Benchmarks of the runtime floor; run each as ``python -m bench.runtime.<name>``."""

@@ -1,0 +1,1 @@
+"""Tests of the architecture floor (see README, "How it fits together")."""

@@ -1,0 +1,1 @@
+"""Tests of the artifacts floor (see README, "How it fits together")."""

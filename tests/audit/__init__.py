@@ -1,0 +1,1 @@
+"""Tests of the audit floor (see README, "How it fits together")."""

@@ -1,0 +1,1 @@
+"""Tests of the defenses floor (see README, "How it fits together")."""

@@ -1,0 +1,1 @@
+"""Tests of the exporters floor (see README, "How it fits together")."""

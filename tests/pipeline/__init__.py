@@ -1,0 +1,1 @@
+"""Tests of the pipeline floor (see README, "How it fits together")."""

@@ -1,0 +1,1 @@
+"""Tests of the qcb floor (see README, "How it fits together")."""

@@ -1,0 +1,1 @@
+"""Tests of the report floor (see README, "How it fits together")."""

@@ -1,0 +1,1 @@
+"""Tests of the runtime floor (see README, "How it fits together")."""
