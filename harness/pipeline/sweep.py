@@ -283,9 +283,11 @@ def run_cell(task: CellTask) -> CellOutcome:
             models, sets = _prepared(config, cell, Path(task.out))
             timings = {**models.timings[cell.poisoned], **task.prepare_timings}
             models = replace(models, timings={**models.timings, cell.poisoned: timings})
-            label_map = _cell_label_map(task.fan_out_labels)
+            # passed only when set, so evaluate_cell's stand-ins in tests keep their signature
+            fan_out = _cell_label_map(task.fan_out_labels)
+            extra = {} if fan_out is None else {"label_map": fan_out}
             record, arrays = evaluate_cell(
-                config, models, sets, cell.poisoned, cell.precision, _silent, label_map
+                config, models, sets, cell.poisoned, cell.precision, _silent, **extra
             )
         except Exception as exc:
             return CellOutcome(error=error_line(exc), traceback=traceback.format_exc())

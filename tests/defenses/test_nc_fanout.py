@@ -182,6 +182,8 @@ def test_the_deployed_replica_fans_out_to_the_same_verdict(digits_world):
     with ProcessExecutor(workers=2) as executor:
         fanned = scan(executor.label_map())
     assert serial.status == fanned.status == "ok"
+    assert serial.details.pop("label_tasks") == "in process"
+    assert fanned.details.pop("label_tasks") == "processes (2 workers)"
     assert fanned.details == serial.details
     assert (fanned.verdict, fanned.flagged_labels) == (serial.verdict, serial.flagged_labels)
     for name, array in serial.arrays.items():
