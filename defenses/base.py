@@ -44,6 +44,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from defenses.deployed import DeployedModel
+from defenses.fanout import LabelMap
 from harness.core.errors import BlindspotsError, validation_message
 from harness.core.registry import Registry
 
@@ -108,6 +109,8 @@ class DefenseData:
     ``poison_rate``: the rate the auditor assumes (SS's ε).
     ``reference``: the adapter of the same model's FP32 artifact, when the cell is a quantized
     one and the FP32 file is at hand (deployment-differential checks compare the two).
+    ``label_map``: where per-label tasks run (Neural Cleanse's trigger searches), injected by the
+    pipeline, which owns the executors (:mod:`defenses.fanout`); None: in this process.
     """
 
     num_classes: int
@@ -121,6 +124,7 @@ class DefenseData:
     poison_rate: float | None = None
     retrainer: Retrainer | None = None
     reference: DeployedModel | None = None
+    label_map: LabelMap | None = None
 
 
 class DefenseResult(BaseModel):

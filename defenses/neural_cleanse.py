@@ -67,6 +67,14 @@ Deviations, each a named parameter:
   ``n_samples`` / ``batch_size`` given explicitly override the profile's.
 - ``workers``: labels are optimised that many at a time in threads (one core each; labels are
   independent, and each computes the same bits in any thread).
+- label fan-out (``DefenseData.label_map``, :mod:`defenses.fanout`): the pipeline may inject
+  where each step's labels run instead — local worker processes, a Dask cluster. The schedule
+  (costs, pauses, kept masks) stays in this process; a label's state (parameters, Adam moments,
+  random stream) and its cost go out, its new state and the step's outcome come back, and the
+  gradient oracle with the images is shipped once per scan. Every label computes what it would
+  here, with the scan's own intra-op thread count (``torch_threads``; set it to 1 with fan-out,
+  one core per worker), so the scan is the serial one bit for bit; ``details["label_tasks"]``
+  says where the labels ran.
 - the onnxruntime re-check of the reversed triggers runs for the labels the verdict rests on
   (flagged, undecided, and the smallest mask), ``n_eval`` held-out images each, and
   ``confirm_threshold`` (ours, docs/protocol.md §4.1) decides whether a flag counts: see below.
@@ -116,6 +124,7 @@ from defenses.base import (
     label_verdict,
 )
 from defenses.deployed import DeployedModel
+from defenses.fanout import LabelMap, LabelTasks
 from defenses.filtering import MAD_CONSISTENCY
 from harness.core.errors import DataError, ModelError
 from harness.core.threads import scoped_threads
@@ -469,8 +478,119 @@ class _Label:
     def mask(self) -> torch.Tensor:
         return _from_tanh(self.mask_param)
 
+    def snapshot(self) -> dict[str, Any]:
+        """The label's whole optimisation state as numpy arrays (copies), for another process.
+
+        Arrays rather than tensors: torch pickles tensors between processes through shared
+        memory file descriptors, which a long scan of small messages would exhaust.
+        """
+        return {
+            "mask": self.mask_param.detach().numpy().copy(),
+            "pattern": self.pattern_param.detach().numpy().copy(),
+            "m": [x.numpy().copy() for x in self.adam.m],
+            "v": [x.numpy().copy() for x in self.adam.v],
+            "t": self.adam.t,
+            "generator": self.generator.get_state().numpy().copy(),
+        }
+
+    @classmethod
+    def restore(cls, snapshot: dict[str, Any], p: NeuralCleanseParams) -> _Label:
+        """The label :meth:`snapshot` saw, bit for bit (parameters, moments, random stream)."""
+        label = cls.__new__(cls)
+        label.generator = torch.Generator()
+        label.generator.set_state(torch.from_numpy(snapshot["generator"]))
+        label.mask_param = torch.from_numpy(snapshot["mask"]).requires_grad_(True)
+        label.pattern_param = torch.from_numpy(snapshot["pattern"]).requires_grad_(True)
+        label.adam = _KerasAdam([label.mask_param, label.pattern_param], p)
+        label.adam.m = [torch.from_numpy(x) for x in snapshot["m"]]
+        label.adam.v = [torch.from_numpy(x) for x in snapshot["v"]]
+        label.adam.t = int(snapshot["t"])
+        return label
+
     def pattern(self) -> torch.Tensor:
         return _from_tanh(self.pattern_param) * 255.0
+
+
+class _LabelScan:
+    """What every label's step reads and no step changes: the model, the images, the settings.
+
+    Picklable when ``forward`` is (a :class:`~harness.runtime.oracle.GradientOracle`'s bound
+    method is): this is the object a fanned-out scan ships to each worker once.
+    """
+
+    def __init__(
+        self,
+        forward: Forward,
+        images: np.ndarray,
+        params: NeuralCleanseParams,
+        quantizer: Any | None,
+    ) -> None:
+        self.forward, self.images, self.params, self.quantizer = forward, images, params, quantizer
+        self._x: torch.Tensor | None = None
+        self.threads = torch.get_num_threads()
+        """The scan's intra-op threads: label tasks elsewhere use as many, since a float
+        reduction's order (so its bits) can depend on the count."""
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The images as float32 pixels, converted once per process."""
+        if self._x is None:
+            self._x = torch.from_numpy(self.images.astype(np.float32))
+        return self._x
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_x": None}  # the uint8 images are 4x smaller on the wire
+
+
+def label_step(scan: _LabelScan, label: int, state: _Label, cost: float) -> _StepOutcome:
+    """The authors' inner loop for one label: Adam updates over its mini-batches."""
+    x, b = scan.x, scan.params.batch_size
+    n = len(x)
+    order = torch.randperm(n, generator=state.generator)
+    hits = reg_sum = clamped = 0.0
+    for start in range(0, n, b):
+        batch = x[order[start : start + b]]
+        hit, reg, sat = _minibatch(scan, label, state, cost, batch)
+        state.adam.step()
+        hits, reg_sum, clamped = hits + hit, reg_sum + reg * len(batch), clamped + sat
+    return _StepOutcome(hits / n, reg_sum / n, clamped / n)
+
+
+def _minibatch(
+    scan: _LabelScan, label: int, state: _Label, cost: float, batch: torch.Tensor
+) -> tuple[int, float, int]:
+    """Forward/backward of one label on one mini-batch (the loss the authors minimise)."""
+    mask = state.mask()
+    out = scan.forward(stamp(batch, mask, state.pattern()))
+    logits, pre = out if isinstance(out, tuple) else (out, None)
+    for_loss = logits
+    if pre is not None and scan.params.output_gradient == "straight_through":
+        for_loss = pre + (logits - pre).detach()  # deployed values, gradient past the clamp
+    target = torch.full((len(batch),), label, dtype=torch.long)
+    ce = torch.nn.functional.cross_entropy(for_loss, target, reduction="sum")
+    reg = mask.sum()
+    (ce + len(batch) * cost * reg).backward()
+    with torch.no_grad():
+        hit = int((logits.argmax(dim=1) == label).sum())
+        sat = 0
+        if pre is not None and scan.quantizer is not None:
+            sat = int(scan.quantizer.saturated_high(pre[:, label]).sum())
+    return hit, float(reg.detach()), sat
+
+
+def remote_label_step(
+    scan: _LabelScan, item: tuple[int, dict[str, Any], float]
+) -> tuple[_StepOutcome, dict[str, Any]]:
+    """One label's step wherever a :class:`~defenses.fanout.LabelMap` runs it.
+
+    ``item`` is (label, its :meth:`_Label.snapshot`, its cost); returns the step's outcome and
+    the label's new snapshot, computed with the scan's intra-op thread count.
+    """
+    label, snapshot, cost = item
+    state = _Label.restore(snapshot, scan.params)
+    with scoped_threads(torch, scan.threads):
+        outcome = label_step(scan, label, state, cost)
+    return outcome, state.snapshot()
 
 
 class TriggerSearch:
@@ -491,11 +611,12 @@ class TriggerSearch:
         params: NeuralCleanseParams,
         seed: int,
         output_quantizer: Any | None = None,
+        tasks: LabelTasks | None = None,
     ) -> None:
         _, h, w, c = images.shape
         labels = num_classes
-        self.forward, self.p, self.quantizer = forward, params, output_quantizer
-        self.x = torch.from_numpy(images.astype(np.float32))
+        self.scan = _LabelScan(forward, images, params, output_quantizer)
+        self.p, self.x, self.tasks = params, self.scan.x, tasks
         streams = np.random.SeedSequence(seed).spawn(labels)
         self.state = [
             _Label(
@@ -566,10 +687,24 @@ class TriggerSearch:
 
     # ----------------------------------------------------------------------------- one step
     def step(self, rows: np.ndarray, pool: ThreadPoolExecutor | None = None) -> None:
-        """One step (a pass over the sample set in mini-batches) for each label in ``rows``."""
+        """One step (a pass over the sample set in mini-batches) for each label in ``rows``.
+
+        With :attr:`tasks` (a fanned-out scan), each label's state and cost travel to wherever
+        the tasks run and the state comes back; the schedule stays here, so the driver alone
+        decides which labels run next.
+        """
         rows = np.asarray(rows, dtype=int)
-        run = pool.map if pool is not None else map
-        outcomes = list(run(self._label_step, rows.tolist()))
+        if self.tasks is not None:
+            items = [(k, self.state[k].snapshot(), float(self.schedule.cost[k])) for k in rows]
+            outcomes = []
+            for k, (outcome, snapshot) in zip(
+                rows, self.tasks.map(remote_label_step, items), strict=True
+            ):
+                self.state[k] = _Label.restore(snapshot, self.p)
+                outcomes.append(outcome)
+        else:
+            run = pool.map if pool is not None else map
+            outcomes = list(run(self._label_step, rows.tolist()))
         success = np.zeros(self.labels)
         reg = np.zeros(self.labels)
         saturated = np.zeros(self.labels)
@@ -578,36 +713,7 @@ class TriggerSearch:
         self._end_step(rows, success, reg, saturated)
 
     def _label_step(self, label: int) -> _StepOutcome:
-        """The authors' inner loop for one label: Adam updates over its mini-batches."""
-        n, b = len(self.x), self.p.batch_size
-        order = torch.randperm(n, generator=self.state[label].generator)
-        hits = reg_sum = clamped = 0.0
-        for start in range(0, n, b):
-            batch = self.x[order[start : start + b]]
-            hit, reg, sat = self._minibatch(label, batch)
-            self.state[label].adam.step()
-            hits, reg_sum, clamped = hits + hit, reg_sum + reg * len(batch), clamped + sat
-        return _StepOutcome(hits / n, reg_sum / n, clamped / n)
-
-    def _minibatch(self, label: int, batch: torch.Tensor) -> tuple[int, float, int]:
-        """Forward/backward of one label on one mini-batch (the loss the authors minimise)."""
-        state = self.state[label]
-        mask = state.mask()
-        out = self.forward(stamp(batch, mask, state.pattern()))
-        logits, pre = out if isinstance(out, tuple) else (out, None)
-        for_loss = logits
-        if pre is not None and self.p.output_gradient == "straight_through":
-            for_loss = pre + (logits - pre).detach()  # deployed values, gradient past the clamp
-        target = torch.full((len(batch),), label, dtype=torch.long)
-        ce = torch.nn.functional.cross_entropy(for_loss, target, reduction="sum")
-        reg = mask.sum()
-        (ce + len(batch) * float(self.schedule.cost[label]) * reg).backward()
-        with torch.no_grad():
-            hit = int((logits.argmax(dim=1) == label).sum())
-            sat = 0
-            if pre is not None and self.quantizer is not None:
-                sat = int(self.quantizer.saturated_high(pre[:, label]).sum())
-        return hit, float(reg.detach()), sat
+        return label_step(self.scan, label, self.state[label], float(self.schedule.cost[label]))
 
     def _end_step(
         self, rows: np.ndarray, success_rate: np.ndarray, avg_reg: np.ndarray, sat: np.ndarray
@@ -651,7 +757,7 @@ class TriggerSearch:
             replica_success=self.best_success.copy(),
             steps_run=self.steps_run.copy(),
             final_cost=self.schedule.cost.copy(),
-            saturated=None if self.quantizer is None else self.best_saturated.copy(),
+            saturated=None if self.scan.quantizer is None else self.best_saturated.copy(),
             tail_ratio=ratio,
             observed_tail_ratio=observed,
         )
@@ -681,10 +787,34 @@ def reverse_engineer(
     params: NeuralCleanseParams,
     seed: int,
     output_quantizer: Any | None = None,
+    label_map: LabelMap | None = None,
 ) -> ReversedTriggers:
-    """Run the authors' optimisation for every label under ``params.label_schedule``."""
-    search = TriggerSearch(forward, images, num_classes, params, seed, output_quantizer)
-    with ThreadPoolExecutor(params.workers) if params.workers > 1 else nullcontext() as pool:
+    """Run the authors' optimisation for every label under ``params.label_schedule``.
+
+    ``label_map`` runs each step's labels as tasks (other processes, a cluster; see
+    :mod:`defenses.fanout`) instead of in this process's threads; the result is the same.
+    """
+    if label_map is None:
+        return _search(forward, images, num_classes, params, seed, output_quantizer, None)
+    tasks = label_map.open(_LabelScan(forward, images, params, output_quantizer))
+    try:
+        return _search(forward, images, num_classes, params, seed, output_quantizer, tasks)
+    finally:
+        tasks.close()
+
+
+def _search(
+    forward: Forward,
+    images: np.ndarray,
+    num_classes: int,
+    params: NeuralCleanseParams,
+    seed: int,
+    output_quantizer: Any | None,
+    tasks: LabelTasks | None,
+) -> ReversedTriggers:
+    search = TriggerSearch(forward, images, num_classes, params, seed, output_quantizer, tasks)
+    threads = params.workers > 1 and tasks is None
+    with ThreadPoolExecutor(params.workers) if threads else nullcontext() as pool:
         while True:
             running = np.flatnonzero(~search.done & ~search.paused)
             if not len(running):
@@ -872,6 +1002,7 @@ class NeuralCleanse(Defense[NeuralCleanseParams]):
                 p,
                 seed,
                 oracle.output_quantizer,
+                data.label_map,
             )
         decision = decide(triggers, data.target_label, p.anomaly_threshold, p.output_gradient)
         # the labels the verdict rests on: flagged, undecided, and the smallest mask (43 labels
@@ -888,6 +1019,7 @@ class NeuralCleanse(Defense[NeuralCleanseParams]):
             "n_eval_images": len(eval_idx),
             "updates_per_step": math.ceil(len(opt_idx) / p.batch_size),
             "flagged_before_confirmation": flagged_before,
+            "label_tasks": "in process" if data.label_map is None else data.label_map.describe(),
         }
         return self._finding(triggers, decision, ort_success, parity_info, sizes, p)
 

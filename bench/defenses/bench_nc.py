@@ -16,9 +16,17 @@ the end has the same norm in both.
 The machine is shared, so CPU seconds are printed next to wall seconds; the CPU's vendor, model
 and INT8-relevant flags are printed too (the INT8 kernels differ without AVX-512 VNNI).
 
+``--budget authors`` runs the authors' step content (profile ``paper``: 1000 images in
+mini-batches of 32 per step), ``--budget grid`` the grids' former one (profile ``fast``); without
+it the config's parameters decide. ``--executor processes|dask --workers N [--scheduler
+tcp://…]`` fans each step's labels out over local worker processes or a Dask cluster (issue 20;
+the result is the serial scan's, bit for bit); the scan records where its labels ran and the
+steps each label took.
+
 Usage: ``python -m bench.defenses.bench_nc [--precisions fp32,int8-static] [--threads 2]
-[--compare-full] [--params '{"steps": 3}'] [--json out.json]``; the figures in BENCHMARKS.md come
-from ``taskset -c 0,1 python -m bench.defenses.bench_nc --json nc.json`` on an otherwise idle machine.
+[--compare-full] [--budget authors|grid] [--executor processes --workers 2]
+[--params '{"steps": 3}'] [--json out.json]``; the figures in BENCHMARKS.md come from
+``taskset -c 0,1 python -m bench.defenses.bench_nc --json nc.json`` on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +52,7 @@ from harness.core.sampling import stable_seed
 from harness.data.base import load_dataset
 from harness.pipeline.config import ExperimentConfig, load_config
 from harness.pipeline.evaluate import calibration_draw, defense_split, run_defense
+from harness.pipeline.executors import EXECUTORS, make_executor
 from harness.runtime.adapter import RuntimeAdapter
 from harness.training.loop import TrainConfig, checkpoint_meta, load_model, save_state, train_model
 
@@ -147,6 +157,8 @@ class Scan:
     statuses: list[str] = field(default_factory=list)
     saturated_target: float | None = None
     reason: str | None = None
+    steps_per_label: list[int] = field(default_factory=list)
+    label_tasks: str | None = None
 
 
 def run_scan(
@@ -176,6 +188,8 @@ def run_scan(
         statuses=statuses,
         saturated_target=None if not saturated else saturated[target],
         reason=result.reason,
+        steps_per_label=[int(s) for s in details.get("steps_run", [])],
+        label_tasks=details.get("label_tasks"),
     )
 
 
@@ -196,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: config)")
     parser.add_argument("--compare-full", action="store_true", help="also run the paper's schedule")
     parser.add_argument("--params", type=json.loads, default={}, help="JSON overrides (smoke runs)")
+    parser.add_argument(
+        "--budget", choices=("authors", "grid"), default=None, help="step content (see above)"
+    )
+    parser.add_argument("--executor", choices=EXECUTORS, default="serial", help="label fan-out")
+    parser.add_argument("--workers", type=int, default=None, help="fan-out workers")
+    parser.add_argument("--scheduler", default=None, help="Dask scheduler (tcp://…)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -203,14 +223,40 @@ def main(argv: list[str] | None = None) -> int:
     params = dict(config.defense_params.get("neural_cleanse", {})) | args.params
     if args.threads is not None:
         params["torch_threads"] = args.threads
+    if args.budget is not None:
+        params["profile"] = "paper" if args.budget == "authors" else "fast"
     precisions = args.precisions.split(",") if args.precisions else config.precisions
     cpu = cpu_description()
     print(f"cpu: {cpu}  torch {torch.__version__}  params: {params}", flush=True)
     folder = CACHE / f"gtsrb_badnet_seed{SEED}"
     paths = trained_artifacts(config, folder)
     data = defense_data(config, folder / "defense_clean.npz")
+    stack = ExitStack()
+    if args.executor != "serial" or args.scheduler:
+        executor = stack.enter_context(
+            make_executor(args.executor, args.workers, args.scheduler, threads=1)
+        )
+        data = replace(data, label_map=executor.label_map())
+        print(f"labels fan out over {executor.describe()}", flush=True)
 
     report: dict[str, Any] = {"cpu": cpu, "params": params, "scans": [], "mismatches": {}}
+    with stack:
+        _scan_all(args, config, paths, data, params, precisions, report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    slow = [s for s in report["scans"] if s["schedule"] == "adaptive" and s["wall_s"] > TARGET_S]
+    return 1 if any(report["mismatches"].values()) or slow else 0
+
+
+def _scan_all(
+    args: argparse.Namespace,
+    config: ExperimentConfig,
+    paths: dict[str, Path],
+    data: DefenseData,
+    params: dict[str, Any],
+    precisions: list[str],
+    report: dict[str, Any],
+) -> None:
     for precision in precisions:
         adapter = RuntimeAdapter.from_path(
             paths[precision], threads=config.threads, kernel_profile=config.int8_kernels
@@ -224,10 +270,6 @@ def main(argv: list[str] | None = None) -> int:
             _print(full)
             report["mismatches"][precision] = same_outcome(scan, full)
             print(f"  adaptive vs full: {report['mismatches'][precision] or 'same'}", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    slow = [s for s in report["scans"] if s["schedule"] == "adaptive" and s["wall_s"] > TARGET_S]
-    return 1 if any(report["mismatches"].values()) or slow else 0
 
 
 def _print(scan: Scan) -> None:

@@ -22,13 +22,18 @@ executors work and asking for Dask is a one-line error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
+import pickle
+import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any, Literal
 
@@ -70,6 +75,19 @@ class Executor(ABC):
     def slots(self) -> int:
         """Tasks worth keeping in flight now: one per worker (at least one)."""
         return max(1, self.workers)
+
+    def share(self, obj: Any) -> Any:
+        """A handle that tasks pass to :func:`resolve_shared` to get ``obj`` where they run,
+        shipped once rather than with every task (see :class:`ExecutorLabelMap`)."""
+        return _Inline(obj)
+
+    def unshare(self, handle: Any) -> None:
+        """Release what :meth:`share` shipped (idempotent; nothing to do for an inline one)."""
+        return None
+
+    def label_map(self) -> ExecutorLabelMap:
+        """This executor as a :class:`defenses.fanout.LabelMap` (a defense's per-label tasks)."""
+        return ExecutorLabelMap(self)
 
     def __enter__(self) -> Executor:
         return self
@@ -137,6 +155,19 @@ class ProcessExecutor(Executor):
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> Future:
         return self._pool.submit(fn, arg)
 
+    def share(self, obj: Any) -> Any:
+        """A pickle in a private temporary file: each worker process reads it once and keeps it
+        (a pool has no way to send something to every worker, nor to one chosen worker)."""
+        fd, path = tempfile.mkstemp(prefix="blindspots-shared-", suffix=".pkl")
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        return _SharedFile(path)
+
+    def unshare(self, handle: Any) -> None:
+        if isinstance(handle, _SharedFile):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(handle.path)
+
     def wait(self, pending: Collection[Any]) -> list[Any]:
         return list(wait_futures(pending, return_when=FIRST_COMPLETED).done)
 
@@ -185,6 +216,26 @@ class DaskExecutor(Executor):
         # pure=False: two identical submissions (a retry) must both run.
         return self._client.submit(fn, arg, pure=False)
 
+    def share(self, obj: Any) -> Any:
+        """Scattered to every worker now (workers that join later fetch it from a peer); a task
+        whose argument holds the future gets the worker's deserialised copy."""
+        return self._client.scatter(obj, broadcast=True, hash=False)
+
+    def unshare(self, handle: Any) -> None:
+        with contextlib.suppress(Exception):  # a closed client has released it already
+            handle.release()
+
+    def wait_for_workers(self, count: int, timeout: float = 120.0) -> None:
+        """Block until ``count`` workers have joined (a cluster started beside the driver)."""
+        try:
+            self._client.wait_for_workers(count, timeout=timeout)
+        except TimeoutError:
+            raise BlindspotsError(
+                f"only {len(self._client.nthreads())} of {count} Dask workers joined "
+                f"within {timeout:g} s"
+            ) from None
+        self.workers = max(self.workers, count)
+
     def slots(self) -> int:
         """Worker threads the scheduler has *now*: a cluster's workers may join after the start."""
         try:
@@ -202,6 +253,144 @@ class DaskExecutor(Executor):
         if self._cluster is not None:
             self._cluster.close()
             self._cluster = None
+
+
+# ---------------------------------------------------------------------------- label fan-out
+@dataclass(frozen=True)
+class _Inline:
+    """A shared object that stays in this process (serial executor)."""
+
+    obj: Any
+
+
+@dataclass(frozen=True)
+class _SharedFile:
+    """A shared object pickled in a file every local worker process can read."""
+
+    path: str
+
+
+_SHARED_CACHE: OrderedDict[str, Any] = OrderedDict()
+_SHARED_CACHE_SIZE = 2
+"""Shared objects a worker process keeps (a scan's oracle and images; the previous scan's may
+still be needed by a straggling task)."""
+
+
+def resolve_shared(handle: Any) -> Any:
+    """The object behind a :meth:`Executor.share` handle, where the task runs."""
+    if isinstance(handle, _Inline):
+        return handle.obj
+    if isinstance(handle, _SharedFile):
+        if handle.path not in _SHARED_CACHE:
+            with open(handle.path, "rb") as fh:
+                _SHARED_CACHE[handle.path] = pickle.load(fh)
+            while len(_SHARED_CACHE) > _SHARED_CACHE_SIZE:
+                _SHARED_CACHE.popitem(last=False)
+        return _SHARED_CACHE[handle.path]
+    return handle  # Dask has already put the worker's copy in the future's place
+
+
+def _run_labels(task: tuple[Callable[[Any, Any], Any], Any, list[Any]]) -> list[Any]:
+    """Worker side of one chunk of a label map: ``fn(shared, item)`` for each item, in order."""
+    fn, handle, items = task
+    shared = resolve_shared(handle)
+    return [fn(shared, item) for item in items]
+
+
+class _ExecutorTasks:
+    """One open scan on an executor; see :class:`ExecutorLabelMap`."""
+
+    def __init__(self, executor: Executor, shared: Any) -> None:
+        self.executor = executor
+        self.handle: Any = executor.share(shared)
+
+    def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any]) -> list[Any]:
+        if self.handle is None:
+            raise BlindspotsError("this label map was closed; open a new one")
+        chunks = _chunks(list(items), self.executor.slots())
+        pending = {self.executor.submit(_run_labels, (fn, self.handle, c)): i for i, c in chunks}
+        results: dict[int, list[Any]] = {}
+        while pending:
+            for handle in self.executor.wait(list(pending)):
+                results[pending.pop(handle)] = handle.result()
+        return [r for i in sorted(results) for r in results[i]]
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.executor.unshare(self.handle)
+            self.handle = None
+
+
+def _chunks(items: list[Any], parts: int) -> list[tuple[int, list[Any]]]:
+    """``items`` in at most ``parts`` contiguous chunks whose sizes differ by at most one."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        out.append((i, items[start:end]))
+        start = end
+    return [(i, c) for i, c in out if c]
+
+
+class ExecutorLabelMap:
+    """An :class:`Executor` as the :class:`defenses.fanout.LabelMap` a defense is given.
+
+    Each :meth:`~_ExecutorTasks.map` call (one Neural Cleanse step) becomes one task per free
+    worker slot, each a contiguous chunk of the items: labels cost the same per step, so equal
+    chunks balance, and per-task overhead (a round trip to a process or a Dask worker) is paid
+    once per worker and step instead of once per label. The shared object goes out once per
+    scan (:meth:`Executor.share`); results come back in item order whatever finishes first.
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+
+    def open(self, shared: Any) -> _ExecutorTasks:
+        return _ExecutorTasks(self.executor, shared)
+
+    def describe(self) -> str:
+        return self.executor.describe()
+
+
+class _SecededTasks:
+    """An open scan from inside a Dask task; closing it rejoins the worker's thread pool."""
+
+    def __init__(self, shared: Any) -> None:
+        self._context = _dask().worker_client(separate_thread=True)
+        client = self._context.__enter__()
+        try:
+            self._tasks: _ExecutorTasks | None = _ExecutorTasks(DaskExecutor(client=client), shared)
+        except BaseException:
+            self._context.__exit__(None, None, None)
+            raise
+
+    def map(self, fn: Callable[[Any, Any], Any], items: Sequence[Any]) -> list[Any]:
+        if self._tasks is None:
+            raise BlindspotsError("this label map was closed; open a new one")
+        return self._tasks.map(fn, items)
+
+    def close(self) -> None:
+        if self._tasks is not None:
+            self._tasks.close()
+            self._tasks = None
+            self._context.__exit__(None, None, None)
+
+
+class DaskWorkerLabelMap:
+    """From inside a Dask task: a label map over the cluster that runs the task.
+
+    Each scan secedes the calling task from its worker's thread pool (``worker_client``) for as
+    long as it is open, so the label tasks it submits can use that worker's thread too and a
+    cluster busy with cells cannot deadlock on them; the rest of the cell keeps its slot.
+    """
+
+    def open(self, shared: Any) -> _SecededTasks:
+        return _SecededTasks(shared)
+
+    def describe(self) -> str:
+        workers = len(_dask().get_client().scheduler_info().get("workers", {}))
+        return f"dask ({workers} worker{'s' if workers != 1 else ''})"
 
 
 def _dask() -> ModuleType:

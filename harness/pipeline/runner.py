@@ -30,6 +30,7 @@ import sklearn
 import torch
 
 from defenses.base import DefenseData
+from defenses.fanout import LabelMap
 from exporters.onnx_export import export_onnx
 from exporters.quantization import quantize_all
 from harness import __version__
@@ -325,11 +326,13 @@ def evaluate_cell(
     is_poisoned: bool,
     precision: str,
     log: Log,
+    label_map: LabelMap | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One cell's record (metrics, defenses, provenance) and its arrays; writes nothing.
 
     A quantized cell gets its FP32 file as ``DefenseData.reference``, so the deployment
-    differential check runs in sweeps too.
+    differential check runs in sweeps too. ``label_map``: where per-label defense tasks run
+    (``DefenseData.label_map``; a Dask sweep spreads a cell's Neural Cleanse over its cluster).
     """
     ds, attack, paths = models.dataset, models.attack, models.artifacts[is_poisoned]
     pools = sets.pools
@@ -370,6 +373,7 @@ def evaluate_cell(
             kernel_profile=config.int8_kernels,
         ),
         reference=None if precision == "fp32" else reference,
+        label_map=label_map,
     )
     plan = DefensePlan(config.defenses, config.defense_params, models.seed)
     evaluation = evaluate_artifact(

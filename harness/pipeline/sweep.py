@@ -44,13 +44,19 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from defenses.fanout import LabelMap
 from harness.core.atomic import atomic_write_json, remove_partials
 from harness.core.errors import BlindspotsError, one_line
 from harness.core.progress import ProgressMode
 from harness.core.runlock import RunLock
 from harness.core.threads import scoped_threads
 from harness.pipeline.config import ExperimentConfig, input_fingerprint
-from harness.pipeline.executors import Executor, SerialExecutor
+from harness.pipeline.executors import (
+    DaskExecutor,
+    DaskWorkerLabelMap,
+    Executor,
+    SerialExecutor,
+)
 from harness.pipeline.runner import (
     EvaluationSets,
     SeedModels,
@@ -229,6 +235,8 @@ class CellTask:
     threads: int | None
     prepare_timings: dict[str, float]
     """Training / quantization times of the prepare task, recorded with the cell."""
+    fan_out_labels: bool = False
+    """Run the cell's per-label defense tasks on the cluster the cell runs on (Dask)."""
 
 
 @dataclass(frozen=True)
@@ -275,12 +283,24 @@ def run_cell(task: CellTask) -> CellOutcome:
             models, sets = _prepared(config, cell, Path(task.out))
             timings = {**models.timings[cell.poisoned], **task.prepare_timings}
             models = replace(models, timings={**models.timings, cell.poisoned: timings})
+            # passed only when set, so evaluate_cell's stand-ins in tests keep their signature
+            fan_out = _cell_label_map(task.fan_out_labels)
+            extra = {} if fan_out is None else {"label_map": fan_out}
             record, arrays = evaluate_cell(
-                config, models, sets, cell.poisoned, cell.precision, _silent
+                config, models, sets, cell.poisoned, cell.precision, _silent, **extra
             )
         except Exception as exc:
             return CellOutcome(error=error_line(exc), traceback=traceback.format_exc())
     return CellOutcome(record=record, arrays=arrays)
+
+
+def _cell_label_map(fan_out: bool) -> LabelMap | None:
+    """The cluster's label map inside a Dask task that asked for one, else None (in process).
+
+    Local worker processes already run one cell each on every core, so only a Dask cell
+    spreads its labels: over every worker of the cluster, its own included.
+    """
+    return DaskWorkerLabelMap() if fan_out else None
 
 
 def _prepared(config: ExperimentConfig, cell: Cell, out: Path) -> tuple[SeedModels, EvaluationSets]:
@@ -425,7 +445,13 @@ class _Driver:
                 self._failed(cell, f"training/quantization failed: {outcome.error}", outcome)
             return
         for cell in cells:
-            task = CellTask(cell, str(self.out), self.executor.threads_per_worker, outcome.timings)
+            task = CellTask(
+                cell,
+                str(self.out),
+                self.executor.threads_per_worker,
+                outcome.timings,
+                fan_out_labels=isinstance(self.executor, DaskExecutor),
+            )
             self._enqueue(run_cell, task, ("cell", task), [cell], kind_rank=0)
 
     def _enqueue(

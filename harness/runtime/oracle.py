@@ -128,6 +128,13 @@ class GradientOracle:
             dynamic_per_sample = adapter.per_sample is not False
         self.replica = build_replica(adapter.model, dynamic_per_sample=dynamic_per_sample)
         self.module = PixelReplica(self.replica, self.preprocessing)
+        self.fixed_batch: int | None = getattr(adapter, "fixed_batch", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the adapter: a pickled oracle computes the same logits and gradients in
+        another process (Neural Cleanse's label fan-out ships it to workers), but has no
+        onnxruntime session to check parity against, so :meth:`parity` needs the original."""
+        return {**self.__dict__, "adapter": None}
 
     @property
     def output_quantizer(self) -> OutputQuantizer | None:
@@ -156,7 +163,7 @@ class GradientOracle:
     ) -> tuple[torch.Tensor, ...]:
         if isinstance(pixels, np.ndarray):
             pixels = torch.from_numpy(pixels)
-        fixed = getattr(self.adapter, "fixed_batch", None)
+        fixed = self.fixed_batch
         if not fixed or len(pixels) == fixed:
             return tuple(forward(pixels))
         # the graph fixes its batch (Reshapes may hard-code it): run it in padded chunks, as the
@@ -186,6 +193,8 @@ class GradientOracle:
         patterns), so agreement on clean inputs alone is not enough; without ``stamped`` images
         a seeded set of randomly patched copies of ``pixels`` is used.
         """
+        if self.adapter is None:
+            raise ModelError("a pickled gradient oracle has no onnxruntime session for parity")
         if len(pixels) == 0:
             raise ModelError("parity needs at least one image")
         if stamped is None:
