@@ -63,17 +63,18 @@ import json, sys
 import harness.core, harness.artifacts, exporters, exporters.catalog, defenses, harness.report
 from harness.cli import main
 main(["list"])
-print(json.dumps({m: m in sys.modules for m in ("torch", "onnxruntime")}))
+print(json.dumps({m: m in sys.modules for m in ("torch", "onnxruntime", "distributed")}))
 """
 
 
-def test_light_entry_points_load_no_torch_and_no_onnxruntime():
+def test_light_entry_points_load_no_torch_no_onnxruntime_and_no_dask():
     done = subprocess.run(
         [sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, check=True
     )
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("datasets: ") and "models: cifar_cnn" in done.stdout
-    assert json.loads(lines[-1]) == {"torch": False, "onnxruntime": False}
+    loaded = json.loads(lines[-1])
+    assert loaded == {"torch": False, "onnxruntime": False, "distributed": False}
 
 
 # --- typed seams ---------------------------------------------------------------------------
