@@ -5,6 +5,8 @@ without downloads. Everything is seeded, so every run builds identical artifacts
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,3 +140,27 @@ def write_rgb_npz(
         y_test=np.arange(n_test) % classes,
     )
     return path
+
+
+@contextmanager
+def dask_executor(workers: int = 2) -> Iterator:
+    """A Dask executor over a fresh local cluster of ``workers`` single-threaded processes.
+
+    Skips the test where the optional [dask] extra is missing; the cluster and its client are
+    closed on the way out, whatever the test did.
+    """
+    distributed = pytest.importorskip("distributed")
+    from harness.pipeline.executors import DaskExecutor
+
+    with (
+        distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,
+        ) as cluster,
+        distributed.Client(cluster) as client,
+        DaskExecutor(client=client) as executor,
+    ):
+        yield executor

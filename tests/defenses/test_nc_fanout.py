@@ -8,7 +8,6 @@ processes and on a Dask cluster, with a toy forward and with the deployed graph'
 
 from __future__ import annotations
 
-import logging
 import pickle
 
 import numpy as np
@@ -28,13 +27,13 @@ from defenses.neural_cleanse import (
 from harness.core.errors import BlindspotsError, ModelError
 from harness.pipeline.evaluate import run_defense
 from harness.pipeline.executors import (
-    DaskExecutor,
     ProcessExecutor,
     SerialExecutor,
     _chunks,
     resolve_shared,
 )
 from harness.runtime.adapter import RuntimeAdapter
+from tests.conftest import dask_executor
 
 
 def _tiny_forward() -> torch.nn.Module:
@@ -148,18 +147,7 @@ def test_local_processes_give_the_serial_scan(serial_scan):
 
 
 def test_a_dask_cluster_gives_the_serial_scan(serial_scan):
-    distributed = pytest.importorskip("distributed")
-    with (
-        distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.CRITICAL,
-        ) as cluster,
-        distributed.Client(cluster) as client,
-        DaskExecutor(client=client) as executor,
-    ):
+    with dask_executor() as executor:
         _assert_identical(_scan(executor.label_map()), serial_scan)
 
 
@@ -226,24 +214,13 @@ def _nc_details(folder) -> dict[str, dict]:
 def test_a_dask_sweep_spreads_a_cells_labels_and_matches_serial(tmp_path):
     """On Dask, each cell's Neural Cleanse runs its labels as tasks on the same cluster (through
     the worker's client, seceded); the records equal a serial sweep's."""
-    distributed = pytest.importorskip("distributed")
     from harness.pipeline.config import build_config
     from harness.pipeline.sweep import run_sweep
 
     config = build_config(NC_SWEEP)
     serial = run_sweep(config, tmp_path / "serial", SerialExecutor(1), log=lambda _: None)
     assert serial.exit_code == 0
-    with (
-        distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.CRITICAL,
-        ) as cluster,
-        distributed.Client(cluster) as client,
-        DaskExecutor(client=client) as executor,
-    ):
+    with dask_executor() as executor:
         fanned = run_sweep(config, tmp_path / "dask", executor, log=lambda _: None)
     assert fanned.exit_code == 0
     fanned_nc, serial_nc = _nc_details(tmp_path / "dask"), _nc_details(tmp_path / "serial")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import signal
 import subprocess
@@ -29,7 +28,7 @@ from harness.pipeline.executors import DaskExecutor, ProcessExecutor, SerialExec
 from harness.pipeline.runner import run_experiment
 from harness.pipeline.store import ResultStore
 from harness.pipeline.sweep import plan, run_sweep, select
-from tests.conftest import write_rgb_npz
+from tests.conftest import dask_executor, write_rgb_npz
 
 SWEEP = {
     "dataset": "digits",
@@ -405,18 +404,7 @@ def test_local_processes_give_the_same_results_as_serial(serial_run, tmp_path):
 
 
 def test_dask_local_cluster_gives_the_same_results_as_serial(serial_run, tmp_path):
-    distributed = pytest.importorskip("distributed")
-    with (
-        distributed.LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.CRITICAL,
-        ) as cluster,
-        distributed.Client(cluster) as client,
-        DaskExecutor(client=client) as executor,
-    ):
+    with dask_executor() as executor:
         assert executor.workers == 2
         summary = run_sweep(build_config(SWEEP), tmp_path, executor, log=_quiet)
     assert (summary.done, summary.exit_code) == (4, 0)
