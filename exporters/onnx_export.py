@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from exporters.calibration import check_pixel_images
 from harness.artifacts.attack_metadata import MODEL_META_ATTR, attack_entries
 from harness.artifacts.preprocessing import METADATA_KEY, Preprocessing
+from harness.core.atomic import atomic_target
 from harness.core.errors import ModelError, one_line
 from harness.runtime.kernels import session_options
 
@@ -92,7 +93,8 @@ def export_onnx(
             first_line = str(exc).strip().splitlines()[0]
             raise ModelError(f"exported ONNX graph for {path} is invalid: {first_line}") from exc
         path.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(proto, str(path))
+        with atomic_target(path) as partial:  # a killed export never leaves a short file
+            onnx.save(proto, str(partial))
         torch_logits = _torch_logits(model, inputs)
     finally:
         model.train(was_training)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from defenses.base import default_defenses
+from harness.core.atomic import atomic_write_text
 from harness.pipeline.config import build_config
 from harness.pipeline.runner import run_experiment
 from harness.qcb.pipeline import QCBConfig, run_qcb
@@ -104,9 +105,9 @@ def run_demo(args: argparse.Namespace, base: dict[str, Any]) -> int:
     write_report(out)
     run_qcb(qcb_config, out / "qcb", log=_log)
     demo = demo_summary(out)
-    (out / "demo.json").write_text(json.dumps(demo, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / "demo.json", json.dumps(demo, indent=2, sort_keys=True) + "\n")
     table = render_demo(demo)
-    (out / "demo.md").write_text(table)
+    atomic_write_text(out / "demo.md", table)
     _log(f"demo finished in {time.perf_counter() - started:.0f}s")
     print(table)
     print(f"wrote {out / 'demo.md'}, {out / 'report.html'} and {out / 'qcb' / 'report.html'}")

@@ -225,9 +225,12 @@ def deploy(
     for poisoned, state in states.items():
         folder = state.parent
         exported = folder / "exported.onnx"
-        if not exported.is_file():
+        # export.json is written only after the parity check passed: as in the runner, a file
+        # without it (a killed or failed export) is made again, never reused.
+        if not (exported.is_file() and (folder / "export.json").is_file()):
             model, _ = load_model(state)
-            export_onnx(model, exported, data.x_test[:256], preprocessing)
+            report = export_onnx(model, exported, data.x_test[:256], preprocessing)
+            atomic_write_text(folder / "export.json", report.model_dump_json(indent=2))
         paths, _ = quantize_all(
             exported, folder, config.precisions, calibration, reuse_existing=True
         )

@@ -1,6 +1,6 @@
 """The report document read from a result store, and the ways the tables and figures walk it.
 
-:func:`build_report` assembles ``report.json``'s content (schema in :mod:`harness.report.document`)
+:func:`build_report` assembles ``report.json``'s content (schema in :mod:`harness.report.schema`)
 from the store's records and metadata files, leaving out whatever is damaged with one warning line
 each; the rest of this module answers what every renderer asks of that document — its groups,
 precisions, defenses and seeds in the config's order — and builds the figures from the per-cell

@@ -1,7 +1,7 @@
 """The statistics docs/protocol.md v1 §5 pre-registers, as small pure functions.
 
 Kept apart from the report's tables so each can be pinned against hand-computed values
-(``tests/test_report_stats.py``), as protocol §7 asks, and so nothing about how a number is
+(``tests/report/test_report_stats.py``), as protocol §7 asks, and so nothing about how a number is
 computed hides in formatting code. Every constant the protocol fixes lives here, named:
 :data:`BOOTSTRAP_RESAMPLES`, :data:`BOOTSTRAP_SEED`, :data:`CI_LEVEL`, :data:`ALPHA`.
 
