@@ -24,8 +24,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
 
 from harness.artifacts.graph_probe import GraphIndex
@@ -47,6 +48,8 @@ CHANNEL_AXIS = {"NCHW": 1, "NHWC": 3}
 IR_WITH_PRIVATE_INITIALIZERS = 4
 #: Softmax's default axis and semantics changed in opset 13 (one axis instead of a 2-D coercion).
 SOFTMAX_SINGLE_AXIS_OPSET = 13
+#: Unsqueeze takes its axes as an input (not an attribute) from this opset on.
+UNSQUEEZE_AXES_INPUT_OPSET = 13
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLAGS_HINT = "pass --mean and --std (and --scale, --layout, --channel-order where they differ)"
 
@@ -303,14 +306,23 @@ def _contract_output(model: onnx.ModelProto, opset: int, batch: Dim, changes: li
         raise ModelError("the model declares no outputs; expected class scores shaped N×C")
     values = _value_infos(model)
     first = graph.output[0].name
+    batch_one = batch == 1
     shape = _shape_of(values, first)
-    class_axis = _class_axis(first, shape)
-    logits, reason = _strip_final_softmax(GraphIndex(model), values, first, opset, changes)
+    class_axis = _class_axis(first, shape, batch_one)
+    logits, reason = _strip_final_softmax(
+        GraphIndex(model), values, first, opset, changes, batch_one
+    )
     if logits != first:
         shape = _shape_of(values, logits)
-        class_axis = _class_axis(logits, shape)
+        class_axis = _class_axis(logits, shape, batch_one)
     name = logits
-    if len(shape) > 2:
+    if len(shape) == 1:
+        name = _append_batch_axis(graph, logits, opset)
+        changes.append(
+            f"output '{logits}' shaped {_fmt(shape)} of a batch-1 graph read as class scores: "
+            "added the batch axis (1×C)"
+        )
+    elif len(shape) > 2:
         name = _append_flatten(graph, logits)
         changes.append(f"flattened output '{logits}' shaped {_fmt(shape)} to N×C")
     if len(graph.output) > 1:
@@ -356,8 +368,15 @@ def _shape_of(values: dict[str, onnx.ValueInfoProto], name: str) -> Shape:
     return shape
 
 
-def _class_axis(name: str, shape: Shape) -> int:
-    """Axis of the class scores: the only non-batch axis not statically 1 (N×C, N×C×1×1, ...)."""
+def _class_axis(name: str, shape: Shape, batch_one: bool = False) -> int:
+    """Axis of the class scores: the only non-batch axis not statically 1 (N×C, N×C×1×1, ...).
+
+    ``batch_one``: the graph takes exactly one image (a fixed batch of 1), so a rank-1 output
+    ``[C]`` is that image's class scores with the batch axis squeezed away — vendors export
+    batch-1 models that way, and refusing them would refuse good files.
+    """
+    if batch_one and len(shape) == 1 and shape[0] != 1:
+        return 0
     wide = [axis for axis, dim in enumerate(shape) if axis > 0 and dim != 1]
     if len(shape) < 2 or len(wide) != 1:
         raise ModelError(
@@ -372,6 +391,7 @@ def _strip_final_softmax(
     output: str,
     opset: int,
     changes: list[str],
+    batch_one: bool = False,
 ) -> tuple[str, str | None]:
     """The logits behind a final (Log)Softmax, or the output itself with a reason if it stays.
 
@@ -384,7 +404,7 @@ def _strip_final_softmax(
     if node.op_type not in SOFTMAX_OPS:
         return output, _softmax_behind_arithmetic(index, node)
     logits = node.input[0]
-    problem = _softmax_axis_problem(node, values, logits, opset)
+    problem = _softmax_axis_problem(node, values, logits, opset, batch_one)
     if problem is not None:
         return output, f"the final {node.op_type} cannot be removed: {problem}"
     changes.append(
@@ -426,7 +446,11 @@ def _softmax_behind_arithmetic(index: GraphIndex, node: onnx.NodeProto) -> str |
 
 
 def _softmax_axis_problem(
-    node: onnx.NodeProto, values: dict[str, onnx.ValueInfoProto], logits: str, opset: int
+    node: onnx.NodeProto,
+    values: dict[str, onnx.ValueInfoProto],
+    logits: str,
+    opset: int,
+    batch_one: bool = False,
 ) -> str | None:
     """None if the (Log)Softmax normalises over the class axis alone, else what is wrong.
 
@@ -438,7 +462,7 @@ def _softmax_axis_problem(
     if shape is None:
         return f"the shape of its input '{logits}' is unknown"
     try:
-        class_axis = _class_axis(logits, shape)
+        class_axis = _class_axis(logits, shape, batch_one)
     except ModelError:
         return f"its input '{logits}' shaped {_fmt(shape)} is not class scores"
     single = opset >= SOFTMAX_SINGLE_AXIS_OPSET
@@ -454,6 +478,18 @@ def _append_flatten(graph: onnx.GraphProto, name: str) -> str:
     flat = _fresh_name(graph, f"{name}_flat")
     graph.node.append(helper.make_node("Flatten", [name], [flat], name=flat, axis=1))
     return flat
+
+
+def _append_batch_axis(graph: onnx.GraphProto, name: str, opset: int) -> str:
+    """``[C]`` → ``[1, C]`` with an Unsqueeze (axes an input from opset 13, an attribute before)."""
+    batched = _fresh_name(graph, f"{name}_batched")
+    if opset >= UNSQUEEZE_AXES_INPUT_OPSET:
+        axes = _fresh_name(graph, f"{name}_batch_axis")
+        graph.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), axes))
+        graph.node.append(helper.make_node("Unsqueeze", [name, axes], [batched], name=batched))
+    else:
+        graph.node.append(helper.make_node("Unsqueeze", [name], [batched], name=batched, axes=[0]))
+    return batched
 
 
 def _fresh_name(graph: onnx.GraphProto, base: str) -> str:

@@ -145,6 +145,38 @@ def test_outputs_that_are_not_one_score_per_class_are_refused(dims):
     _refused(model, "is not class scores")
 
 
+def _batch_one(opset: int, softmax: bool, classes: int = CLASSES) -> onnx.ModelProto:
+    """A fixed batch-1 graph whose scores leave squeezed to ``[C]`` (as vendors export them)."""
+    g = GraphBuilder(seed=30)
+    flat = g.op("Flatten", g.op("GlobalAveragePool", g.conv("x", 1, 4)), axis=1)
+    y = g.op("Reshape", g.gemm(flat, 4, classes), g.const([classes], np.int64))
+    if softmax:
+        y = g.op("Softmax", y, axis=0 if opset < 13 else -1)
+    return g.build([("x", [1, 1, SIZE, SIZE])], [(y, TensorProto.FLOAT, [classes])], opset=opset)
+
+
+@pytest.mark.parametrize(("opset", "softmax"), [(13, False), (13, True), (11, False), (11, True)])
+def test_batch_less_scores_of_a_batch_one_graph_are_read_as_class_scores(opset, softmax):
+    model = _batch_one(opset, softmax)
+    result = intake(model, GREY)
+    assert result.fixed_batch == 1 and result.num_classes == CLASSES
+    assert any("batch-1 graph read as class scores" in c for c in result.changes)
+    assert not result.outputs_are_probabilities
+    x = np.random.default_rng(5).normal(size=(1, 1, SIZE, SIZE)).astype(np.float32)
+    contract = _run(result.model, x)
+    assert contract.shape == (1, CLASSES)
+    published = _run(model, x)[None]  # the vendor's [C] with the batch axis the contract adds
+    np.testing.assert_allclose(_softmax(contract) if softmax else contract, published, atol=1e-6)
+
+
+def test_a_batch_less_output_needs_a_batch_of_one():
+    """``[C]`` from a graph taking N images cannot be one score per image: still refused."""
+    model = _batch_one(13, False)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    _refused(model, "is not class scores")
+    _refused(_batch_one(13, False, classes=1), "is not class scores")
+
+
 def test_two_real_inputs_are_refused_naming_them():
     g = GraphBuilder(seed=22)
     y = g.head(g.op("Add", g.conv("x", 1, 4), g.conv("mask", 1, 4)), 4)
