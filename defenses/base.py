@@ -111,6 +111,9 @@ class DefenseData:
     one and the FP32 file is at hand (deployment-differential checks compare the two).
     ``label_map``: where per-label tasks run (Neural Cleanse's trigger searches), injected by the
     pipeline, which owns the executors (:mod:`defenses.fanout`); None: in this process.
+    ``progress``: where a long defense reports how far it is, one line at a time (Neural
+    Cleanse: each label as it finishes, and a heartbeat), so a 10-minute audit does not look
+    hung; None: silent. It only reads counters and the clock, never changes a number.
     """
 
     num_classes: int
@@ -125,6 +128,7 @@ class DefenseData:
     retrainer: Retrainer | None = None
     reference: DeployedModel | None = None
     label_map: LabelMap | None = None
+    progress: Callable[[str], None] | None = None
 
 
 class DefenseResult(BaseModel):

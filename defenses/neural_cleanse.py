@@ -103,6 +103,7 @@ images the optimiser never saw.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -127,6 +128,7 @@ from defenses.deployed import DeployedModel
 from defenses.fanout import LabelMap, LabelTasks
 from defenses.filtering import MAD_CONSISTENCY
 from harness.core.errors import DataError, ModelError
+from harness.core.progress import format_duration
 from harness.core.threads import scoped_threads
 
 TANH_EPSILON = 1e-7
@@ -788,19 +790,72 @@ def reverse_engineer(
     seed: int,
     output_quantizer: Any | None = None,
     label_map: LabelMap | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> ReversedTriggers:
     """Run the authors' optimisation for every label under ``params.label_schedule``.
 
     ``label_map`` runs each step's labels as tasks (other processes, a cluster; see
     :mod:`defenses.fanout`) instead of in this process's threads; the result is the same.
+    ``progress`` gets a line per finished label and a heartbeat (:class:`ScanProgress`).
     """
+    report = ScanProgress(progress, num_classes)
     if label_map is None:
-        return _search(forward, images, num_classes, params, seed, output_quantizer, None)
+        return _search(forward, images, num_classes, params, seed, output_quantizer, None, report)
     tasks = label_map.open(_LabelScan(forward, images, params, output_quantizer))
     try:
-        return _search(forward, images, num_classes, params, seed, output_quantizer, tasks)
+        return _search(forward, images, num_classes, params, seed, output_quantizer, tasks, report)
     finally:
         tasks.close()
+
+
+class ScanProgress:
+    """Lines on how far a scan is: each label when it finishes, and a heartbeat in between.
+
+    A label at the authors' budget can run for minutes, so besides one line per finished label
+    (steps, kept mask's L1 norm, whether it reached the success bar) a line every
+    ``heartbeat_s`` says how many labels run, wait (ruled out for now by the adaptive
+    schedule) or are done. It reads the search's counters and the clock only.
+    """
+
+    def __init__(
+        self,
+        sink: Callable[[str], None] | None,
+        labels: int,
+        heartbeat_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sink, self.labels, self.heartbeat_s, self.clock = sink, labels, heartbeat_s, clock
+        self.start = self.last = clock()
+        self.reported = np.zeros(labels, dtype=bool)
+
+    def after_step(self, search: TriggerSearch) -> None:
+        """Report labels that finished in the step just run, or a heartbeat when one is due."""
+        if self.sink is None:
+            return
+        now = self.clock()
+        done = search.done
+        finished = np.flatnonzero(done & ~self.reported)
+        norms, reached = (search.norms(), search.reached) if len(finished) else (None, None)
+        for label in finished:
+            assert norms is not None and reached is not None
+            self.reported[label] = True
+            norm = f"mask L1 {norms[label]:.1f}" if np.isfinite(norms[label]) else "no mask"
+            bar = "reached the success bar" if reached[label] else "never reached the success bar"
+            self.sink(
+                f"neural_cleanse: label {label} done after {search.steps_run[label]} steps "
+                f"({norm}, {bar}); {int(done.sum())}/{self.labels} labels done, "
+                f"{format_duration(now - self.start)}"
+            )
+            self.last = now
+        if now - self.last >= self.heartbeat_s:
+            waiting = int((search.paused & ~done).sum())
+            running = self.labels - int(done.sum()) - waiting
+            self.sink(
+                f"neural_cleanse: {running} label(s) running (up to step "
+                f"{int(search.steps_run.max())}), {waiting} waiting, {int(done.sum())}/"
+                f"{self.labels} done, {format_duration(now - self.start)}"
+            )
+            self.last = now
 
 
 def _search(
@@ -811,6 +866,7 @@ def _search(
     seed: int,
     output_quantizer: Any | None,
     tasks: LabelTasks | None,
+    report: ScanProgress,
 ) -> ReversedTriggers:
     search = TriggerSearch(forward, images, num_classes, params, seed, output_quantizer, tasks)
     threads = params.workers > 1 and tasks is None
@@ -820,6 +876,7 @@ def _search(
             if not len(running):
                 return search.result()
             search.step(running, pool)
+            report.after_step(search)
             if params.label_schedule == "adaptive":
                 reschedule(search, params.anomaly_threshold)
 
@@ -1003,6 +1060,7 @@ class NeuralCleanse(Defense[NeuralCleanseParams]):
                 seed,
                 oracle.output_quantizer,
                 data.label_map,
+                data.progress,
             )
         decision = decide(triggers, data.target_label, p.anomaly_threshold, p.output_gradient)
         # the labels the verdict rests on: flagged, undecided, and the smallest mask (43 labels

@@ -251,3 +251,49 @@ def test_the_fanout_bench_compares_each_run_with_serial(digits_world, tmp_path, 
     assert all(r["identical"] and r["steps_total"] == 30 for r in runs)
     with pytest.raises(BlindspotsError, match="unknown run 'threads:2'"):
         bench.main([*argv, "--runs", "serial,threads:2"])
+
+
+def test_progress_lines_name_every_label_once_and_change_nothing(serial_scan):
+    """Per-label progress (issue 18 item 4): one line per finished label, in a scan that is
+    bit-identical to the silent one — the reporter reads counters and the clock only."""
+    lines: list[str] = []
+    reported = reverse_engineer(_tiny_forward(), IMAGES, 5, PARAMS, seed=7, progress=lines.append)
+    _assert_identical(serial_scan, reported)
+    done = [line for line in lines if " done after " in line]
+    assert sorted(int(line.split()[2]) for line in done) == list(range(5))
+    for line in done:
+        label = int(line.split()[2])
+        assert f"after {serial_scan.steps_run[label]} steps" in line
+    assert done[-1].endswith(tuple(f"5/5 labels done, {s}s" for s in range(60)))
+
+
+def test_progress_heartbeat_comes_when_no_label_finishes_for_a_while():
+    from defenses.neural_cleanse import ScanProgress
+
+    class Search:  # the counters ScanProgress reads
+        done = np.array([True, False, False])
+        paused = np.array([False, True, False])
+        steps_run = np.array([4, 2, 9])
+
+        def norms(self) -> np.ndarray:
+            return np.array([3.0, 5.0, 6.0])
+
+        reached = np.array([True, False, False])
+
+    now = [0.0]
+    lines: list[str] = []
+    progress = ScanProgress(lines.append, 3, heartbeat_s=60.0, clock=lambda: now[0])
+    progress.after_step(Search())  # type: ignore[arg-type]
+    assert lines == [
+        "neural_cleanse: label 0 done after 4 steps (mask L1 3.0, reached the success bar); "
+        "1/3 labels done, 0s"
+    ]
+    now[0] = 30.0
+    progress.after_step(Search())  # type: ignore[arg-type]
+    assert len(lines) == 1  # nothing new, no heartbeat due
+    now[0] = 61.0
+    progress.after_step(Search())  # type: ignore[arg-type]
+    assert lines[-1] == (
+        "neural_cleanse: 1 label(s) running (up to step 9), 1 waiting, 1/3 done, 1m01s"
+    )
+    ScanProgress(None, 3).after_step(Search())  # type: ignore[arg-type]  # silent: no sink
