@@ -758,8 +758,8 @@ def _missing_blocks(group: dict[str, Any]) -> list[Any]:
             "**Not every pre-registered defense has run on this setup** (protocol §1, v2): "
             f"missing {listed}. They are missing, not misses: no rate, AUROC or test counts "
             "them. The Holm families below hold only the tests present, so their adjusted "
-            "p-values are interim: once the missing defenses run, the families grow and "
-            "adjusted p-values can only rise."
+            "p-values are interim: once the missing defenses run, the families grow and no "
+            "adjusted p-value can fall."
         )
     if incomplete:
         listed = "; ".join(
@@ -770,7 +770,7 @@ def _missing_blocks(group: dict[str, Any]) -> list[Any]:
         blocks.append(
             f"Ran on only some of this group's cells: {listed}. The cells without it are "
             "missing (*n/a, error or missing* in the rates, *left out: missing* in the paired "
-            "tests), never misses."
+            "tests), never misses; the metrics of these defenses are interim until they run."
         )
     return blocks
 
