@@ -33,6 +33,7 @@ verdict, ``None`` when inconclusive.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -41,7 +42,15 @@ from enum import StrEnum
 from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from defenses.deployed import DeployedModel
 from defenses.fanout import LabelMap
@@ -132,9 +141,17 @@ class DefenseData:
 
 
 class DefenseResult(BaseModel):
-    """What a defense found. JSON-serialisable apart from ``arrays`` (saved by the runner)."""
+    """What a defense found. JSON-serialisable apart from ``arrays`` (saved by the runner).
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    In JSON (``model_dump_json``, what the runner stores) an infinite number stays infinite,
+    written as Python's ``Infinity`` constant, and NaN becomes ``null``: Neural Cleanse's score is
+    ``+inf`` when the MAD of the norms is 0, a score that ranks highest (protocol v2 §4.1), not a
+    missing one, while NaN (an AUROC with an empty side) is no number. ``json.loads`` reads
+    ``Infinity`` back as ``float("inf")``; the published ``report.json`` spells it as a string
+    (:mod:`harness.report.schema`).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, ser_json_inf_nan="constants")
 
     defense: str
     group: Group
@@ -157,6 +174,22 @@ class DefenseResult(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
     per_sample_scores: np.ndarray | None = Field(default=None, exclude=True)
     arrays: dict[str, np.ndarray] = Field(default_factory=dict, exclude=True)
+
+    @model_serializer(mode="wrap")
+    def _nan_as_null(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        data = handler(self)
+        return _nan_to_none(data) if info.mode_is_json() else data
+
+
+def _nan_to_none(value: Any) -> Any:
+    """NaN → ``None`` throughout a JSON-ready value (infinities are kept)."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 @dataclass

@@ -55,25 +55,34 @@ byte (no timestamps, no absolute paths).
                              "target_known", "target_hit", "exact_target_hit",
                              "other_flagged", "false_alarm_labels": {label: runs}}}}
       ],
-      "primary_metrics": {        # docs/protocol.md v1 §5 (harness.report.primary)
-        "protocol_version": 1, "protocol",
+      "primary_metrics": {        # docs/protocol.md v2 §5 (harness.report.primary)
+        "protocol_version": 2, "protocol",
         "provenance": {"blindspots", "git_commit", "git_dirty"},   # null where not recorded
         "settings": {...},        # bootstrap resamples and seed, alpha, FP32 ASR bar, defenses
         "groups": [{"dataset", "model", "attack", "seeds", "precisions",
                     "invalid_attacks": [{"seed", "fp32_asr", "reason"}],
                     "defenses": [{"defense", "precision",
-                                  "auroc": {"value", "ci", "note", "n_poisoned", "n_clean", ...},
+                                  "auroc": {"value", "ci", "ci_degenerate", "note",
+                                            "n_poisoned", "n_clean", "p" (exact one-sided
+                                            Mann-Whitney), "p_holm", "holm_family",
+                                            "works", ...},
                                   "detection", "false_alarm": {"k", "n", "rate", "ci", ...},
                                   "repair" (Fine-Pruning: removal, accuracy kept, control),
                                   "paired_poisoned", "paired_clean": {"fp32_only",
                                       "precision_only", "p", "p_holm", "reading", ...}}],
                     "holm_family", "neural_cleanse" (profiles, ORT confirmation of flags),
-                    "regime" (AC/SS per poisoned cell), "not_preregistered"}]
+                    "regime" (AC/SS per poisoned cell), "not_preregistered",
+                    "missing_defenses": [{"defense", "reason"}],     # v2 §1
+                    "incomplete_defenses": [{"defense", "cells_run", "cells",
+                                             "seeds_incomplete"}]}]
       }
     }
 
-JSON has no NaN or infinity: a non-finite number (a defense score that came out NaN) is written
-as ``null``, so ``report.json`` stays a document any strict JSON reader accepts."""
+JSON has no NaN or infinity, and ``report.json`` stays a document any strict JSON reader accepts:
+NaN (a defense score that came out NaN: no number) is written as ``null``; ±∞ (Neural Cleanse's
+anomaly index with a zero MAD, a score that ranks highest, protocol v2 §4.1) as the strings
+``"Infinity"`` / ``"-Infinity"``, which the schema's ``Score`` fields read back as floats
+(:mod:`harness.report.schema`)."""
 
 from __future__ import annotations
 
@@ -91,16 +100,20 @@ from harness.core.errors import BlindspotsError, one_line, validation_message
 from harness.report.data import build_plots, build_report
 from harness.report.figures.model import Plot
 from harness.report.render import render_markdown, render_report_html
-from harness.report.schema import ReportDocument
+from harness.report.schema import ReportDocument, infinity_text
 
 logger = logging.getLogger(__name__)
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None``: JSON has no such
-    numbers, and ``json.dumps`` would otherwise write ``NaN``, which strict readers reject."""
+    """``value`` with every NaN replaced by ``None`` and every ±inf by ``"Infinity"`` /
+    ``"-Infinity"``: JSON has no such numbers, and ``json.dumps`` would otherwise write ``NaN``
+    or ``Infinity``, which strict readers reject. An infinite score is a score (protocol v2
+    §4.1), so it is spelled out, not dropped; NaN is no number."""
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
+        if math.isnan(value):
+            return None
+        return infinity_text(value)
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -109,7 +122,7 @@ def json_safe(value: Any) -> Any:
 
 
 def report_json(report: dict[str, Any]) -> str:
-    """``report.json``'s text: strict JSON (non-finite numbers as ``null``)."""
+    """``report.json``'s text: strict JSON (NaN as ``null``, ±inf as ``"Infinity"`` strings)."""
     return json.dumps(json_safe(report), indent=2, sort_keys=False, allow_nan=False)
 
 

@@ -1,10 +1,14 @@
-"""The primary metrics of docs/protocol.md v1 §5, computed from the stored runs.
+"""The primary metrics of docs/protocol.md v2 §5, computed from the stored runs.
 
 Per (dataset, model, attack) group, pre-registered defense (§4.1–4.5) and precision:
 
 1. the AUROC of the defense's model-level score (§4) between poisoned models and clean
    controls over all ``ok`` runs, with the stratified percentile-bootstrap 95% CI
-   (:mod:`harness.report.stats`); Fine-Pruning has none (a repair);
+   (:mod:`harness.report.stats`), and (v2) the exact one-sided Mann–Whitney test, Holm-adjusted
+   over the group's family of such tests (:func:`mann_whitney_family`); the claim "D works at
+   P" needs both the CI's lower end above 0.5 and the Holm-adjusted p below α. A degenerate CI
+   (both ends equal: perfect separation or all tied) is marked. Fine-Pruning has none (a
+   repair);
 2. the detection rate (poisoned) and false-alarm rate (clean) over decided runs with Wilson
    95% intervals and the number of inconclusive runs; for Fine-Pruning the removal rate
    (poisoned) and accuracy-kept rate (clean), and the same for its no-fine-tune control;
@@ -12,6 +16,16 @@ Per (dataset, model, attack) group, pre-registered defense (§4.1–4.5) and pre
    McNemar on the per-seed decided verdicts, poisoned models and clean controls tested
    separately, pairs with an inconclusive (or missing) side left out and counted; Holm over the
    defenses × quantized precisions of the group, separately per variant, unadjusted p beside.
+
+Scores (§4): Neural Cleanse's ``+inf`` anomaly index (v2 §4.1) is a score that ranks above
+every finite one, not a missing score; AC's −1 for "no small cluster" holds for every ``ok``
+run, inconclusive ones included (v2 §4.2); STRIP's is the run's ``scores.auroc``, oriented
+P(triggered entropy < clean entropy) by the defense (v2 §4.4).
+
+Missing defenses (v2 §1): a setup's defenses may run in several sweeps, so a store may hold only
+some of the pre-registered ones, or hold one on fewer cells than another. The group lists the
+pre-registered defenses no cell of it ran and those that ran on only some of its cells; a
+missing run is never a miss (it counts in no rate, AUROC or test).
 
 Attack validity (§2) comes first: a poisoned model enters no rate, AUROC or paired test unless
 its FP32 attack success is at least 0.90; such a seed is listed with its ASR (its clean control
@@ -46,21 +60,34 @@ from harness.report.stats import (
     auroc,
     bootstrap_auroc_ci,
     holm,
+    mann_whitney_exact,
     mcnemar_exact,
     min_discordant_to_reject,
 )
 from harness.report.tally import GroupKey, group_key, group_label, ordered
 
-PROTOCOL_VERSION = 1
-PROTOCOL = "docs/protocol.md v1"
-V1_DEFENSES = (
+PROTOCOL_VERSION = 2
+PROTOCOL = "docs/protocol.md v2"
+PREREGISTERED = (
     "neural_cleanse",
     "activation_clustering",
     "spectral_signatures",
     "strip",
     "fine_pruning",
 )
-"""The defenses protocol v1 pre-registers (§4.1–4.5); others get no primary metric (§4.6)."""
+"""The defenses protocol v2 pre-registers for every setup (§4.1–4.5); others get no primary
+metric (§4.6)."""
+MW_FAMILY = "every precision, FP32 included"
+"""Which Mann–Whitney tests share the Holm family of "D works at P" (v2 §5).
+
+The protocol says Holm runs "over the defenses × quantized precisions of one setup" and that
+the Mann–Whitney test rejects "after Holm over the same family", yet "D works at P" is also
+claimed at P = FP32 (the AUROC table has FP32 rows). Read literally, FP32's test would belong
+to no family; this report puts every precision's test of the group in the one family instead
+(the conservative reading: a larger family only raises adjusted p-values). Consequence at the
+protocol's sizes: with 4 AUROC defenses × 4 precisions = 16 tests, 5 + 5 models (smallest
+p = 1/252) cannot reject (16/252 = 0.063), whereas 12 quantized tests alone could
+(12/252 = 0.048); 10 + 10 models (smallest p = 1/184,756) can under either reading."""
 REFERENCE = "fp32"
 MIN_ASR = 0.90
 """§2: the FP32 attack success a poisoned model needs to enter any rate."""
@@ -84,7 +111,12 @@ def model_score(defense: str, res: dict[str, Any] | None) -> float | None:
 
     Only ``ok`` runs score (inconclusive ones included: the score exists). The stored ``score``
     is used only where its ``score_name`` is the protocol's, so a record from an older rule is
-    not silently mixed in. AC's missing score (no small cluster) is the protocol's −1.
+    not silently mixed in. AC's missing score (no small cluster) is the protocol's −1, for
+    inconclusive ``ok`` runs too (v2 §4.2). ``+inf`` is a score (v2 §4.1: Neural Cleanse's index
+    when the MAD is 0), ranked above every finite one; so is ``-inf``, ranked below. NaN, or a
+    value that is not a number, is no score (``missing_scores``). A ``+inf`` reaches here as a
+    float: ``results.jsonl`` holds it as ``Infinity`` (Python's ``json``), and ``report.json``'s
+    ``"Infinity"`` string is turned back into one by its schema (:mod:`harness.report.schema`).
     """
     if not res or record_verdict(res) is None or defense not in SCORE_NAMES:
         return None
@@ -96,7 +128,7 @@ def model_score(defense: str, res: dict[str, Any] | None) -> float | None:
         value = res.get("score")
         if value is None and defense == "activation_clustering":
             value = AC_NO_SMALL_CLUSTER
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         return None
     return float(value)
 
@@ -140,7 +172,9 @@ def control_rate(results: list[dict[str, Any] | None]) -> dict[str, Any]:
 
 
 def auroc_entry(defense: str, poisoned: list[dict[str, Any]], clean: list[dict[str, Any]]) -> Any:
-    """§5.1 for one defense and precision: the AUROC and its bootstrap CI (or why there is none)."""
+    """§5.1 for one defense and precision: the AUROC, its bootstrap CI (or why there is none) and
+    the exact one-sided Mann–Whitney p (v2); ``p_holm`` and ``works`` are set once the group's
+    family is known (:func:`mann_whitney_family`)."""
     pos = [model_score(defense, r) for r in poisoned if r and record_verdict(r)]
     neg = [model_score(defense, r) for r in clean if r and record_verdict(r)]
     pos_ok = [s for s in pos if s is not None]
@@ -154,18 +188,47 @@ def auroc_entry(defense: str, poisoned: list[dict[str, Any]], clean: list[dict[s
         "ci": None,
         "note": None,
         "ci_above_half": None,
+        "ci_degenerate": None,
+        "p": None,
+        "p_holm": None,
+        "holm_family": 0,
+        "works": None,
     }
     if not pos_ok or not neg_ok:
         entry["note"] = "no score on one side"
         return entry
     entry["value"] = auroc(pos_ok, neg_ok)
+    entry["p"] = mann_whitney_exact(pos_ok, neg_ok)
     if min(len(pos_ok), len(neg_ok)) < 2:
         entry["note"] = "n too small"
         return entry
     low, high = bootstrap_auroc_ci(pos_ok, neg_ok)
     entry["ci"] = [low, high]
     entry["ci_above_half"] = low > 0.5
+    entry["ci_degenerate"] = low == high
     return entry
+
+
+def mann_whitney_family(entries: list[dict[str, Any]]) -> int:
+    """Holm over the group's Mann–Whitney tests, and the v2 claim "D works at P" per entry.
+
+    The family is formed as the McNemar one is: every defense × precision entry of the group
+    whose test has a p-value (both sides scored), here with FP32's entries included
+    (:data:`MW_FAMILY` says why). ``works`` is ``True`` when
+    the CI's lower end is above 0.5 **and** the Holm-adjusted p is below α, ``False`` when a CI
+    exists and either fails, ``None`` without a CI. Returns the family's size.
+    """
+    family = [e["auroc"] for e in entries if e["auroc"] and e["auroc"]["p"] is not None]
+    for a, p in zip(family, holm([a["p"] for a in family]), strict=True):
+        a["p_holm"] = p
+        a["holm_family"] = len(family)
+    for e in entries:
+        a = e["auroc"]
+        if a and a["ci_above_half"] is not None:
+            a["works"] = bool(
+                a["ci_above_half"] and a["p_holm"] is not None and a["p_holm"] < ALPHA
+            )
+    return len(family)
 
 
 def paired_entry(
@@ -270,7 +333,7 @@ def group_metrics(report: dict[str, Any], key: GroupKey) -> dict[str, Any]:
     )
     valid, invalid = attack_validity(cells, seeds)
     present = {name for run in runs for name in run.get("defenses") or {}}
-    defenses = [d for d in V1_DEFENSES if d in present]
+    defenses = [d for d in PREREGISTERED if d in present]
 
     def results(defense: str, poisoned: bool, precision: str) -> list[dict[str, Any] | None]:
         use = [s for s in seeds if s in valid] if poisoned else seeds
@@ -312,6 +375,8 @@ def group_metrics(report: dict[str, Any], key: GroupKey) -> dict[str, Any]:
                     e[variant], e["defense"], e["precision"], flag, e["defense"] == "fine_pruning"
                 )
         families[variant] = len(family)
+    families["mann_whitney"] = mann_whitney_family(entries)
+    missing, incomplete = missing_defenses(report, cells, present)
     return {
         "dataset": key[0],
         "model": key[1],
@@ -322,13 +387,52 @@ def group_metrics(report: dict[str, Any], key: GroupKey) -> dict[str, Any]:
         "duplicate_cells": clashes,
         "holm_family": families,
         "defenses": entries,
-        "not_preregistered": sorted(present - set(V1_DEFENSES)),
+        "not_preregistered": sorted(present - set(PREREGISTERED)),
+        "missing_defenses": missing,
+        "incomplete_defenses": incomplete,
         "neural_cleanse": _nc_rows(cells, seeds, valid, precisions)
         if "neural_cleanse" in present
         else [],
         "regime": _regime_rows(cells, seeds, valid, precisions),
         "strip": _strip_rows(cells, seeds, valid, precisions) if "strip" in present else [],
     }
+
+
+def missing_defenses(
+    report: dict[str, Any], cells: Cells, present: set[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """v2 §1: the pre-registered defenses no cell of the group ran (with why, as far as the
+    store can tell), and those that ran on only some of its cells (with the seeds lacking one).
+
+    Missing runs are never misses: they count in no rate, AUROC or test; the paired tests count
+    them as ``left_out_missing`` and the rates as ``not_ok``.
+    """
+    listed = report.get("config", {}).get("defenses")
+    configured = set(listed) if isinstance(listed, list) else None
+    missing = []
+    for name in PREREGISTERED:
+        if name in present:
+            continue
+        if configured is None:
+            reason = "no finished cell of this group records it"
+        elif name in configured:
+            reason = "configured, but no finished cell of this group records it yet"
+        else:
+            reason = "not in this store's configuration: another sweep's, or not run yet"
+        missing.append({"defense": name, "reason": reason})
+    incomplete = []
+    for name in (d for d in PREREGISTERED if d in present):
+        lacking = [key for key, run in cells.items() if name not in (run.get("defenses") or {})]
+        if lacking:
+            incomplete.append(
+                {
+                    "defense": name,
+                    "cells_run": len(cells) - len(lacking),
+                    "cells": len(cells),
+                    "seeds_incomplete": sorted({key[0] for key in lacking}, key=seed_order),
+                }
+            )
+    return missing, incomplete
 
 
 def _repair(defense: str, precision: str, results: Any) -> dict[str, Any]:
@@ -497,7 +601,7 @@ def primary_metrics(report: dict[str, Any], keys: list[GroupKey]) -> dict[str, A
             "git_dirty": env.get("git_dirty"),
         },
         "settings": {
-            "defenses": list(V1_DEFENSES),
+            "defenses": list(PREREGISTERED),
             "reference_precision": REFERENCE,
             "min_fp32_asr": MIN_ASR,
             "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
@@ -505,6 +609,7 @@ def primary_metrics(report: dict[str, Any], keys: list[GroupKey]) -> dict[str, A
             "ci_level": CI_LEVEL,
             "alpha": ALPHA,
             "min_discordant_to_reject": min_discordant_to_reject(),
+            "mann_whitney_family": MW_FAMILY,
         },
         "groups": [group_metrics(report, key) for key in keys],
     }
@@ -553,16 +658,44 @@ def _auroc_text(entry: dict[str, Any]) -> str:
     return text
 
 
-def _works_text(entry: dict[str, Any], defense: str, precision: str) -> str:
-    if entry["ci_above_half"] is None:
+def _mw_text(entry: dict[str, Any]) -> str:
+    """``p / Holm p``, with the smallest p this n allows (perfect separation: 1/C(N, n⁺))."""
+    if entry["p"] is None:
         return "—"
-    if entry["ci_above_half"]:
+    n_pos, n_neg = entry["n_poisoned"], entry["n_clean"]
+    smallest = 1 / math.comb(n_pos + n_neg, n_pos)
+    return f"{_p(entry['p'])} / {_p(entry['p_holm'])} (smallest p at this n: {_p(smallest)})"
+
+
+def _works_text(entry: dict[str, Any], defense: str, precision: str) -> str:
+    """v2 §5: "D works at P" needs the CI's lower end above 0.5 and the Holm-adjusted exact
+    Mann–Whitney p below α; otherwise it is not shown at this n, and the text says which part
+    failed (never "does not work")."""
+    if entry["works"] is None:
+        return "—"
+    if entry["works"]:
         return f"yes: {defense} works at {precision}"
-    return f"not shown at n = {entry['n_poisoned']} + {entry['n_clean']}"
+    failed = []
+    if not entry["ci_above_half"]:
+        failed.append("CI lower end ≤ 0.5")
+    if entry["p_holm"] is None or entry["p_holm"] >= ALPHA:
+        failed.append(f"Holm p ≥ {ALPHA}")
+    return f"not shown at n = {entry['n_poisoned']} + {entry['n_clean']} ({', '.join(failed)})"
 
 
 def _p(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
+    if value is None:
+        return "—"
+    return f"{value:.3f}" if value >= 0.001 or value == 0 else f"{value:.1e}"
+
+
+def stamp(metrics: dict[str, Any]) -> str:
+    """What every primary-metrics table's title carries (protocol §1): the protocol version of
+    the metrics and the commit that produced the runs."""
+    commit = metrics["provenance"].get("git_commit")
+    dirty = " (uncommitted changes)" if metrics["provenance"].get("git_dirty") else ""
+    made = f"commit {commit[:12]}{dirty}" if commit else "commit not recorded"
+    return f"protocol v{metrics['protocol_version']}, {made}"
 
 
 def _provenance(metrics: dict[str, Any]) -> str:
@@ -582,16 +715,25 @@ def _intro(metrics: dict[str, Any]) -> list[Any]:
     settings = metrics["settings"]
     return [
         f"Computed as {metrics['protocol']} §5 pre-registers them (metrics: protocol "
-        f"v{metrics['protocol_version']}). {_provenance(metrics)} Whether these runs are v1 "
-        "*results* also depends on their setup and budgets (§2, §4); this section computes the "
-        "metrics for whatever the store holds.",
+        f"v{metrics['protocol_version']}). {_provenance(metrics)} Every table below names the "
+        "protocol version and that commit. Whether these runs are "
+        f"v{metrics['protocol_version']} *results* also depends on their setup and budgets "
+        "(§2, §4); this section computes the metrics for whatever the store holds.",
         "Per defense and precision: *AUROC* of the model-level score (§4) between poisoned models "
         "and clean controls over every `ok` run (inconclusive included), ties counted ½, with a "
         f"percentile bootstrap {settings['ci_level']:.0%} CI ({settings['bootstrap_resamples']:,} "
         "resamples drawn within each group, generator seed "
         f"{settings['bootstrap_seed']}); a CI needs at least two scores per group, and where "
         "the groups are perfectly separated (or all tied) every resample gives the same AUROC, "
-        "so the interval has no width whatever n is. *Detection* "
+        "so the interval has no width whatever n is (marked *degenerate CI*). *Mann–Whitney*: "
+        "the exact one-sided test, poisoned scores higher, over every split of the pooled "
+        "scores into groups of the observed sizes, ties by midranks; its smallest p is "
+        "1/C(n⁺ + n⁻, n⁺) (3 + 3: 0.05; 5 + 5: 1/252). Holm over the group's Mann–Whitney "
+        "tests at every precision, FP32 included (the protocol's family is the defenses × "
+        "quantized precisions; FP32's test is put in it rather than left unadjusted). "
+        '*Works*: "D works at P" needs the CI\'s lower end above 0.5 **and** the Holm-adjusted '
+        f"p below α = {settings['alpha']} (v2). Scores of +∞ (Neural Cleanse with a zero MAD) "
+        "rank above every finite score, two of them tie. *Detection* "
         "(poisoned; target flagged) and *false alarms* (clean; anything flagged) over decided "
         "runs with Wilson 95% intervals; inconclusive runs count in no rate. *Paired*: each "
         "quantized precision against FP32 over the same seeds, exact McNemar (two-sided "
@@ -605,8 +747,37 @@ def _intro(metrics: dict[str, Any]) -> list[Any]:
     ]
 
 
+def _missing_blocks(group: dict[str, Any]) -> list[Any]:
+    """v2 §1: which pre-registered defenses this table lacks, and where one ran on fewer cells."""
+    blocks: list[Any] = []
+    missing = group.get("missing_defenses") or []
+    incomplete = group.get("incomplete_defenses") or []
+    if missing:
+        listed = "; ".join(f"`{m['defense']}` ({m['reason']})" for m in missing)
+        blocks.append(
+            "**Not every pre-registered defense has run on this setup** (protocol §1, v2): "
+            f"missing {listed}. They are missing, not misses: no rate, AUROC or test counts "
+            "them. The Holm families below hold only the tests present, so their adjusted "
+            "p-values are interim: once the missing defenses run, the families grow and no "
+            "adjusted p-value can fall."
+        )
+    if incomplete:
+        listed = "; ".join(
+            f"`{m['defense']}` on {m['cells_run']} of {m['cells']} cells (seeds lacking a cell: "
+            f"{', '.join(map(str, m['seeds_incomplete']))})"
+            for m in incomplete
+        )
+        blocks.append(
+            f"Ran on only some of this group's cells: {listed}. The cells without it are "
+            "missing (*n/a, error or missing* in the rates, *left out: missing* in the paired "
+            "tests), never misses; the metrics of these defenses are interim until they run."
+        )
+    return blocks
+
+
 def _group_blocks(group: dict[str, Any]) -> list[Any]:
     blocks: list[Any] = [f"Seeds {group['seeds']}, precisions {group['precisions']}."]
+    blocks += _missing_blocks(group)
     if group["invalid_attacks"]:
         listed = ", ".join(
             f"seed {row['seed']} ({row['reason']}"
@@ -624,7 +795,7 @@ def _group_blocks(group: dict[str, Any]) -> list[Any]:
         )
     if group["not_preregistered"]:
         names = ", ".join(f"`{n}`" for n in group["not_preregistered"])
-        blocks.append(f"Not pre-registered in protocol v1, so without primary metrics: {names}.")
+        blocks.append(f"Not pre-registered in the protocol, so without primary metrics: {names}.")
     profiles = Counter[str]()
     for row in group["neural_cleanse"]:
         profiles.update(row["profiles"])
@@ -638,7 +809,7 @@ def _group_blocks(group: dict[str, Any]) -> list[Any]:
     if profiles["not recorded"]:
         blocks.append(
             f"{profiles['not recorded']} Neural Cleanse run(s) record no profile (they predate "
-            "v1's profiles), so they cannot be shown to run the protocol's `paper` budget."
+            "the protocol's profiles), so they cannot be shown to run its `paper` budget."
         )
     detecting = [e for e in group["defenses"] if e["auroc"] is not None]
     if detecting:
@@ -647,6 +818,7 @@ def _group_blocks(group: dict[str, Any]) -> list[Any]:
                 e["defense"],
                 e["precision"],
                 _auroc_text(e["auroc"]),
+                _mw_text(e["auroc"]),
                 _works_text(e["auroc"], e["defense"], e["precision"]),
                 _rate_text(e["detection"]),
                 _rate_text(e["false_alarm"]),
@@ -657,9 +829,15 @@ def _group_blocks(group: dict[str, Any]) -> list[Any]:
             "defense",
             "precision",
             "AUROC [95% CI] (poisoned + clean)",
-            "CI above 0.5",
+            "Mann–Whitney p / Holm p",
+            "works (CI above 0.5 and Holm p < α)",
             "detection [Wilson 95%]",
             "false alarms [Wilson 95%]",
+        )
+        blocks.append(
+            f"Exact Mann–Whitney tests: Holm over the group's "
+            f"{group['holm_family'].get('mann_whitney', 0)} (every defense × precision of the "
+            "group with a score on both sides, FP32 included)."
         )
         blocks.append(Table(header, body))
     paired = [
@@ -871,14 +1049,15 @@ def _strip_blocks(group: dict[str, Any]) -> list[Any]:
     return [
         "STRIP's rates at both thresholds (§4.4: the authors' normal fit's 1% quantile and the "
         "empirical 1% quantile), means over the ok runs; the blend is `add_float` (the authors' "
-        "unclipped sum) under v1. On clean controls the triggered inputs carry a trigger the "
-        "model never learned.",
+        "unclipped sum) under the protocol. On clean controls the triggered inputs carry a "
+        "trigger the model never learned.",
         Table(header, body),
     ]
 
 
 def primary_sections(metrics: dict[str, Any]) -> list[Section]:
-    """The "Primary metrics (protocol v1)" section of report.md/.html."""
+    """The "Primary metrics (protocol v2)" section of report.md/.html; every table's section
+    title names the protocol version and the runs' commit (protocol §1)."""
     sections = [
         Section(f"Primary metrics (protocol v{metrics['protocol_version']})", 2, _intro(metrics))
     ]
@@ -886,7 +1065,10 @@ def primary_sections(metrics: dict[str, Any]) -> list[Section]:
         sections[0].blocks.append("No finished cell in the store.")
     for group in metrics["groups"]:
         key = (group["dataset"], group["model"], group["attack"])
-        sections.append(Section(f"Primary metrics: {group_label(key)}", 3, _group_blocks(group)))
+        mark = stamp(metrics)
+        sections.append(
+            Section(f"Primary metrics: {group_label(key)} ({mark})", 3, _group_blocks(group))
+        )
         for title, blocks in (
             ("Fine-Pruning: removal and its no-fine-tune control", _repair_blocks(group)),
             ("Neural Cleanse: profile and onnxruntime confirmation", _nc_blocks(group)),
@@ -897,5 +1079,5 @@ def primary_sections(metrics: dict[str, Any]) -> list[Section]:
             ),
         ):
             if blocks:
-                sections.append(Section(title, 4, blocks))
+                sections.append(Section(f"{title} ({mark})", 4, blocks))
     return sections

@@ -10,16 +10,56 @@ models (``python -m harness.report.schema > docs/report.schema.json``; a test ke
 Fields the harness adds per defense (``details``, ``params``) or per run (``timings``) stay open
 dictionaries; everything a table is computed from is typed. Extra keys are allowed so a newer
 writer's document still validates under an older reader, as long as nothing it relied on moved.
+
+Infinite numbers. Strict JSON has no infinity, yet a score can be one: protocol v2 §4.1 makes
+Neural Cleanse's anomaly index +∞ when the MAD of the norms is 0, and that is a score that ranks
+highest, not a missing one. ``report.json`` therefore writes ±∞ as the JSON *strings*
+``"Infinity"`` and ``"-Infinity"`` (:func:`harness.report.document.json_safe`), wherever they
+occur — the typed :data:`Score` fields and the open ``details`` alike — and NaN, which is no
+number, as ``null``. The strings are what Python's ``float()`` and JavaScript's ``Number()``
+read back as infinities; :data:`Score` fields turn them back into floats on validation and
+into the strings again on ``model_dump_json``, so ``report.json`` round-trips through
+:class:`ReportDocument`. (``results.jsonl``, the store, is Python's JSON and keeps ``Infinity``
+as a bare constant; only the published ``report.json`` is strict.)
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, WithJsonSchema
 
 SCHEMA_VERSION = 1
+INFINITIES = {"Infinity": math.inf, "-Infinity": -math.inf}
+"""How ``report.json`` spells ±∞ (JSON strings; strict JSON has no infinite number)."""
+
+
+def _read_infinity(value: Any) -> Any:
+    return INFINITIES.get(value, value) if isinstance(value, str) else value
+
+
+def infinity_text(value: float) -> float | str:
+    """``value`` for a JSON document: ±∞ as ``"Infinity"`` / ``"-Infinity"``, else itself."""
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+Score = Annotated[
+    float,
+    BeforeValidator(_read_infinity),
+    PlainSerializer(infinity_text, return_type=float | str, when_used="json"),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "number"}, {"enum": ["Infinity", "-Infinity"]}],
+            "description": 'a number; ±∞ is written as the string "Infinity" or '
+            '"-Infinity" (strict JSON has no infinite number), NaN as null',
+        }
+    ),
+]
+"""A float that may be ±∞ (see the module docstring for how ``report.json`` writes it)."""
 
 
 class _Open(BaseModel):
@@ -31,7 +71,9 @@ class DefenseRecord(_Open):
 
     Only ``status`` is required, as the result store requires it
     (:class:`harness.pipeline.store.DefenseOutcome`): stores written by earlier versions lack
-    some of the other fields, and their reports must still build.
+    some of the other fields, and their reports must still build. ``score``, ``scores`` and
+    ``threshold`` are :data:`Score` s: Neural Cleanse's ``score`` (and its per-label
+    ``anomaly_index_label_*``) is ``+inf`` when the MAD of the norms is 0 (protocol v2 §4.1).
     """
 
     defense: str | None = None
@@ -44,11 +86,11 @@ class DefenseRecord(_Open):
     target_hit: bool | None = None
     exact_target_hit: bool | None = None
     false_alarm_labels: list[int] = []
-    score: float | None = None
+    score: Score | None = None
     score_name: str | None = None
-    scores: dict[str, float | None] = {}
+    scores: dict[str, Score | None] = {}
     flagged_labels: list[int] = []
-    threshold: float | None = None
+    threshold: Score | None = None
     queries: int = 0
     wall_time_s: float = 0.0
     params: dict[str, Any] = {}
@@ -141,7 +183,12 @@ class Rate(_Open):
 
 
 class AurocEntry(_Open):
-    """§5.1: the AUROC of the model-level score, poisoned vs clean, and its bootstrap CI."""
+    """§5.1: the AUROC of the model-level score, poisoned vs clean, its bootstrap CI and (v2)
+    the exact one-sided Mann–Whitney test with its Holm adjustment; ``works`` is the claim
+    "D works at P" (CI lower end > 0.5 and Holm p < α), ``None`` without a CI.
+
+    The fields added in v2 have defaults so a ``report.json`` written under v1 still validates.
+    """
 
     score_name: str
     n_poisoned: int
@@ -151,6 +198,11 @@ class AurocEntry(_Open):
     ci: list[float] | None
     note: Literal["n too small", "no score on one side"] | None
     ci_above_half: bool | None
+    ci_degenerate: bool | None = None
+    p: float | None = None
+    p_holm: float | None = None
+    holm_family: int = 0
+    works: bool | None = None
 
 
 class PairedTest(_Open):
@@ -247,6 +299,22 @@ class InvalidAttack(_Open):
     reason: str
 
 
+class MissingDefense(_Open):
+    """v2 §1: a pre-registered defense no cell of the group ran, and why (as far as known)."""
+
+    defense: str
+    reason: str
+
+
+class IncompleteDefense(_Open):
+    """v2 §1: a pre-registered defense that ran on only some of the group's cells."""
+
+    defense: str
+    cells_run: int
+    cells: int
+    seeds_incomplete: list[int]
+
+
 class GroupMetrics(_Open):
     """Every §5 metric of one (dataset, model, attack) group."""
 
@@ -260,6 +328,8 @@ class GroupMetrics(_Open):
     holm_family: dict[str, int]
     defenses: list[DefenseMetrics]
     not_preregistered: list[str]
+    missing_defenses: list[MissingDefense] = []
+    incomplete_defenses: list[IncompleteDefense] = []
     neural_cleanse: list[NcConfirmation]
     regime: list[RegimeRow]
     strip: list[StripRow] = []

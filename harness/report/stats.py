@@ -1,4 +1,4 @@
-"""The statistics docs/protocol.md v1 §5 pre-registers, as small pure functions.
+"""The statistics docs/protocol.md v2 §5 pre-registers, as small pure functions.
 
 Kept apart from the report's tables so each can be pinned against hand-computed values
 (``tests/report/test_report_stats.py``), as protocol §7 asks, and so nothing about how a number is
@@ -6,6 +6,9 @@ computed hides in formatting code. Every constant the protocol fixes lives here,
 :data:`BOOTSTRAP_RESAMPLES`, :data:`BOOTSTRAP_SEED`, :data:`CI_LEVEL`, :data:`ALPHA`.
 
 - :func:`auroc`: the Mann–Whitney AUROC, ties counted one half (§5.1);
+- :func:`mann_whitney_exact`: the exact one-sided Mann–Whitney test, "poisoned scores higher",
+  over every split of the pooled scores into groups of the observed sizes, midranks for ties
+  (§5, "How the claims are decided", v2);
 - :func:`bootstrap_auroc_ci`: the percentile bootstrap, resampled separately within the
   poisoned and the clean group (stratified), from a generator seeded with the protocol's seed;
 - :func:`mcnemar_exact`: the exact McNemar test, a two-sided binomial test on the discordant
@@ -14,35 +17,43 @@ computed hides in formatting code. Every constant the protocol fixes lives here,
 - :func:`min_discordant_to_reject`: the power statement the protocol asks beside every test.
 
 Wilson intervals are :func:`harness.core.metrics.wilson_interval`, shared with the tallies.
+
+Scores may be ``+inf`` (v2 §4.1: Neural Cleanse's anomaly index when the MAD of the norms is 0):
+every function here compares scores rather than subtracting them, so ``+inf`` ranks above every
+finite score and two ``+inf`` tie. NaN is refused (it has no rank; the report counts such a
+score as missing before it gets here).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import binomtest, rankdata
 
 BOOTSTRAP_RESAMPLES = 10_000
-"""Protocol v1 §5.1: resamples of the AUROC bootstrap."""
+"""Protocol v2 §5.1: resamples of the AUROC bootstrap."""
 BOOTSTRAP_SEED = 20261207
-"""Protocol v1 §5.1: the bootstrap generator's seed (``numpy.random.default_rng``)."""
+"""Protocol v2 §5.1: the bootstrap generator's seed (``numpy.random.default_rng``)."""
 CI_LEVEL = 0.95
 ALPHA = 0.05
-"""Protocol v1 §5: the level every claim is decided at (after Holm where it applies)."""
+"""Protocol v2 §5: the level every claim is decided at (after Holm where it applies)."""
 
 
 def _scores(values: Sequence[float] | np.ndarray) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(array)):
-        raise ValueError("AUROC scores must be finite numbers")
+    if np.any(np.isnan(array)):
+        raise ValueError("scores must be numbers (±inf ranks; NaN has no rank)")
     return array
 
 
 def _wins(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
-    """``W[i, j]`` = 1 when positive ``i`` outscores negative ``j``, ½ on a tie, else 0."""
-    diff = positive[:, None] - negative[None, :]
-    return (diff > 0) + 0.5 * (diff == 0)
+    """``W[i, j]`` = 1 when positive ``i`` outscores negative ``j``, ½ on a tie, else 0.
+
+    Compared, not subtracted: ``inf − inf`` is NaN, but ``inf == inf`` is a tie."""
+    pos, neg = positive[:, None], negative[None, :]
+    return (pos > neg) + 0.5 * (pos == neg)
 
 
 def auroc(positive: Sequence[float] | np.ndarray, negative: Sequence[float] | np.ndarray) -> float:
@@ -55,6 +66,50 @@ def auroc(positive: Sequence[float] | np.ndarray, negative: Sequence[float] | np
     if not len(pos) or not len(neg):
         raise ValueError("AUROC needs at least one score on each side")
     return float(_wins(pos, neg).mean())
+
+
+def mann_whitney_exact(
+    positive: Sequence[float] | np.ndarray, negative: Sequence[float] | np.ndarray
+) -> float:
+    """Exact one-sided Mann–Whitney p-value, alternative "positive (poisoned) scores higher".
+
+    The pooled scores get midranks (tied scores share the mean of the ranks they span; two
+    ``+inf`` tie at the top). Under the null every split of the pooled scores into a group of
+    ``n⁺`` and one of ``n⁻`` is equally likely; the p-value is the fraction of the
+    ``C(n⁺ + n⁻, n⁺)`` splits whose positive-group rank sum is at least the observed one — the
+    rank sum is ``U + n⁺(n⁺ + 1)/2``, so this is the test of :func:`auroc` ``= U / (n⁺ n⁻)``.
+
+    The splits are counted, not listed: midranks are multiples of ½, so twice each is an
+    integer, and a subset-sum recursion over the pooled items counts, for every size ``k`` and
+    doubled rank sum ``s``, how many ``k``-subsets reach ``s`` — exactly the enumeration's
+    tally, in Python integers (no rounding), in ``O(N² · n⁺)`` steps instead of ``C(N, n⁺)``.
+    ``tests/report/test_report_stats.py`` checks it against explicit enumeration and against
+    ``scipy.stats.permutation_test`` with every permutation (``n_resamples=inf``).
+    (``scipy.stats.mannwhitneyu(method="exact")`` is not used: its exact null distribution
+    assumes no ties.)
+
+    Perfect separation gives the smallest p that ``n⁺ + n⁻`` allows, ``1 / C(N, n⁺)``:
+    3 + 3 → 1/20 = 0.05, 5 + 5 → 1/252.
+    """
+    pos, neg = _scores(positive), _scores(negative)
+    if not len(pos) or not len(neg):
+        raise ValueError("the Mann–Whitney test needs at least one score on each side")
+    doubled = np.rint(2 * rankdata(np.concatenate([pos, neg]), method="average")).astype(int)
+    observed = int(doubled[: len(pos)].sum())
+    size, top = len(pos), int(doubled.sum())
+    # ways[k][s]: k-subsets of the items seen so far with doubled rank sum s
+    ways = [[0] * (top + 1) for _ in range(size + 1)]
+    ways[0][0] = 1
+    for rank in doubled.tolist():
+        for k in range(size, 0, -1):
+            below, row = ways[k - 1], ways[k]
+            for s in range(top - rank, -1, -1):
+                if below[s]:
+                    row[s + rank] += below[s]
+    extreme = sum(ways[size][observed:])
+    total = math.comb(len(doubled), size)
+    assert sum(ways[size]) == total  # every split counted once
+    return extreme / total
 
 
 def bootstrap_auroc_ci(

@@ -226,6 +226,11 @@ def run_order(report: dict[str, Any]) -> Callable[[dict[str, Any]], tuple[Any, .
     return key
 
 
+def _score(value: float) -> str:
+    """A stored score: ``+∞`` for Neural Cleanse's zero-MAD index (protocol v2 §4.1), else 3 dp."""
+    return "+∞" if value == math.inf else "−∞" if value == -math.inf else f"{value:.3f}"
+
+
 def runs_table(report: dict[str, Any]) -> Table:
     """Every run's verdict, what it flagged and its score, ordered by cell."""
     several = len(report_groups(report)) > 1
@@ -250,7 +255,7 @@ def runs_table(report: dict[str, Any]) -> Table:
         for name in ordered(set(results), defenses):
             res = results[name]
             score = res.get("score")
-            score_text = "" if score is None else f"{score:.3f} ({res.get('score_name') or ''})"
+            score_text = "" if score is None else f"{_score(score)} ({res.get('score_name') or ''})"
             verdict = _verdict(res)
             reason = res.get("verdict_reason") if verdict == "inconclusive" else res.get("reason")
             if reason and verdict not in ("detected", "not detected"):

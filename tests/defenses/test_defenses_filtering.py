@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+import defenses.strip as strip_module
 from defenses.base import DefenseData, DefenseResult, Status, Verdict, build_defense
 from defenses.filtering import auroc, input_filter_rates, robust_z, sample_filter_metrics
 from defenses.strip import (
@@ -577,3 +578,26 @@ def test_strip_threshold_fit_selects_the_threshold_and_reports_the_other():
     )
     assert normal.scores["tpr_empirical_threshold"] == empirical.scores["tpr"]
     assert empirical.scores["tpr_normal_threshold"] == normal.scores["tpr"]
+
+
+def test_strips_auroc_is_the_probability_a_triggered_input_is_less_entropic(monkeypatch):
+    """Protocol v2 §4.4: ``scores.auroc`` = P(triggered entropy < clean entropy) + ½ P(tie),
+    over the clean inputs the run measured (threshold and evaluation sets) and the triggered
+    ones. Planted entropies: clean alternate 1 and 3 bits; triggered: the first half 0.5 bits
+    (below every clean one: 1), the rest 3 bits (above the 1s: 0; tied with the 3s: ½), so
+    ½ · 1 + ½ · (½ · 0 + ½ · ½) = 0.625; the opposite orientation would give 0.375."""
+    sizes: list[int] = []
+
+    def planted(adapter, x, pool, p, rng):
+        sizes.append(n := len(x))
+        if len(sizes) < 3:  # the threshold set, then the evaluation set
+            return np.where(np.arange(n) % 2 == 0, 1.0, 3.0)
+        return np.where(np.arange(n) < n // 2, 0.5, 3.0)  # the triggered inputs
+
+    monkeypatch.setattr(strip_module, "strip_entropies", planted)
+    result = build_defense("strip", SMALL_STRIP).run(
+        FakeAdapter(), strip_data(), np.random.default_rng(0)
+    )
+    assert result.status == "ok" and len(sizes) == 3
+    assert all(n % 2 == 0 for n in sizes)  # exact halves, as the hand count assumes
+    assert result.scores["auroc"] == pytest.approx(0.625)

@@ -867,7 +867,11 @@ def test_spread_is_the_sample_std_and_a_single_seed_has_none(tmp_path):
 
 
 # ----------------------------------------------------------------------------- report.json
-def test_report_json_is_strict_json_with_non_finite_numbers_as_null(tmp_path, monkeypatch):
+def test_report_json_is_strict_json_with_nan_as_null_and_infinity_spelled_out(
+    tmp_path, monkeypatch
+):
+    """NaN is no number (``null``); ±inf is a value — Neural Cleanse's anomaly index with a zero
+    MAD (protocol v2 §4.1) — written as the string ``"Infinity"`` (strict JSON has no inf)."""
     monkeypatch.setattr(report_module, "build_plots", lambda report, folder: [])  # speed only
     folder = make_store(tmp_path)
 
@@ -885,7 +889,7 @@ def test_report_json_is_strict_json_with_non_finite_numbers_as_null(tmp_path, mo
     document = json.loads(paths["json"].read_text(), parse_constant=reject)
     run = next(r for r in document["runs"] if is_cell(r, 0, True, "fp32"))
     assert run["defenses"]["strip"]["score"] is None
-    assert run["defenses"]["neural_cleanse"]["details"]["anomaly_indices"][1] is None
+    assert run["defenses"]["neural_cleanse"]["details"]["anomaly_indices"][1] == "Infinity"
 
 
 # ----------------------------------------------------------------------------- evidence seed

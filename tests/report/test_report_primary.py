@@ -1,4 +1,4 @@
-"""The report's "Primary metrics (protocol v1)" section on small synthetic stores.
+"""The report's "Primary metrics (protocol v2)" section on small synthetic stores.
 
 The store is built by hand (no training): seeds 0–6 × poisoned/clean × fp32/int8-static, with
 Neural Cleanse detecting the target at FP32 on every valid poisoned model and never at
@@ -15,17 +15,21 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import harness.report.document as report_module
+from defenses.base import DefenseResult
+from defenses.neural_cleanse import mad_anomaly_index
 from harness.core.metrics import wilson_interval
+from harness.pipeline.evaluate import result_fields
 from harness.pipeline.runner import git_provenance
 from harness.pipeline.store import ResultStore
 from harness.report.data import build_report, report_groups
 from harness.report.document import write_report
 from harness.report.primary import model_score, primary_metrics
 from harness.report.render import render_markdown
-from harness.report.schema import ReportDocument
+from harness.report.schema import DefenseRecord, ReportDocument, json_schema
 from harness.report.stats import bootstrap_auroc_ci
 
 PRECISIONS = ["fp32", "int8-static"]
@@ -303,7 +307,8 @@ def written(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
 def test_report_md_and_html_carry_the_section_with_version_and_commit(written):
     _, paths = written
     for text in (paths["markdown"].read_text(), paths["html"].read_text()):
-        assert "Primary metrics (protocol v1)" in text
+        assert "Primary metrics (protocol v2)" in text
+        assert "(protocol v2, commit 0123456789ab)" in text  # every table's section title
         assert "commit <code>0123456789ab</code>" in text or "commit `0123456789ab`" in text
         assert "no evidence of a change at n = 6" in text
         assert (
@@ -311,8 +316,9 @@ def test_report_md_and_html_carry_the_section_with_version_and_commit(written):
         )
     md = paths["markdown"].read_text()
     row = next(line for line in md.splitlines() if line.startswith("| neural_cleanse | fp32 | 1."))
-    assert row.split(" | ")[2:4] == [
+    assert row.split(" | ")[2:5] == [
         "1.00 [1.00–1.00] (n = 6 + 7); degenerate CI: every resample gives the same AUROC",
+        "5.8e-04 / 0.005 (smallest p at this n: 5.8e-04)",  # 1/1716 and 8/1716, see below
         "yes: neural_cleanse works at fp32",
     ]
 
@@ -322,7 +328,7 @@ def test_report_json_holds_the_metrics_under_its_schema(written):
     document = json.loads(paths["json"].read_text())
     ReportDocument.model_validate(document)
     metrics = document["primary_metrics"]
-    assert metrics["protocol_version"] == 1
+    assert metrics["protocol_version"] == 2 and metrics["protocol"] == "docs/protocol.md v2"
     assert metrics["provenance"]["git_commit"].startswith("0123456789abcdef")
     assert metrics["settings"]["bootstrap_seed"] == 20261207
     nc = next(e for e in metrics["groups"][0]["defenses"] if e["defense"] == "neural_cleanse")
@@ -353,3 +359,195 @@ def test_the_runner_records_the_commit_it_runs_from():
     provenance = git_provenance()
     assert provenance["git_commit"] == head.stdout.strip()
     assert isinstance(provenance["git_dirty"], bool)
+
+
+# ------------------------------------------------------------------------- v2: Mann–Whitney
+def test_the_v2_claim_needs_the_ci_and_the_holm_adjusted_mann_whitney_test(group):
+    """The group's Mann–Whitney family: NC, AC, SS and STRIP at fp32 and int8-static, every one
+    scored on both sides (8 tests, FP32 included). NC, AC and STRIP separate 6 poisoned from 7
+    clean perfectly at both precisions: p = 1/C(13, 6) = 1/1716 each; SS ties everything: p = 1.
+    Holm: the six smallest get 8·, 7·, …, 3· 1/1716, made monotone: all 8/1716 = 0.00466; SS's
+    two get 2·1 and 1·1, capped and monotone: 1."""
+    assert group["holm_family"]["mann_whitney"] == 8
+    nc = entry(group, "neural_cleanse", "fp32")["auroc"]
+    assert nc["p"] == pytest.approx(1 / 1716) and nc["p_holm"] == pytest.approx(8 / 1716)
+    assert nc["holm_family"] == 8 and nc["ci_degenerate"] is True and nc["works"] is True
+    ss = entry(group, "spectral_signatures", "int8-static")["auroc"]
+    assert (ss["p"], ss["p_holm"], ss["ci_degenerate"], ss["works"]) == (1.0, 1.0, True, False)
+    assert entry(group, "fine_pruning", "fp32")["auroc"] is None  # not in the family
+
+
+def _only(defenses: list[str], seeds: list[int], precisions: list[str]) -> list[dict[str, Any]]:
+    records = [r for r in make_records(seeds) if r["precision"] in precisions]
+    for record in records:
+        record["defenses"] = {n: record["defenses"][n] for n in defenses}
+    return records
+
+
+def test_three_plus_three_perfectly_separated_is_a_degenerate_ci_but_no_claim():
+    """The protocol's example: 3 + 3 perfectly separated gives the CI [1, 1] and p = 1/20 =
+    0.05, which does not reject even alone (p < α is needed); with NC at fp32 and int8-static
+    the family is 2: Holm p = 2 · 0.05 = 0.1."""
+    records = _only(["neural_cleanse"], [0, 1, 2], PRECISIONS)
+    (group,) = metrics_of(records)["groups"]
+    nc = entry(group, "neural_cleanse", "fp32")["auroc"]
+    assert nc["ci"] == [1.0, 1.0] and nc["ci_above_half"] is True and nc["ci_degenerate"]
+    assert nc["p"] == pytest.approx(1 / 20) and nc["p_holm"] == pytest.approx(2 / 20)
+    assert nc["works"] is False
+    text = render_markdown({"config": CONFIG, "environment": {}, "runs": records, "summary": []})
+    row = next(line for line in text.splitlines() if line.startswith("| neural_cleanse | fp32 | 1"))
+    assert "degenerate CI" in row
+    assert "not shown at n = 3 + 3 (Holm p ≥ 0.05)" in row
+    assert "0.050 / 0.100 (smallest p at this n: 0.050)" in row
+
+
+def test_five_plus_five_perfectly_separated_alone_rejects_at_one_in_252():
+    (group,) = metrics_of(_only(["neural_cleanse"], [0, 1, 2, 3, 4], ["fp32"]))["groups"]
+    nc = entry(group, "neural_cleanse", "fp32")["auroc"]
+    assert nc["p"] == pytest.approx(1 / 252) and nc["p_holm"] == pytest.approx(1 / 252)
+    assert nc["holm_family"] == 1 and nc["works"] is True
+
+
+def test_one_seed_has_a_mann_whitney_p_but_no_claim():
+    (group,) = metrics_of(make_records([0]))["groups"]
+    nc = entry(group, "neural_cleanse", "fp32")["auroc"]
+    assert nc["p"] == 0.5 and nc["works"] is None  # 1 + 1: two splits; no CI, no claim
+
+
+# ------------------------------------------------------------------ v2: +inf is the top score
+def _with_infinite_nc(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """NC at fp32: poisoned seed 0 and clean seed 0 score +inf (a zero MAD, §4.1 v2)."""
+    for record in records:
+        if record["seed"] == 0 and record["precision"] == "fp32":
+            record["defenses"]["neural_cleanse"]["score"] = float("inf")
+    return records
+
+
+def test_an_infinite_nc_score_enters_the_auroc_as_the_top_score():
+    """Poisoned 3..8 with seed 0's 3 → +inf, clean 0.5..1.1 with seed 0's 0.5 → +inf (6 + 7).
+    Pairs: poisoned +inf vs clean +inf ½, vs the 6 finite clean 6; the 5 finite poisoned lose
+    to clean +inf (0) and beat the 6 finite clean (30): (½ + 6 + 30) / 42 = 36.5/42."""
+    (group,) = metrics_of(_with_infinite_nc(make_records()))["groups"]
+    nc = entry(group, "neural_cleanse", "fp32")["auroc"]
+    assert (nc["n_poisoned"], nc["n_clean"], nc["missing_scores"]) == (6, 7, 0)
+    assert nc["value"] == pytest.approx(36.5 / 42)
+    assert model_score("neural_cleanse", {**_nc(0, True, "fp32"), "score": float("inf")}) == (
+        float("inf")
+    )
+    assert model_score("neural_cleanse", {**_nc(0, True, "fp32"), "score": float("nan")}) is None
+
+
+def test_an_infinite_score_survives_result_store_and_report_json(tmp_path):
+    """The path of NC's +inf: the defense's result → the runner's record fields (pydantic JSON
+    with the ``Infinity`` constant) → results.jsonl (``json.dumps``) → the report's runs →
+    report.json (the string "Infinity") → back through the schema to ``float('inf')``."""
+    inf = float("inf")
+    norms = np.array([1.0, 5.0, 5.0, 5.0, 5.0])  # MAD 0, label 0 below the median
+    index, _, mad = mad_anomaly_index(norms)
+    assert mad == 0 and index[0] == inf and float(index[norms < 5.0].max()) == inf
+    result = DefenseResult(
+        defense="neural_cleanse", group="model_inspection", status="ok", verdict="detected",
+        score=inf, score_name="max_anomaly_index_below_median",
+        scores={"anomaly_index_label_0": inf, "broken": float("nan")},
+    )  # fmt: skip
+    fields, _ = result_fields({"neural_cleanse": result})
+    assert fields["neural_cleanse"]["score"] == inf
+    assert fields["neural_cleanse"]["scores"] == {"anomaly_index_label_0": inf, "broken": None}
+
+    store = ResultStore(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    for record in _with_infinite_nc(make_records([0, 1, 2])):
+        store.append(record, {})
+    assert '"score": Infinity' in (tmp_path / "results.jsonl").read_text()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report_module, "build_plots", lambda report, folder: [])
+        paths = write_report(tmp_path)
+    assert "| +∞ (max_anomaly_index_below_median) |" in paths["markdown"].read_text()
+    text = paths["json"].read_text()
+    document = json.loads(text, parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))
+    run = next(r for r in document["runs"] if r["seed"] == 0 and r["precision"] == "fp32")
+    assert run["defenses"]["neural_cleanse"]["score"] == "Infinity"
+    validated = ReportDocument.model_validate_json(text)
+    again = next(r for r in validated.runs if r.seed == 0 and r.precision == "fp32")
+    assert again.defenses["neural_cleanse"].score == inf
+    rewritten = json.loads(validated.model_dump_json())  # and back out as the string
+    assert [r["defenses"]["neural_cleanse"]["score"] for r in rewritten["runs"]] == [
+        run["defenses"]["neural_cleanse"]["score"] for run in document["runs"]
+    ]
+    assert (
+        sum(r["defenses"]["neural_cleanse"]["score"] == "Infinity" for r in document["runs"]) == 2
+    )
+    # the AUROC report.json states counted both +inf: 3 + 3, poisoned {inf, 4, 5} vs clean
+    # {inf, 0.6, 0.7}: ½ + 2 + 0 + 2 + 0 + 2 = 6.5 of 9
+    nc = next(e for e in document["primary_metrics"]["groups"][0]["defenses"]
+              if (e["defense"], e["precision"]) == ("neural_cleanse", "fp32"))  # fmt: skip
+    assert nc["auroc"]["value"] == pytest.approx(6.5 / 9) and nc["auroc"]["n_clean"] == 3
+
+
+def test_the_schema_reads_and_writes_infinity_as_a_string():
+    record = DefenseRecord.model_validate_json(
+        '{"status": "ok", "score": "Infinity", "scores": {"a": "-Infinity", "b": null}}'
+    )
+    assert record.score == float("inf") and record.scores == {"a": float("-inf"), "b": None}
+    assert json.loads(record.model_dump_json())["score"] == "Infinity"
+    assert record.model_dump()["score"] == float("inf")  # Python mode keeps the float
+    schema = json.loads(json_schema())["$defs"]["DefenseRecord"]["properties"]["score"]
+    assert {"enum": ["Infinity", "-Infinity"]} in schema["anyOf"][0]["anyOf"]
+
+
+# ----------------------------------------------------- v2: AC's −1 on inconclusive ok runs
+def test_acs_minus_one_holds_for_an_inconclusive_ok_run_too():
+    """§4.2 v2: a run where some classes could not be clustered and no other has a small
+    cluster is inconclusive, keeps AC's score name and no score: it scores −1 and enters the
+    AUROC (n), though no rate."""
+    inconclusive = _ac(0, False, "fp32") | {
+        "verdict": "inconclusive", "detected": None,
+        "verdict_reason": "nothing flagged, but labels [3] could not be clustered",
+    }  # fmt: skip
+    assert model_score("activation_clustering", inconclusive) == -1.0
+    records = make_records()
+    for record in records:
+        if record["seed"] == 2 and not record["poisoned"] and record["precision"] == "fp32":
+            record["defenses"]["activation_clustering"] = inconclusive
+    (group,) = metrics_of(records)["groups"]
+    ac = entry(group, "activation_clustering", "fp32")
+    assert ac["auroc"]["n_clean"] == 7 and ac["auroc"]["missing_scores"] == 0
+    assert (ac["false_alarm"]["n"], ac["false_alarm"]["inconclusive"]) == (6, 1)
+
+
+# ------------------------------------------------------------ v2 §1: missing defenses
+def test_a_table_before_every_defense_has_run_says_which_are_missing():
+    records = _only(["neural_cleanse", "strip"], SEEDS, PRECISIONS)
+    for record in records:  # STRIP ran on seeds 0–4 only so far
+        if record["seed"] > 4:
+            del record["defenses"]["strip"]
+    config = {**CONFIG, "defenses": ["neural_cleanse", "strip", "activation_clustering"]}
+    report = {"config": config, "environment": {}, "runs": records, "summary": []}
+    (group,) = primary_metrics(report, report_groups(report))["groups"]
+    assert group["missing_defenses"] == [
+        {"defense": "activation_clustering",
+         "reason": "configured, but no finished cell of this group records it yet"},
+        {"defense": "spectral_signatures",
+         "reason": "not in this store's configuration: another sweep's, or not run yet"},
+        {"defense": "fine_pruning",
+         "reason": "not in this store's configuration: another sweep's, or not run yet"},
+    ]  # fmt: skip
+    assert group["incomplete_defenses"] == [
+        {"defense": "strip", "cells_run": 20, "cells": 28, "seeds_incomplete": [5, 6]}
+    ]
+    assert {e["defense"] for e in group["defenses"]} == {"neural_cleanse", "strip"}  # no rows
+    strip = entry(group, "strip", "int8-static")
+    assert strip["false_alarm"]["n"] == 5 and strip["false_alarm"]["not_ok"] == 2  # not misses
+    assert strip["paired_clean"]["left_out_missing"] == 2
+    text = render_markdown(report)
+    assert "**Not every pre-registered defense has run on this setup**" in text
+    assert "`activation_clustering` (configured, but no finished cell" in text
+    assert "`strip` on 20 of 28 cells (seeds lacking a cell: 5, 6)" in text
+    ReportDocument.model_validate(
+        {"schema_version": 1, "config": config, "environment": {}, "runs": records,
+         "summary": [], "primary_metrics": primary_metrics(report, report_groups(report))}
+    )  # fmt: skip
+
+
+def test_a_complete_store_lists_nothing_missing(group):
+    assert group["missing_defenses"] == [] and group["incomplete_defenses"] == []
