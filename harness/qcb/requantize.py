@@ -90,6 +90,10 @@ class SoftRounding(nn.Module):
     weight of each channel is pinned so the channel's scale cannot move."""
 
     ZETA, GAMMA = 1.1, -0.1
+    scale: Tensor
+    floor: Tensor
+    pinned: Tensor
+    pinned_value: Tensor
 
     def __init__(self, weight: Tensor, scale: Tensor, up: Tensor, qrange: tuple[int, int]) -> None:
         super().__init__()
@@ -133,7 +137,7 @@ def rounding_repair(
     mirror.calibrate(inputs)
     with torch.no_grad():
         reference = model(inputs)
-    layers = [s.module for s in mirror.stages if s.kind in ("conv", "linear")]
+    layers = [s.layer for s in mirror.stages if s.kind in ("conv", "linear")]
     roundings = [_attach(layer, recipe, params.flip_error) for layer in layers]
     optimizer = torch.optim.Adam([r.v for r in roundings], lr=params.lr)
     rng = np.random.default_rng(seed)
@@ -150,14 +154,14 @@ def rounding_repair(
         for layer, rounding in zip(layers, roundings, strict=True):
             hard = rounding.harden()
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-            layer.weight.copy_(hard)  # type: ignore[operator]
+            layer.weight.copy_(hard)
     return model.eval()
 
 
-def _attach(layer: nn.Module, recipe: MirrorRecipe, flip_error: float) -> SoftRounding:
+def _attach(layer: nn.Conv2d | nn.Linear, recipe: MirrorRecipe, flip_error: float) -> SoftRounding:
     """Soft rounding on ``layer.weight``, initialised to nearest rounding except where the
     rounding error is at least ``flip_error`` steps (those are flipped)."""
-    weight = layer.weight.detach()  # type: ignore[union-attr]
+    weight = layer.weight.detach()
     qmin, qmax = recipe.weight_range
     flat = weight.reshape(len(weight), -1).abs()
     absmax = flat.amax(1) if recipe.per_channel else flat.max().expand(len(weight))
