@@ -2,9 +2,10 @@
 
 The setup is the grid's (``configs/gtsrb_badnet.toml``): the BadNet-poisoned ``cifar_cnn`` trained
 on ``../shared/data/gtsrb32.npz`` (2% poison, 4×4 checkerboard, target 1), exported and quantized to
-every precision, and the runner's 500 held-out clean test images. The model is trained once with
-the config's recipe and the runner's seeds (poisoning, calibration) and cached under
-``runs/bench_nc/`` (about half an hour on two busy cores); later runs reuse it.
+every precision, and the runner's 500 held-out clean test images. The model is built once by the
+runner's own ``prepare_seed`` (the config's recipe, the runner's seeds for poisoning and
+calibration) and cached under ``runs/bench_nc/`` (about half an hour on two busy cores); later
+runs reuse it.
 
 Each precision runs Neural Cleanse with the config's parameters and the runner's defense seed, and
 reports wall and CPU time, the steps spent per label, how each label ended (the paper's early
@@ -44,17 +45,13 @@ import torch
 
 from bench._cpu import cpu_description
 from defenses.base import DefenseData
-from exporters.onnx_export import export_onnx
-from exporters.quantization import quantize_all
-from harness.artifacts.preprocessing import Preprocessing
-from harness.attacks.base import build_attack
-from harness.core.sampling import stable_seed
+from harness.core.atomic import atomic_write_json
 from harness.data.base import load_dataset
 from harness.pipeline.config import ExperimentConfig, load_config
-from harness.pipeline.evaluate import calibration_draw, defense_split, run_defense
+from harness.pipeline.evaluate import cell_defense_data, defense_split, run_defense
 from harness.pipeline.executors import EXECUTORS, make_executor
+from harness.pipeline.runner import prepare_seed
 from harness.runtime.adapter import RuntimeAdapter
-from harness.training.loop import TrainConfig, checkpoint_meta, load_model, save_state, train_model
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "gtsrb_badnet.toml"
@@ -73,46 +70,24 @@ def grid_config() -> ExperimentConfig:
 
 
 def trained_artifacts(config: ExperimentConfig, folder: Path, seed: int = SEED) -> dict[str, Path]:
-    """The grid's poisoned model at every precision, trained and quantized once into ``folder``.
+    """The grid's poisoned model at every precision, built once into ``folder``.
 
-    Same recipe and seeds as the runner (``stable_seed("poison"|"calibration", seed)``, the
-    config's training options), so the artifacts are the grid's.
+    Built by the runner itself (:func:`harness.pipeline.runner.prepare_seed`: its poisoning,
+    training, export with parity check, calibration draw and quantization), so the artifacts are
+    the grid's. ``folder/artifacts.json`` lists them once built, so a later bench (on another
+    machine too) needs only the folder, not the data.
     """
-    ready = {precision: folder / f"{precision}.onnx" for precision in config.precisions}
-    if all(path.is_file() for path in ready.values()):
-        return ready  # cached (delete the folder to rebuild); lets the bench run without the data
-    dataset = load_dataset(config.dataset, config.data_root, **config.dataset_options)
-    attack = build_attack(config.attack, config.attack_params)
-    preprocessing = Preprocessing.from_images(dataset.x_train)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = folder / "model.pt"
-    if state.is_file():
-        model, _ = load_model(state)
-    else:
-        poisoned = attack.poison(
-            dataset.x_train, dataset.y_train, np.random.default_rng(stable_seed("poison", seed))
-        )
-        train = TrainConfig(
-            model=config.model,
-            seed=seed,
-            num_threads=config.threads,
-            **config.training.model_dump(),
-        )
-        model = train_model(poisoned.x, poisoned.y, dataset.num_classes, preprocessing, train)
-        meta = checkpoint_meta(
-            train,
-            dataset.num_classes,
-            dataset.image_shape[2],
-            preprocessing,
-            attack=attack.describe(),
-            poisoned=True,
-        )
-        save_state(model, state, meta)
-    exported = folder / "exported.onnx"
-    if not exported.is_file():
-        export_onnx(model, exported, dataset.x_test[:256], preprocessing)
-    calibration = calibration_draw(dataset.x_train, config.calibration_size, seed)
-    paths, _ = quantize_all(exported, folder, config.precisions, calibration, reuse_existing=True)
+    index = folder / "artifacts.json"
+    if index.is_file():
+        listed = {p: folder / rel for p, rel in json.loads(index.read_text()).items()}
+        if all(p in listed and listed[p].is_file() for p in config.precisions):
+            return {p: listed[p] for p in config.precisions}
+    flat = {precision: folder / f"{precision}.onnx" for precision in config.precisions}
+    if all(path.is_file() for path in flat.values()):
+        return flat  # built by this bench before it called the runner: the same recipe and seeds
+    models = prepare_seed(config, seed, folder, lambda m: print(m, flush=True), [True])
+    paths = {p: models.artifacts[True][p] for p in config.precisions}
+    atomic_write_json(index, {p: str(path.relative_to(folder)) for p, path in paths.items()})
     return paths
 
 
@@ -129,10 +104,9 @@ def defense_data(config: ExperimentConfig, cache: Path, seed: int = SEED) -> Def
             num_classes=dataset.num_classes,
         )
     with np.load(cache) as saved:
-        return DefenseData(
-            num_classes=int(saved["num_classes"]),
-            clean_x=saved["x"],
-            clean_y=saved["y"],
+        return cell_defense_data(
+            int(saved["num_classes"]),
+            (saved["x"], saved["y"]),
             target_label=int(config.attack_params["target_label"]),
         )
 

@@ -15,12 +15,16 @@ process, one after the other, and reports for each
 - ``identical``: masks, patterns, norms, steps, verdict and every other detail equal to the
   serial scan's, bit for bit.
 
-Worlds (trained once, cached under ``runs/bench_nc_fanout/``):
+Worlds (trained once, cached under ``runs/bench_nc_fanout-v2/``):
 
 - ``digits``: the tests' BadNet digits ``small_cnn`` (8×8 grey, 10 labels; about 10 s to train);
 - ``cifar_cnn``: the grid's ``cifar_cnn`` on 32×32 GTSRB images (43 labels), trained for one
   epoch on 4,000 images of ``../shared/data/gtsrb32.npz`` without poisoning — a model of the
   grid's *size* for timing; its verdicts mean nothing.
+
+Both are quantized on the runner's calibration draw and the 4,000 images are a seeded draw
+(:mod:`harness.pipeline.evaluate`); until v2 the bench took the first 256 training images and a
+permutation of its own, so caches of that layout (``runs/bench_nc_fanout/``) are not reused.
 
 The Dask run uses a cluster of separate processes on loopback: one ``dask scheduler`` and
 ``--dask-workers`` ``dask worker --nthreads 1`` processes, started by the bench (or an existing
@@ -41,6 +45,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +58,18 @@ from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks.base import build_attack
 from harness.core.errors import BlindspotsError
 from harness.data.base import load_dataset
-from harness.pipeline.evaluate import run_defense
+from harness.pipeline.evaluate import (
+    calibration_draw,
+    cell_defense_data,
+    run_defense,
+    seeded_subset,
+)
 from harness.pipeline.executors import DaskExecutor, Executor, make_executor
 from harness.runtime.adapter import RuntimeAdapter
 from harness.training.loop import TrainConfig, train_model
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHE = ROOT / "runs" / "bench_nc_fanout"
+CACHE = ROOT / "runs" / "bench_nc_fanout-v2"
 GTSRB = ROOT.parent / "shared" / "data" / "gtsrb32.npz"
 PRECISIONS = ("fp32", "int8-static", "int8-dynamic", "int4")
 SEED = 0
@@ -95,7 +105,7 @@ def world(name: str, gtsrb: Path = GTSRB) -> tuple[Path, DefenseData]:
             if not gtsrb.is_file():
                 raise BlindspotsError(f"the cifar_cnn world needs {gtsrb} (see --gtsrb)")
             with np.load(gtsrb) as saved:
-                pick = np.random.default_rng(SEED).permutation(len(saved["x_train"]))[:4000]
+                pick = seeded_subset(len(saved["x_train"]), 4000, "bench-nc-fanout", SEED)
                 x, y = saved["x_train"][pick], saved["y_train"][pick]
                 test_x, test_y = saved["x_test"][:1500], saved["y_test"][:1500]
             classes = 43
@@ -104,13 +114,12 @@ def world(name: str, gtsrb: Path = GTSRB) -> tuple[Path, DefenseData]:
             raise BlindspotsError(f"unknown world '{name}'; expected digits or cifar_cnn")
         preprocessing = Preprocessing.from_images(x)
         model = train_model(x, y, classes, preprocessing, config, progress=False)
-        _export(model, preprocessing, x[:256], folder)
+        _export(model, preprocessing, calibration_draw(x, 256, SEED), folder)
         np.savez(clean, x=test_x, y=test_y, num_classes=classes)
     with np.load(clean) as saved:
-        data = DefenseData(
-            num_classes=int(saved["num_classes"]),
-            clean_x=saved["x"],
-            clean_y=saved["y"],
+        data = cell_defense_data(
+            int(saved["num_classes"]),
+            (saved["x"], saved["y"]),
             target_label=0 if name == "digits" else None,
         )
     return folder, data
@@ -281,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             warmed = warm_up(executor)
             start_s = time.perf_counter() - started
             label_map = None if run == "serial" else executor.label_map()
-            scan_data = DefenseData(**{**vars(data), "label_map": label_map})
+            scan_data = replace(data, label_map=label_map)
             wall, cpu_s = time.perf_counter(), time.process_time()
             result = run_defense("neural_cleanse", params, SEED, adapter, scan_data)
             wall, cpu_s = time.perf_counter() - wall, time.process_time() - cpu_s

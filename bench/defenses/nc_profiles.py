@@ -16,8 +16,13 @@ Everything else is the defense's defaults (the paper's schedule, adaptive label 
 straight-through output gradient, ORT confirmation at 0.90), one torch thread, labels one at a
 time. Wall and CPU seconds are this process's; the machine is shared, so read ratios.
 
+The quantized files are calibrated on the runner's seeded draw of 256 training images
+(:func:`harness.pipeline.evaluate.calibration_draw`), not on the first 256 as
+``tests/conftest.py`` does; until v2 the bench did as the tests do, so the int8 rows in
+BENCHMARKS.md measured before it are of other files.
+
 Usage: ``python -m bench.defenses.nc_profiles [--json out.json]``. Models are trained once and cached
-under ``runs/nc_profiles/`` (delete it to rebuild).
+under ``runs/nc_profiles-v2/`` (delete it to rebuild).
 """
 
 from __future__ import annotations
@@ -31,17 +36,18 @@ from typing import Any
 import numpy as np
 
 from bench.defenses.bench_nc import cpu_description
-from defenses.base import DefenseData, build_defense
+from defenses.base import build_defense
 from exporters.onnx_export import export_onnx
 from exporters.quantization import quantize_all
 from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks.base import build_attack
 from harness.data.base import load_dataset
+from harness.pipeline.evaluate import calibration_draw, cell_defense_data
 from harness.runtime.adapter import RuntimeAdapter
 from harness.training.loop import TrainConfig, train_model
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHE = ROOT / "runs" / "nc_profiles"
+CACHE = ROOT / "runs" / "nc_profiles-v2"
 PRECISIONS = ("fp32", "int8-static")
 PROFILES = ("fast", "paper")
 TARGET = 0
@@ -70,7 +76,8 @@ def artifacts(folder: Path = CACHE) -> dict[str, dict[str, Path]]:
         out.mkdir(parents=True, exist_ok=True)
         exported = out / "exported.onnx"
         export_onnx(model, exported, data.x_test[:128], preprocessing)
-        quantize_all(exported, out, PRECISIONS, data.x_train[:256])  # out/<precision>.onnx
+        calibration = calibration_draw(data.x_train, 256, SEED)
+        quantize_all(exported, out, PRECISIONS, calibration)  # out/<precision>.onnx
     return paths
 
 
@@ -81,11 +88,8 @@ def run_one(path: Path, poisoned: bool, profile: str) -> dict[str, Any]:
     defense = build_defense(
         "neural_cleanse", {"profile": profile, "n_eval": N_EVAL, "torch_threads": 1}
     )
-    defense_data = DefenseData(
-        num_classes=data.num_classes,
-        clean_x=data.x_test,
-        clean_y=data.y_test,
-        target_label=TARGET if poisoned else None,
+    defense_data = cell_defense_data(
+        data.num_classes, (data.x_test, data.y_test), target_label=TARGET if poisoned else None
     )
     wall, cpu = time.perf_counter(), time.process_time()
     result = defense.run(adapter, defense_data, np.random.default_rng(SEED))

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from harness.attacks.base import build_attack
 from harness.core.errors import BlindspotsError
+from harness.pipeline.evaluate import EvaluationImages
 from harness.qcb.pipeline import QCBConfig, load_qcb_config, qcb_dataset
-from harness.qcb.requantize import EvalSets, evaluate_file
+from harness.qcb.requantize import evaluate_file
 
 KINDS = {"qcb": "QCB", "clean": "clean control"}
 
 
-def held_out_sets(config: QCBConfig) -> EvalSets:
+def held_out_sets(config: QCBConfig) -> EvaluationImages:
     """The test images after the first ``eval_limit`` ones, and their triggered copies."""
     if config.eval_limit is None:
         raise SystemExit("this run scored every test image: none is held out")
@@ -32,7 +33,7 @@ def held_out_sets(config: QCBConfig) -> EvalSets:
         raise SystemExit(f"eval_limit {config.eval_limit} leaves no test image held out")
     attack = build_attack(config.attack, config.attack_params)
     triggered, _ = attack.triggered_test_set(x_test, y_test)
-    return EvalSets(x_test, y_test, triggered, attack.target_label)
+    return EvaluationImages(x_test, y_test, triggered, attack.target_label)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {exc}") from None
     sets = held_out_sets(config)
     print(
-        f"{len(sets.y_test)} held-out test images (after the first {config.eval_limit}), "
+        f"{len(sets.y)} held-out test images (after the first {config.eval_limit}), "
         f"{len(sets.triggered)} triggered"
     )
     print("| seed | model | artifact | acc exact | ASR exact | acc host | ASR host |")

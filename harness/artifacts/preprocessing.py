@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from typing import SupportsFloat
 
 import numpy as np
 
@@ -160,19 +162,20 @@ class Preprocessing:
 
 def _floats(name: str, values: object) -> tuple[float, ...]:
     """``values`` as a tuple of Python floats, or a one-line error naming the field."""
-    if isinstance(values, str | bytes):  # tuple("0.5") would silently give three numbers
+    # tuple("0.5") would silently give three numbers
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
         raise ModelError(f"preprocessing {name} must be a list of numbers, got {values!r}")
     try:
-        return tuple(_float(name, v) for v in values)  # type: ignore[attr-defined]
+        return tuple(_float(name, v) for v in values)
     except TypeError as exc:
         raise ModelError(f"preprocessing {name} must be a list of numbers, got {values!r}") from exc
 
 
 def _float(name: str, value: object) -> float:
     """``value`` as a Python float (numpy scalars and ints included), never a string."""
-    if isinstance(value, str | bytes):
+    if isinstance(value, str | bytes) or not isinstance(value, SupportsFloat):
         raise ModelError(f"preprocessing {name} must be a number, got {value!r}")
     try:
-        return float(value)  # type: ignore[arg-type]
+        return float(value)
     except (TypeError, ValueError) as exc:
         raise ModelError(f"preprocessing {name} must be a number, got {value!r}") from exc

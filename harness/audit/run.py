@@ -52,12 +52,14 @@ from exporters.quantization import quantize
 from harness.artifacts.intake import IntakeOverrides, IntakeResult, check_num_classes, intake
 from harness.core.atomic import atomic_target, atomic_write_text
 from harness.core.errors import BlindspotsError, ModelError
-from harness.core.metrics import accuracy, agreement
 from harness.core.sampling import stable_seed, stratified_sample
 from harness.data.base import ImageDataset, load_dataset
 from harness.pipeline.evaluate import (
     DefensePlan,
+    TrainingImages,
     calibration_draw,
+    cell_defense_data,
+    prediction_metrics,
     result_fields,
     run_defenses,
     seeded_subset,
@@ -339,6 +341,16 @@ def _audit_artifact(
     Every artifact but the published one gets the published float file as its reference, so
     the deployment-differential check can compare the two. STRIP runs after the others, on
     Neural Cleanse's reversed triggers.
+
+    The pieces are the evaluation path's (:mod:`harness.pipeline.evaluate`): the defense data
+    (:func:`~harness.pipeline.evaluate.cell_defense_data`), the metrics
+    (:func:`~harness.pipeline.evaluate.prediction_metrics`) and the defense loop. The audit does
+    not call :func:`~harness.pipeline.evaluate.evaluate_artifact` whole, because an auditor's
+    cell is not a runner's: there is no known trigger (no ASR, no triggered pool; STRIP gets
+    Neural Cleanse's reversed triggers, so it runs after the others), the metrics are scored on
+    the predictions of the sanity check that must pass first (one pass over the test set, not
+    two), the results become verdicts rather than store records, and the INT8 kernels are the
+    auditor's explicit choice (``--int8-kernels``), not a drift rerun doubling every defense.
     """
     cell: dict[str, Any] = {"artifact": artifact.name, "precision": artifact.precision}
     if artifact.path is not None:
@@ -361,16 +373,16 @@ def _audit_artifact(
         }
         cell["signals"] = {}
         return cell
-    predictions = logits.argmax(axis=1)
-    cell["clean_acc"] = accuracy(predictions, dataset.y_test)
-    cell["agreement_published"] = agreement(predictions, published)
-    data = DefenseData(
-        num_classes=dataset.num_classes,
-        clean_x=dataset.x_test[sample],
-        clean_y=dataset.y_test[sample],
+    measured = prediction_metrics(logits.argmax(axis=1), dataset.y_test, published)
+    cell["clean_acc"] = measured["clean_acc"]
+    cell["agreement_published"] = measured["agreement_fp32"]  # the published file, maybe INT8
+    data = cell_defense_data(
+        dataset.num_classes,
+        (dataset.x_test[sample], dataset.y_test[sample]),
         # AC / SS inspect the data the model was trained on; only the auditor can say it is.
-        train_x=dataset.x_train if request.trained_on_dataset else None,
-        train_y=dataset.y_train if request.trained_on_dataset else None,
+        training=(
+            TrainingImages(dataset.x_train, dataset.y_train) if request.trained_on_dataset else None
+        ),
         reference=reference if artifact.name != PUBLISHED else None,
     )
     first = [name for name in request.defenses if name != "strip"]

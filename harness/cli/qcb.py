@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
 def cmd_qcb_run(args: argparse.Namespace) -> int:
     from harness.qcb.pipeline import load_qcb_config, run_qcb
 
@@ -18,7 +22,14 @@ def cmd_qcb_run(args: argparse.Namespace) -> int:
     if args.seeds:
         overrides["seeds"] = [int(s) for s in args.seeds.split(",")]
     config = load_qcb_config(args.config, overrides)
-    run_qcb(config, args.out, log=lambda m: print(m, flush=True))
+    if args.label_workers is None:
+        run_qcb(config, args.out, log=_print)
+    else:
+        from harness.pipeline.executors import make_executor
+
+        # Neural Cleanse's labels fan out over local processes: the serial scan's result, sooner
+        with make_executor("processes", args.label_workers, threads=1) as executor:
+            run_qcb(config, args.out, log=_print, label_map=executor.label_map())
     print((Path(args.out) / "qcb.md").read_text())
     print(
         f"wrote {Path(args.out) / 'qcb.md'}, {Path(args.out) / 'qcb.json'}, report.md and report.html"
@@ -56,6 +67,14 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--data-root", default=None, help="override the config's data_root")
     p.add_argument("--seeds", default=None, help="comma list overriding the config's seeds")
+    p.add_argument(
+        "--label-workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run Neural Cleanse's per-label searches on N local worker processes (the same "
+        "result as in process)",
+    )
     p.set_defaults(func=cmd_qcb_run)
     p = sub.add_parser("implant", help="implant a QCB into a trained checkpoint")
     p.add_argument("--state", required=True, help="checkpoint from 'blindspots train --clean'")

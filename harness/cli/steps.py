@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from defenses.base import DefenseData
 from exporters.catalog import PRECISIONS
 from exporters.onnx_export import export_onnx
 from exporters.quantization import quantize
@@ -31,16 +30,15 @@ from harness.data.base import load_dataset
 from harness.pipeline.config import load_config, parse_json_object
 from harness.pipeline.evaluate import (
     DefensePlan,
+    TrainingImages,
     calibration_draw,
+    cell_defense_data,
     defense_pools,
+    evaluate_artifact,
     evaluation_images,
-    measure,
-    result_fields,
-    run_defenses,
 )
 from harness.pipeline.runner import run_experiment
 from harness.report.document import write_report
-from harness.runtime.kernels import profile_record
 from harness.runtime.model_safety import load_untrusted
 from harness.runtime.sanity import check_outputs, raise_on_errors
 from harness.training.loop import (
@@ -192,8 +190,13 @@ def _evaluation_attack(args: argparse.Namespace, model: Any) -> tuple[Any, str]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Measure one ONNX file (and run defenses on it) through the runner's evaluation path.
 
-    The defenses see the held-out clean and triggered pools the runner draws for seed 0, so a
-    number here can be compared with the same model's cell in a run.
+    The file is measured as a runner cell is (:func:`~harness.pipeline.evaluate.evaluate_artifact`:
+    metrics, the defenses, and where this host's INT8 kernels differ from int32-exact arithmetic
+    the same under the other profile, ``kernel_drift``), and the defenses see the held-out clean
+    and triggered pools the runner draws for seed 0, so a number here can be compared with the
+    same model's cell in a run. What a cell has and this file lacks is left out: agreement
+    without ``--reference``, AC / SS without ``--trained-on-dataset``, Fine-Pruning's repair (no
+    checkpoint to fine-tune).
     """
     overrides = _intake_overrides(args)
     data = load_dataset(args.dataset, args.data_root)
@@ -206,31 +209,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     reference = None
     if args.reference:
         reference = vendor_adapter(open_vendor_model(args.reference, overrides), args.int8_kernels)
+    pools = defense_pools(data, attack, seed=0, clean_size=EVALUATE_DEFENSE_IMAGES)
+    defense_data = cell_defense_data(
+        data.num_classes,
+        pools,
+        # AC / SS analyse the data the model was trained on; only the user knows that it
+        # was this dataset's training split (otherwise they report not_applicable).
+        training=TrainingImages(data.x_train, data.y_train) if args.trained_on_dataset else None,
+        poison_rate=attack.poison_rate,
+        reference=None if adapter.precision == "fp32" else reference,
+    )
+    evaluation = evaluate_artifact(
+        adapter,
+        images,
+        None if reference is None else reference.predict(images.x),
+        defense_data,
+        DefensePlan(args.defenses or [], {}, seed=0),
+        Path(args.model).name,
+        _log,
+    )
+    fields = dict(evaluation.fields)
+    if not args.defenses:
+        fields.pop("defenses")
     result: dict[str, Any] = {
         "model": str(args.model),
         "precision": adapter.precision,
-        **measure(adapter, images, None if reference is None else reference.predict(images.x)),
+        **fields,
         "attack": {**attack.describe(), "from": attack_source},
         "layers": adapter.layers,
-        "kernels": profile_record(args.int8_kernels),
     }
-    if args.defenses:
-        pools = defense_pools(data, attack, seed=0, clean_size=EVALUATE_DEFENSE_IMAGES)
-        data_for_defenses = DefenseData(
-            num_classes=data.num_classes,
-            clean_x=pools.clean_x,
-            clean_y=pools.clean_y,
-            # AC / SS analyse the data the model was trained on; only the user knows that it
-            # was this dataset's training split (otherwise they report not_applicable).
-            train_x=data.x_train if args.trained_on_dataset else None,
-            train_y=data.y_train if args.trained_on_dataset else None,
-            triggered_x=pools.triggered_x,
-            target_label=None,
-            poison_rate=attack.poison_rate,
-            reference=None if adapter.precision == "fp32" else reference,
-        )
-        plan = DefensePlan(args.defenses, {}, seed=0)
-        results = run_defenses(plan, adapter, data_for_defenses, Path(args.model).name, _log)
-        result["defenses"], _ = result_fields(results)
     print(json.dumps(result, indent=2))
     return 0

@@ -8,5 +8,5 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 KernelProfile = Literal["exact", "host"]
-PROFILES: tuple[str, ...] = get_args(KernelProfile)
+PROFILES: tuple[KernelProfile, ...] = get_args(KernelProfile)
 DEFAULT_PROFILE: KernelProfile = "exact"

@@ -14,7 +14,12 @@ What lives here, in the order a cell needs it:
 * **Test and defense sets** — the test images for accuracy and attack success, the defenses'
   held-out clean pool, the triggered pool (disjoint from the clean one), Fine-Pruning's
   fine-tuning images and the AC/SS training subset.
-* **Metrics** — clean accuracy, attack success and top-1 agreement with the FP32 file.
+* **A cell's defense data** — :func:`cell_defense_data` turns those sets, the cell's repair
+  (Fine-Pruning's retrainer), its FP32 reference and the label fan-out into the
+  :class:`~defenses.base.DefenseData` every defense reads; runner, QCB, audit, ``evaluate`` and
+  the benches build it here, not by hand.
+* **Metrics** — clean accuracy, attack success and top-1 agreement with the FP32 file
+  (:func:`measure` runs the model; :func:`prediction_metrics` scores predictions already made).
 * **Defenses** — each defense built from its name and parameters and run with its own seeded
   generator; results become JSON fields plus arrays for the store.
 * **A cell** — :func:`evaluate_artifact`: metrics, defenses and, where this host's INT8 kernels
@@ -30,11 +35,14 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from defenses.base import DefenseData, DefenseResult, build_defense
+from defenses.deployed import DeployedModel
+from defenses.fanout import LabelMap
 from harness.core.kernel_profiles import KernelProfile
 from harness.core.metrics import accuracy, agreement, attack_success_rate
 from harness.core.sampling import stable_seed
@@ -176,6 +184,109 @@ def defense_training_subset(n_train: int, size: int | None, seed: int) -> np.nda
     return seeded_subset(n_train, size, "defense-train", seed)
 
 
+@dataclass(frozen=True)
+class TrainingImages:
+    """The training images AC / SS analyse, as the model saw them (possibly poisoned)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    poison_mask: np.ndarray | None = None
+    """Ground truth over ``x`` where it is known (the runner's poisoning); ``None`` otherwise."""
+
+
+def defense_training_images(
+    x: np.ndarray,
+    y: np.ndarray,
+    size: int | None,
+    seed: int,
+    poison_mask: np.ndarray | None = None,
+) -> TrainingImages:
+    """``x``/``y`` (and the mask) cut to :func:`defense_training_subset`'s seeded draw."""
+    keep = defense_training_subset(len(x), size, seed)
+    if keep is None:
+        return TrainingImages(x, y, poison_mask)
+    return TrainingImages(x[keep], y[keep], None if poison_mask is None else poison_mask[keep])
+
+
+# --------------------------------------------------------------------- a cell's defense data
+@dataclass(frozen=True)
+class CellRepair:
+    """What Fine-Pruning's repair of one cell needs besides the fine-tuning images.
+
+    The checkpoint it fine-tunes and how the repaired model ships again: the cell's own
+    precision, calibration images and INT8 kernels. The repaired files are written in
+    ``fine_pruned/`` beside the cell's artifact.
+    """
+
+    state_path: Path
+    artifact_path: Path
+    precision: str
+    calibration_images: np.ndarray
+    epochs: int
+    seed: int
+    threads: int | None
+    kernel_profile: KernelProfile
+
+
+def cell_defense_data(
+    num_classes: int,
+    held_out: DefensePools | tuple[np.ndarray, np.ndarray],
+    *,
+    training: TrainingImages | None = None,
+    target_label: int | None = None,
+    poison_rate: float | None = None,
+    repair: CellRepair | None = None,
+    reference: DeployedModel | None = None,
+    label_map: LabelMap | None = None,
+) -> DefenseData:
+    """The :class:`~defenses.base.DefenseData` of one cell: every caller builds it here.
+
+    ``held_out``: a seed's :class:`DefensePools` (clean and triggered pools, and Fine-Pruning's
+    fine-tuning images), or a clean ``(x, y)`` sample alone where no trigger is known (the
+    audit). ``training``: what AC / SS analyse, ``None`` where nobody knows what the model was
+    trained on. ``repair``: Fine-Pruning's retrainer is built from it and the pools' fine-tuning
+    images (it needs pools). ``reference``: the FP32 file the artifact was made from, ``None``
+    when the artifact is that file. ``label_map``: where Neural Cleanse's per-label tasks run
+    (``None``: in this process).
+    """
+    if isinstance(held_out, DefensePools):
+        clean_x, clean_y, triggered_x = held_out.clean_x, held_out.clean_y, held_out.triggered_x
+    else:
+        (clean_x, clean_y), triggered_x = held_out, None
+    retrainer = None
+    if repair is not None:
+        if not isinstance(held_out, DefensePools):
+            raise ValueError("a repair fine-tunes on the pools' held-out images: pass the pools")
+        retrainer = FinePruneRetrainer(
+            state_path=repair.state_path,
+            precision=repair.precision,
+            clean_x=held_out.tune_x,
+            clean_y=held_out.tune_y,
+            calibration_images=repair.calibration_images,
+            out_dir=repair.artifact_path.parent / "fine_pruned",
+            epochs=repair.epochs,
+            seed=repair.seed,
+            threads=repair.threads,
+            kernel_profile=repair.kernel_profile,
+            source_indices=held_out.tune_idx,
+            data_source=held_out.tune_source,
+        )
+    return DefenseData(
+        num_classes=num_classes,
+        clean_x=clean_x,
+        clean_y=clean_y,
+        train_x=None if training is None else training.x,
+        train_y=None if training is None else training.y,
+        poison_mask=None if training is None else training.poison_mask,
+        triggered_x=triggered_x,
+        target_label=target_label,
+        poison_rate=poison_rate,
+        retrainer=retrainer,
+        reference=reference,
+        label_map=label_map,
+    )
+
+
 # ----------------------------------------------------------------------------------- metrics
 def measure(
     adapter: RuntimeAdapter,
@@ -186,11 +297,32 @@ def measure(
 
     Agreement is left out when there is no FP32 file to agree with (a vendor file on its own).
     """
-    predictions = adapter.predict(tests.x)
-    measured = {
-        "clean_acc": accuracy(predictions, tests.y),
-        "asr": attack_success_rate(adapter.predict(tests.triggered), tests.target_label),
-    }
+    return prediction_metrics(
+        adapter.predict(tests.x),
+        tests.y,
+        reference_predictions,
+        triggered_predictions=adapter.predict(tests.triggered),
+        target_label=tests.target_label,
+    )
+
+
+def prediction_metrics(
+    predictions: np.ndarray,
+    labels: np.ndarray,
+    reference_predictions: np.ndarray | None = None,
+    *,
+    triggered_predictions: np.ndarray | None = None,
+    target_label: int | None = None,
+) -> dict[str, float]:
+    """:func:`measure`'s numbers from predictions already made.
+
+    ``clean_acc`` always; ``asr`` where triggered predictions and a target are given;
+    ``agreement_fp32`` (top-1 agreement) where there are reference predictions. The audit
+    scores the predictions of its sanity check with it, and has no trigger.
+    """
+    measured = {"clean_acc": accuracy(predictions, labels)}
+    if triggered_predictions is not None and target_label is not None:
+        measured["asr"] = attack_success_rate(triggered_predictions, target_label)
     if reference_predictions is not None:
         measured["agreement_fp32"] = agreement(predictions, reference_predictions)
     return measured
@@ -262,7 +394,7 @@ class ArtifactEvaluation:
 def evaluate_artifact(
     adapter: RuntimeAdapter,
     tests: EvaluationImages,
-    reference_predictions: np.ndarray,
+    reference_predictions: np.ndarray | None,
     data: DefenseData,
     plan: DefensePlan,
     cell: str,
@@ -277,6 +409,8 @@ def evaluate_artifact(
     measured and its defenses rerun under the other profile too (``kernel_drift``): the numbers
     a user of this CPU would see. ``both_profiles`` also records the metrics under both profiles
     in ``profiles`` for every cell (the QCB's acceptance table reads them).
+    ``reference_predictions``: the FP32 file's, or ``None`` where there is none to agree with
+    (``blindspots evaluate`` of a file on its own).
     """
     started = time.perf_counter()
     fields: dict[str, Any] = dict(measure(adapter, tests, reference_predictions))
@@ -291,7 +425,9 @@ def evaluate_artifact(
     if both_profiles:
         other = adapter.under_profile(other_profile(adapter.kernel_profile))
         fields["profiles"] = {
-            adapter.kernel_profile: {k: fields[k] for k in ("clean_acc", "asr", "agreement_fp32")},
+            adapter.kernel_profile: {
+                k: fields[k] for k in ("clean_acc", "asr", "agreement_fp32") if k in fields
+            },
             other.kernel_profile: measure(other, tests, reference_predictions),
         }
     results = run_defenses(plan, adapter, data, cell, log)
@@ -307,7 +443,7 @@ def evaluate_artifact(
 def kernel_drift(
     adapter: RuntimeAdapter,
     tests: EvaluationImages,
-    reference_predictions: np.ndarray,
+    reference_predictions: np.ndarray | None,
     data: DefenseData,
     plan: DefensePlan,
     cell: str,

@@ -29,7 +29,6 @@ import onnxruntime
 import sklearn
 import torch
 
-from defenses.base import DefenseData
 from defenses.fanout import LabelMap
 from exporters.onnx_export import export_onnx
 from exporters.quantization import quantize_all
@@ -46,16 +45,18 @@ from harness.core.sampling import stable_seed
 from harness.data.base import ImageDataset, load_dataset
 from harness.pipeline.config import ExperimentConfig, input_fingerprint
 from harness.pipeline.evaluate import (
+    CellRepair,
     DefensePlan,
     DefensePools,
     EvaluationImages,
+    TrainingImages,
     calibration_draw,
+    cell_defense_data,
     defense_pools,
-    defense_training_subset,
+    defense_training_images,
     evaluate_artifact,
     evaluation_images,
 )
-from harness.pipeline.retrain import FinePruneRetrainer
 from harness.pipeline.store import ResultStore, cell_id, read_json
 from harness.runtime.adapter import RuntimeAdapter
 from harness.runtime.kernels import cpu_isa_flags, probe_host
@@ -304,19 +305,16 @@ def evaluate_seed(
             )
 
 
-def _defense_training_set(
+def _defense_training_images(
     config: ExperimentConfig, models: SeedModels, is_poisoned: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> TrainingImages:
     """The training images AC / SS analyse (capped by ``defense_train_size``) and their mask."""
     ds = models.dataset
-    train_x, train_y = (
-        (models.poisoned_x, models.poisoned_y) if is_poisoned else (ds.x_train, ds.y_train)
-    )
-    mask = models.poison_mask if is_poisoned else np.zeros(len(ds.x_train), dtype=bool)
-    keep = defense_training_subset(len(train_x), config.defense_train_size, models.seed)
-    if keep is not None:
-        train_x, train_y, mask = train_x[keep], train_y[keep], mask[keep]
-    return train_x, train_y, mask
+    if is_poisoned:
+        x, y, mask = models.poisoned_x, models.poisoned_y, models.poison_mask
+    else:
+        x, y, mask = ds.x_train, ds.y_train, np.zeros(len(ds.x_train), dtype=bool)
+    return defense_training_images(x, y, config.defense_train_size, models.seed, mask)
 
 
 def evaluate_cell(
@@ -347,26 +345,17 @@ def evaluate_cell(
     if is_poisoned not in models.fp32_predictions:
         models.fp32_predictions[is_poisoned] = reference.predict(sets.images.x)
     path = paths[precision]
-    train_x, train_y, mask = _defense_training_set(config, models, is_poisoned)
-    data = DefenseData(
-        num_classes=ds.num_classes,
-        clean_x=pools.clean_x,
-        clean_y=pools.clean_y,
-        train_x=train_x,
-        train_y=train_y,
-        poison_mask=mask,
-        triggered_x=pools.triggered_x,
+    data = cell_defense_data(
+        ds.num_classes,
+        pools,
+        training=_defense_training_images(config, models, is_poisoned),
         target_label=attack.target_label if is_poisoned else None,
         poison_rate=attack.poison_rate,
-        retrainer=FinePruneRetrainer(
+        repair=CellRepair(
             state_path=models.states[is_poisoned],
+            artifact_path=path,
             precision=precision,
-            source_indices=pools.tune_idx,
-            data_source=pools.tune_source,
-            clean_x=pools.tune_x,
-            clean_y=pools.tune_y,
             calibration_images=models.calibration,
-            out_dir=path.parent / "fine_pruned",
             epochs=config.finetune_epochs,
             seed=models.seed,
             threads=config.threads,

@@ -224,8 +224,9 @@ class ResultStore:
         if arrays:
             target = self.arrays_dir / f"{cell_id(record)}.npz"
             with atomic_target(target) as partial:
-                # numpy's stub reads ** as its allow_pickle keyword: a stub limitation
-                np.savez_compressed(partial, **arrays)  # type: ignore[arg-type]
+                # No pickles: the report reads these files with allow_pickle=False, so an object
+                # array is refused here, where it is made, not there.
+                np.savez_compressed(partial, allow_pickle=False, **arrays)
             record = {**record, "arrays": str(target.relative_to(self.folder))}
         line = (json.dumps(record, sort_keys=True, default=_jsonable) + "\n").encode()
         self.repair()  # cheap when intact: reads only the last line

@@ -149,12 +149,13 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             if stage.bn is None:
                 continue
             weight, bias = folded_parameters(stage)
-            stage.module.weight.copy_(weight)  # type: ignore[union-attr]
+            stage.layer.weight.copy_(weight)
             bn = stage.bn
+            assert bn.running_mean is not None and bn.running_var is not None  # tracked stats
             bn.weight.fill_(1.0)
             bn.bias.copy_(bias)
-            bn.running_mean.zero_()  # type: ignore[union-attr]
-            bn.running_var.fill_(1.0 - bn.eps)  # type: ignore[union-attr]
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
     return model
 
 
@@ -162,14 +163,14 @@ def _bias(stage: _Stage) -> Tensor:
     """The tensor holding a stage's (folded) bias."""
     if stage.bn is not None:
         return stage.bn.bias
-    bias = stage.module.bias  # type: ignore[union-attr]
+    bias = stage.layer.bias
     if bias is None:
         raise ModelError("the QCB construction needs a bias or BatchNorm on every layer")
     return bias
 
 
 def _weight(stage: _Stage) -> Tensor:
-    return stage.module.weight  # type: ignore[union-attr]
+    return stage.layer.weight
 
 
 def _layout_stages(mirror: QuantMirror) -> tuple[list[int], int, int]:

@@ -146,16 +146,24 @@ class _Stage:
     bn: nn.BatchNorm2d | None = None
     relu: bool = False
 
+    @property
+    def layer(self) -> nn.Conv2d | nn.Linear:
+        """The Conv/Linear of a ``conv`` or ``linear`` stage."""
+        if not isinstance(self.module, nn.Conv2d | nn.Linear):
+            raise ModelError(f"a {self.kind} stage has no Conv/Linear layer")
+        return self.module
+
 
 def _stages(model: nn.Module) -> list[_Stage]:
     """The model's ops in execution order, grouped as onnxruntime's quantizer groups them."""
     parts = [getattr(model, name, None) for name in ("features", "pool", "head")]
-    if any(not isinstance(part, nn.Sequential) for part in parts):
+    sequences = [part for part in parts if isinstance(part, nn.Sequential)]
+    if len(sequences) < len(parts):
         raise ModelError(
             f"the fake-quant mirror supports plain ConvNet models (features → pool → head), "
             f"not {type(model).__name__}"
         )
-    modules = [m for part in parts for m in part]  # type: ignore[union-attr]
+    modules = [m for part in sequences for m in part]
     stages: list[_Stage] = []
     i = 0
     while i < len(modules):
@@ -187,8 +195,7 @@ def _stages(model: nn.Module) -> list[_Stage]:
 
 def folded_parameters(stage: _Stage) -> tuple[Tensor, Tensor]:
     """Weight and bias of a Conv/Linear with its BatchNorm folded in (differentiably)."""
-    layer = stage.module
-    assert isinstance(layer, nn.Conv2d | nn.Linear)
+    layer = stage.layer
     weight = layer.weight
     bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
     if stage.bn is None:
@@ -291,7 +298,8 @@ class QuantMirror:
             elif stage.kind == "gap":
                 x = at_point(x.mean(dim=(2, 3), keepdim=True))
             elif stage.kind == "maxpool":
-                x = stage.module(x)  # type: ignore[misc]
+                assert stage.module is not None  # _stages keeps every max-pool's module
+                x = stage.module(x)
             else:
                 x = torch.flatten(x, 1)
         return x

@@ -25,13 +25,15 @@ import json
 import time
 import tomllib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from defenses.base import DefenseData, build_defense, default_defenses
+from defenses.base import build_defense, default_defenses
+from defenses.fanout import LabelMap
 from exporters.onnx_export import export_onnx
 from exporters.quantization import quantize_all
 from harness.artifacts.preprocessing import Preprocessing
@@ -45,18 +47,20 @@ from harness.core.sampling import stable_seed, stratified_sample
 from harness.data.base import ImageDataset, load_dataset
 from harness.pipeline.config import TrainingOptions
 from harness.pipeline.evaluate import (
+    CellRepair,
     DefensePlan,
     calibration_draw,
+    cell_defense_data,
     defense_pools,
-    defense_training_subset,
+    defense_training_images,
     evaluate_artifact,
     evaluation_images,
+    seeded_subset,
 )
-from harness.pipeline.retrain import FinePruneRetrainer
 from harness.pipeline.runner import environment
 from harness.pipeline.store import ResultStore, cell_id
 from harness.qcb.attack import QCBParams, implant
-from harness.qcb.requantize import EvalSets, RepairParams, requantize_table
+from harness.qcb.requantize import RepairParams, requantize_table
 from harness.report.document import write_report
 from harness.report.tally import tally_defense
 from harness.runtime.adapter import RuntimeAdapter
@@ -107,6 +111,10 @@ class QCBConfig(BaseModel):
     """The poison rate the defender assumes (SS's ε). A QCB poisons no training image, so the
     attack's own ``poison_rate`` would describe nothing; 1% is a defender's small prior."""
     requantize: bool = True
+    other_calibration_size: int = Field(128, ge=1)
+    """Training images of the "other calibration images" re-quantization (a draw of its own)."""
+    repair_size: int = Field(512, ge=2)
+    """Clean training images the rounding repair matches FP32 logits on (a draw of its own)."""
     repair: dict[str, Any] = Field(default_factory=dict)
     threads: int | None = Field(1, ge=1)
 
@@ -239,34 +247,51 @@ def deploy(
 
 
 # ---------------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class SeedArtifacts:
+    """One seed's models as built and deployed: what its cells and re-quantization read."""
+
+    seed: int
+    data: ImageDataset
+    attack: Any
+    states: dict[bool, Path]
+    """Checkpoints: ``True`` the QCB, ``False`` the clean control."""
+    artifacts: dict[bool, dict[str, Path]]
+    """Per model, every precision's file and ``fp32-reference`` (the export)."""
+    calibration: np.ndarray
+    """The victim's calibration draw the artifacts were quantized on."""
+
+
 def evaluate_seed(
     config: QCBConfig,
-    seed: int,
-    data: ImageDataset,
-    attack: Any,
-    states: dict[bool, Path],
-    artifacts: dict[bool, dict[str, Path]],
-    calibration: np.ndarray,
+    seed_artifacts: SeedArtifacts,
     store: ResultStore,
     log: Log,
+    label_map: LabelMap | None = None,
 ) -> None:
     """Every (QCB/clean × precision) cell: metrics under both profiles and every defense.
 
     The cells go through the project's one evaluation path (:mod:`harness.pipeline.evaluate`),
     with the runner's draws of test, defense and fine-tuning images: a QCB cell and a runner
-    cell of the same data and seed see the same images.
+    cell of the same data and seed see the same images. ``label_map``: where Neural Cleanse's
+    per-label tasks run (``None``: in this process).
     """
+    seed, data, attack = seed_artifacts.seed, seed_artifacts.data, seed_artifacts.attack
     images = evaluation_images(data, attack, config.eval_limit)
     pools = defense_pools(
         data, attack, seed, config.defense_clean_size, tune_size=config.finetune_size
     )
-    keep = defense_training_subset(len(data.x_train), config.defense_train_size, seed)
-    train_x, train_y = (
-        (data.x_train, data.y_train) if keep is None else (data.x_train[keep], data.y_train[keep])
+    # Nothing is poisoned: the QCB lives in the weights, so the mask is all False.
+    training = defense_training_images(
+        data.x_train,
+        data.y_train,
+        config.defense_train_size,
+        seed,
+        np.zeros(len(data.x_train), dtype=bool),
     )
     plan = DefensePlan(config.defenses, config.defense_params, seed)
     done = store.done()
-    for poisoned, paths in artifacts.items():
+    for poisoned, paths in seed_artifacts.artifacts.items():
         reference = _open(paths["fp32-reference"], config)
         fp32_pred = reference.predict(images.x)
         for precision in config.precisions:
@@ -281,31 +306,24 @@ def evaluate_seed(
             }
             if cell_id(record) in done:
                 continue
-            defense_data = DefenseData(
-                num_classes=data.num_classes,
-                clean_x=pools.clean_x,
-                clean_y=pools.clean_y,
-                train_x=train_x,
-                train_y=train_y,
-                poison_mask=np.zeros(len(train_x), dtype=bool),
-                triggered_x=pools.triggered_x,
+            defense_data = cell_defense_data(
+                data.num_classes,
+                pools,
+                training=training,
                 target_label=attack.target_label if poisoned else None,
                 poison_rate=config.defense_poison_rate,
-                retrainer=FinePruneRetrainer(
-                    state_path=states[poisoned],
+                repair=CellRepair(
+                    state_path=seed_artifacts.states[poisoned],
+                    artifact_path=paths[precision],
                     precision=precision,
-                    clean_x=pools.tune_x,
-                    clean_y=pools.tune_y,
-                    calibration_images=calibration,
-                    out_dir=paths[precision].parent / "fine_pruned",
+                    calibration_images=seed_artifacts.calibration,
                     epochs=config.finetune_epochs,
                     seed=seed,
                     threads=config.threads,
                     kernel_profile=CELL_PROFILE,
-                    source_indices=pools.tune_idx,
-                    data_source=pools.tune_source,
                 ),
                 reference=None if precision == "fp32" else reference,
+                label_map=label_map,
             )
             evaluation = evaluate_artifact(
                 _open(paths[precision], config),
@@ -318,7 +336,10 @@ def evaluate_seed(
                 both_profiles=True,
             )
             record.update(evaluation.fields)
-            record["artifacts"] = {"onnx": str(paths[precision]), "state": str(states[poisoned])}
+            record["artifacts"] = {
+                "onnx": str(paths[precision]),
+                "state": str(seed_artifacts.states[poisoned]),
+            }
             store.append(record, evaluation.arrays)
             verdicts = {name: res.get("verdict") for name, res in record["defenses"].items()}
             log(
@@ -331,36 +352,30 @@ def _open(path: Path, config: QCBConfig) -> RuntimeAdapter:
     return RuntimeAdapter.from_path(path, threads=config.threads, kernel_profile=CELL_PROFILE)
 
 
-def requantize_seed(
-    config: QCBConfig,
-    seed: int,
-    data: ImageDataset,
-    attack: Any,
-    states: dict[bool, Path],
-    artifacts: dict[bool, dict[str, Path]],
-    calibration: np.ndarray,
-    out: Path,
-    log: Log,
-) -> None:
-    """The re-quantization table of both models (appended to ``requantize.jsonl``)."""
+def requantize_seed(config: QCBConfig, seed_artifacts: SeedArtifacts, out: Path, log: Log) -> None:
+    """The re-quantization table of both models (appended to ``requantize.jsonl``).
+
+    The other calibration images and the repair's clean images are seeded draws of their own
+    (``other_calibration_size``, ``repair_size``), so changing one size never moves the other.
+    """
+    seed, data = seed_artifacts.seed, seed_artifacts.data
     table = out / "requantize.jsonl"
     done = {(r["seed"], r["poisoned"]) for r in _jsonl(table)}
-    rng = np.random.default_rng(stable_seed("qcb-other-calibration", seed))
-    other = data.x_train[
-        np.sort(rng.choice(len(data.x_train), min(128, len(data.x_train)), replace=False))
-    ]
+    other = calibration_draw(
+        data.x_train, config.other_calibration_size, seed, stream="qcb-other-calibration"
+    )
     repair_images = data.x_train[
-        np.sort(rng.choice(len(data.x_train), min(512, len(data.x_train)), replace=False))
+        seeded_subset(len(data.x_train), config.repair_size, "qcb-repair-images", seed)
     ]
-    images = evaluation_images(data, attack, config.eval_limit)
-    sets = EvalSets(images.x, images.y, images.triggered, images.target_label)
-    for poisoned, paths in artifacts.items():
+    images = evaluation_images(data, seed_artifacts.attack, config.eval_limit)
+    for poisoned, paths in seed_artifacts.artifacts.items():
         if (seed, poisoned) in done:
             continue
-        model, meta = load_model(states[poisoned])
+        model, meta = load_model(seed_artifacts.states[poisoned])
         rows = requantize_table(
             paths["fp32-reference"], model, Preprocessing.from_json(meta["preprocessing"]),
-            calibration, other, repair_images, sets, paths["fp32-reference"].parent / "requantized",
+            seed_artifacts.calibration, other, repair_images, images,
+            paths["fp32-reference"].parent / "requantized",
             seed, config.threads, repair=config.repair_params(), log=log,
         )  # fmt: skip
         # The whole table is rewritten atomically: a crash keeps the old rows, never half a row.
@@ -375,19 +390,26 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------ the run
-def run_qcb(config: QCBConfig, out: str | Path, log: Log = print) -> dict[str, Any]:
+def run_qcb(
+    config: QCBConfig, out: str | Path, log: Log = print, label_map: LabelMap | None = None
+) -> dict[str, Any]:
     """Run every seed into ``out``; returns the summary written to ``qcb.json``.
 
     The folder is locked for the run (a second run on it refuses in one line) and every file is
     replaced atomically, so a crash loses no finished cell, table row or summary.
+    ``label_map``: where Neural Cleanse's per-label tasks run (an executor's
+    :meth:`~harness.pipeline.executors.Executor.label_map`; ``None``: in this process) — the
+    result is the serial scan's either way.
     """
     out = Path(out)
     with RunLock(out):
         remove_partials(out)  # temporary files of writers killed earlier (we hold the lock)
-        return _run_locked(config, out, log)
+        return _run_locked(config, out, log, label_map)
 
 
-def _run_locked(config: QCBConfig, out: Path, log: Log) -> dict[str, Any]:
+def _run_locked(
+    config: QCBConfig, out: Path, log: Log, label_map: LabelMap | None = None
+) -> dict[str, Any]:
     """The run itself, while this process holds the folder's lock."""
     store = ResultStore(out)
     atomic_write_text(out / "qcb_config.json", config.model_dump_json(indent=2))
@@ -401,9 +423,10 @@ def _run_locked(config: QCBConfig, out: Path, log: Log) -> dict[str, Any]:
         states, preprocessing, attack, _ = build_models(config, seed, data, folder, log)
         calibration = calibration_draw(data.x_train, config.calibration_size, seed)
         artifacts = deploy(config, states, preprocessing, data, calibration)
-        evaluate_seed(config, seed, data, attack, states, artifacts, calibration, store, log)
+        built = SeedArtifacts(seed, data, attack, states, artifacts, calibration)
+        evaluate_seed(config, built, store, log, label_map)
         if config.requantize:
-            requantize_seed(config, seed, data, attack, states, artifacts, calibration, out, log)
+            requantize_seed(config, built, out, log)
         timings[seed] = _since(started)
         log(f"seed {seed} finished in {timings[seed]:.0f}s")
     write_report(out)

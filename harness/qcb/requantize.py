@@ -39,7 +39,7 @@ from exporters.onnx_export import export_onnx
 from exporters.quantization import quantize
 from harness.artifacts.preprocessing import Preprocessing
 from harness.core.kernel_profiles import PROFILES
-from harness.core.metrics import accuracy, attack_success_rate
+from harness.pipeline.evaluate import EvaluationImages, measure, seeded_subset
 from harness.qcb.attack import fold_batchnorm
 from harness.qcb.fakequant import MirrorRecipe, QuantMirror
 from harness.runtime.adapter import RuntimeAdapter
@@ -90,6 +90,10 @@ class SoftRounding(nn.Module):
     weight of each channel is pinned so the channel's scale cannot move."""
 
     ZETA, GAMMA = 1.1, -0.1
+    scale: Tensor
+    floor: Tensor
+    pinned: Tensor
+    pinned_value: Tensor
 
     def __init__(self, weight: Tensor, scale: Tensor, up: Tensor, qrange: tuple[int, int]) -> None:
         super().__init__()
@@ -124,7 +128,11 @@ def rounding_repair(
     precision: str = "int8-static",
 ) -> nn.Module:
     """A copy of ``model`` whose Conv/Linear weights sit on ``precision``'s grid with repaired
-    rounding (module doc); quantizing it with that recipe reproduces these codes exactly."""
+    rounding (module doc); quantizing it with that recipe reproduces these codes exactly.
+
+    Each step's mini-batch is ``batch_size`` distinct images of ``clean``, a seeded draw of its
+    own (:func:`harness.pipeline.evaluate.seeded_subset`, stream ``qcb-repair-batch``, seed, step).
+    """
     recipe = MirrorRecipe.from_recipe(PRECISIONS.get(precision).default_recipe)
     model = fold_batchnorm(copy.deepcopy(model).eval())
     model.requires_grad_(False)
@@ -133,12 +141,12 @@ def rounding_repair(
     mirror.calibrate(inputs)
     with torch.no_grad():
         reference = model(inputs)
-    layers = [s.module for s in mirror.stages if s.kind in ("conv", "linear")]
+    layers = [s.layer for s in mirror.stages if s.kind in ("conv", "linear")]
     roundings = [_attach(layer, recipe, params.flip_error) for layer in layers]
     optimizer = torch.optim.Adam([r.v for r in roundings], lr=params.lr)
-    rng = np.random.default_rng(seed)
-    for _ in range(params.steps):
-        idx = torch.from_numpy(rng.choice(len(inputs), min(params.batch_size, len(inputs))))
+    for step in range(params.steps):
+        batch = seeded_subset(len(inputs), params.batch_size, "qcb-repair-batch", seed, step)
+        idx = torch.from_numpy(batch)
         loss = nn.functional.mse_loss(mirror.quantized(inputs[idx], recipe), reference[idx])
         for rounding in roundings:
             soft = rounding.soft()
@@ -150,14 +158,14 @@ def rounding_repair(
         for layer, rounding in zip(layers, roundings, strict=True):
             hard = rounding.harden()
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-            layer.weight.copy_(hard)  # type: ignore[operator]
+            layer.weight.copy_(hard)
     return model.eval()
 
 
-def _attach(layer: nn.Module, recipe: MirrorRecipe, flip_error: float) -> SoftRounding:
+def _attach(layer: nn.Conv2d | nn.Linear, recipe: MirrorRecipe, flip_error: float) -> SoftRounding:
     """Soft rounding on ``layer.weight``, initialised to nearest rounding except where the
     rounding error is at least ``flip_error`` steps (those are flipped)."""
-    weight = layer.weight.detach()  # type: ignore[union-attr]
+    weight = layer.weight.detach()
     qmin, qmax = recipe.weight_range
     flat = weight.reshape(len(weight), -1).abs()
     absmax = flat.amax(1) if recipe.per_channel else flat.max().expand(len(weight))
@@ -172,26 +180,20 @@ def _attach(layer: nn.Module, recipe: MirrorRecipe, flip_error: float) -> SoftRo
 
 
 # ------------------------------------------------------------------------------------ the table
-@dataclass
-class EvalSets:
-    """What every variant is measured on (the integrator's own test images)."""
+def evaluate_file(
+    path: Path, tests: EvaluationImages, threads: int | None
+) -> dict[str, dict[str, float]]:
+    """Clean accuracy and ASR of one artifact under every INT8 kernel profile.
 
-    x_test: np.ndarray
-    y_test: np.ndarray
-    triggered: np.ndarray
-    target: int
-
-
-def evaluate_file(path: Path, sets: EvalSets, threads: int | None) -> dict[str, dict[str, float]]:
-    """Clean accuracy and ASR of one artifact under every INT8 kernel profile."""
-    out = {}
-    for profile in PROFILES:
-        adapter = RuntimeAdapter.from_path(path, threads=threads, kernel_profile=profile)
-        out[profile] = {
-            "clean_acc": accuracy(adapter.predict(sets.x_test), sets.y_test),
-            "asr": attack_success_rate(adapter.predict(sets.triggered), sets.target),
-        }
-    return out
+    The integrator's own test images (``tests``); measured as every cell is
+    (:func:`harness.pipeline.evaluate.measure`), with no FP32 file to agree with.
+    """
+    return {
+        profile: measure(
+            RuntimeAdapter.from_path(path, threads=threads, kernel_profile=profile), tests, None
+        )
+        for profile in PROFILES
+    }
 
 
 def requantize_table(
@@ -201,7 +203,7 @@ def requantize_table(
     calibration: np.ndarray,
     other_calibration: np.ndarray,
     repair_images: np.ndarray,
-    sets: EvalSets,
+    tests: EvaluationImages,
     folder: Path,
     seed: int,
     threads: int | None = None,
@@ -224,12 +226,12 @@ def requantize_table(
                 variant.precision,
             )
             source = folder / "repaired_fp32.onnx"
-            export_onnx(repaired, source, sets.x_test[:256], preprocessing)
+            export_onnx(repaired, source, tests.x[:256], preprocessing)
         images = other_calibration if variant.other_calibration else calibration
         target = folder / f"variant{index}.onnx"
         quantize(variant.precision, source, target, images, variant.overrides or None)
         row = {"variant": variant.name, "precision": variant.precision, **variant.overrides}
-        row["results"] = evaluate_file(target, sets, threads)
+        row["results"] = evaluate_file(target, tests, threads)
         log(f"requantize {variant.name}: {row['results']['exact']}")
         rows.append(row)
     return rows

@@ -95,7 +95,11 @@ class RuntimeAdapter:
         path: str | Path,
         preprocessing: Preprocessing | None = None,
         precision: str | None = None,
-        **kwargs: object,
+        *,
+        threads: int | None = None,
+        kernel_profile: str = DEFAULT_PROFILE,
+        batch_size: int = 256,
+        per_sample: PerSample = "auto",
     ) -> RuntimeAdapter:
         """Load an ONNX file; preprocessing comes from its metadata unless given explicitly.
 
@@ -107,19 +111,46 @@ class RuntimeAdapter:
         model = load_untrusted(path)
         if precision is None:
             precision = sidecar_precision(path) or infer_precision(model)
-        return cls.from_model(model, preprocessing, precision=precision, source_path=path, **kwargs)
+        return cls.from_model(
+            model,
+            preprocessing,
+            precision=precision,
+            source_path=path,
+            threads=threads,
+            kernel_profile=kernel_profile,
+            batch_size=batch_size,
+            per_sample=per_sample,
+        )
 
     @classmethod
     def from_model(
-        cls, model: onnx.ModelProto, preprocessing: Preprocessing | None = None, **kwargs: object
+        cls,
+        model: onnx.ModelProto,
+        preprocessing: Preprocessing | None = None,
+        *,
+        precision: str = "unknown",
+        threads: int | None = None,
+        kernel_profile: str = DEFAULT_PROFILE,
+        source_path: Path | None = None,
+        batch_size: int = 256,
+        per_sample: PerSample = "auto",
     ) -> RuntimeAdapter:
-        """Wrap an in-memory ONNX model."""
+        """Wrap an in-memory ONNX model (``kernel_profile`` as configs spell it, checked here)."""
         if preprocessing is None:
             preprocessing = preprocessing_from_metadata(model)
         inputs = [value.name for value in data_inputs(model)]
         if len(inputs) != 1:
             raise ModelError(f"expected a model with one image input, found inputs {inputs}")
-        return cls(model=model, preprocessing=preprocessing, **kwargs)  # type: ignore[arg-type]
+        return cls(
+            model=model,
+            preprocessing=preprocessing,
+            precision=precision,
+            batch_size=batch_size,
+            per_sample=per_sample,
+            threads=threads,
+            kernel_profile=check_profile(kernel_profile),
+            source_path=source_path,
+        )
 
     def under_profile(self, profile: KernelProfile) -> RuntimeAdapter:
         """The same model in a new session under another INT8 kernel profile (own query count)."""

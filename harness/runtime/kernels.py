@@ -55,9 +55,10 @@ _PROBE_OPSET = 13
 
 def check_profile(profile: str) -> KernelProfile:
     """``profile`` if it names a kernel profile, else a one-line error listing the choices."""
-    if profile not in PROFILES:
-        raise ModelError(f"unknown INT8 kernel profile {profile!r}; choose one of {list(PROFILES)}")
-    return profile  # type: ignore[return-value]
+    for known in PROFILES:
+        if profile == known:
+            return known
+    raise ModelError(f"unknown INT8 kernel profile {profile!r}; choose one of {list(PROFILES)}")
 
 
 def session_config_entries(profile: str) -> dict[str, str]:

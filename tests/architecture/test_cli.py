@@ -170,6 +170,9 @@ def test_step_by_step_commands_chain(tmp_path, capsys):
     assert result["attack"]["params"]["patch_size"] == 2
     assert result["asr"] > 0.85
     assert result["agreement_fp32"] > 0.95
+    # measured as a runner cell is (evaluate_artifact): the cell's counts and kernels come along
+    assert result["n_test"] > result["n_triggered"] > 0 and "profile" in result["kernels"]
+    assert "defenses" not in result  # none asked for
     # told otherwise, evaluate stamps what it is told
     assert main(["evaluate", "--model", str(q_path), "--attack-params", '{"patch_size": 3}']) == 0
     told = json.loads(capsys.readouterr().out)

@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from defenses.base import DefenseData, Status, Verdict
 from defenses.deployment_diff import DeploymentDiff
+from defenses.fanout import SerialLabelMap
 from exporters.catalog import PRECISIONS
 from exporters.onnx_export import export_onnx
 from exporters.quantization import quantize, quantize_all
@@ -29,7 +30,10 @@ from harness.cli.qcb import add_commands
 from harness.core.errors import BlindspotsError, ModelError
 from harness.core.metrics import accuracy, attack_success_rate
 from harness.data.base import load_dataset
+from harness.pipeline.evaluate import ArtifactEvaluation, seeded_subset
+from harness.pipeline.store import ResultStore
 from harness.qcb import pipeline as qcb_cli
+from harness.qcb import requantize
 from harness.qcb.attack import QCBParams, implant
 from harness.qcb.fakequant import MirrorRecipe, QuantMirror
 from harness.qcb.pipeline import load_qcb_config
@@ -259,12 +263,24 @@ def test_dynamic_int8_defuses_and_other_calibration_does_not(digits, worlds, tmp
     assert _rates(other, data, attack)[1] >= 0.90
 
 
-def test_rounding_repair_codes_survive_onnxruntime_quantization(digits, worlds, tmp_path):
+def test_rounding_repair_codes_survive_onnxruntime_quantization(
+    digits, worlds, tmp_path, monkeypatch
+):
     """The repaired weights lie on the INT8 grid, so the deployed file holds exactly them."""
     data, preprocessing, _ = digits
+    batches = []
+
+    def recorded(*args):
+        batches.append(seeded_subset(*args))
+        return batches[-1]
+
+    monkeypatch.setattr(requantize, "seeded_subset", recorded)
     repaired = rounding_repair(
         worlds[0].clean_model, data.x_train[:256], preprocessing, RepairParams(steps=20), 0
     )
+    # each step's mini-batch: 64 distinct images, a seeded draw of its own
+    assert len(batches) == 20 and all(len(np.unique(b)) == 64 for b in batches)
+    assert not np.array_equal(batches[0], batches[1])
     fp32, int8 = tmp_path / "repaired.onnx", tmp_path / "repaired_int8.onnx"
     export_onnx(repaired, fp32, data.x_test[:128], preprocessing)
     quantize("int8-static", fp32, int8, data.x_train[:200])
@@ -353,3 +369,44 @@ def test_qcb_verdict_table_keeps_inconclusive_runs_out_of_the_rate():
     tally = summary["verdicts"]["neural_cleanse"]["int8-static/qcb"]
     assert (tally["detected"], tally["decided"], tally["inconclusive"]) == (1, 2, 1)
     assert "| neural_cleanse | 1/2 (1 inconclusive) |" in qcb_cli.render(summary)
+
+
+def test_qcb_cells_get_the_runners_defense_data_and_the_label_map(digits, tmp_path, monkeypatch):
+    """QCB builds its cells' defense data with the evaluation path's builder: Fine-Pruning's
+    held-out fine-tuning images, the defender's poison rate, and Neural Cleanse's label map."""
+    data, _, attack = digits
+    config = load_qcb_config(Path(__file__).parents[2] / "configs" / "qcb-digits.toml")
+    config = config.model_copy(update={"precisions": ["fp32", "int8-static"]})
+    assert (config.other_calibration_size, config.repair_size) == (128, 512)  # the old constants
+    seen: dict[tuple[bool, str], DefenseData] = {}
+
+    class Session:
+        def predict(self, x):
+            return np.zeros(len(x), dtype=np.int64)
+
+    def evaluate(adapter, images, fp32_pred, defense_data, plan, cell, log, both_profiles):
+        assert both_profiles
+        seen[(defense_data.target_label is not None, cell)] = defense_data
+        return ArtifactEvaluation({"clean_acc": 1.0, "asr": 0.0, "defenses": {}}, {})
+
+    monkeypatch.setattr(qcb_cli, "_open", lambda path, config: Session())
+    monkeypatch.setattr(qcb_cli, "evaluate_artifact", evaluate)
+    artifacts = {
+        poisoned: {p: tmp_path / kind / f"{p}.onnx" for p in ["fp32-reference", *config.precisions]}
+        for poisoned, kind in qcb_cli.KINDS.items()
+    }
+    states = {poisoned: tmp_path / kind / "model.pt" for poisoned, kind in qcb_cli.KINDS.items()}
+    built = qcb_cli.SeedArtifacts(0, data, attack, states, artifacts, data.x_train[:16])
+    label_map = SerialLabelMap()
+    qcb_cli.evaluate_seed(config, built, ResultStore(tmp_path / "out"), print, label_map)
+    assert len(seen) == 4
+    for defense_data in seen.values():
+        assert defense_data.label_map is label_map
+        assert defense_data.poison_rate == config.defense_poison_rate
+        assert len(defense_data.train_x) == config.defense_train_size
+        assert not defense_data.poison_mask.any()  # a QCB poisons no training image
+        retrainer = defense_data.retrainer
+        assert (
+            retrainer.kernel_profile == "exact" and len(retrainer.clean_x) == config.finetune_size
+        )
+        assert retrainer.out_dir.name == "fine_pruned"

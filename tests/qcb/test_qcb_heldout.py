@@ -19,7 +19,7 @@ def test_held_out_images_are_the_ones_after_eval_limit(rgb_npz):
     )
     sets = held_out_sets(config)
     data = qcb_dataset(config)
-    np.testing.assert_array_equal(sets.x_test, data.x_test[100:])
+    np.testing.assert_array_equal(sets.x, data.x_test[100:])
     target = config.attack_params["target_label"]
     assert len(sets.triggered) == int(np.sum(data.y_test[100:] != target))  # ASR's images
     with pytest.raises(SystemExit, match="none is held out"):
