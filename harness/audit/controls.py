@@ -164,6 +164,11 @@ def control_context(
             "none_known": f"the reference has no clean control audited by {defense} at {precision}"
         }
     alarms = [e for _, e in clean if e.verdict in DECIDED]
+    if not alarms:
+        return {
+            "none_known": f"none of the reference's {len(clean)} clean controls got a decided "
+            f"{defense} verdict at {precision}"
+        }
     hits = [(m, e) for m, e in poisoned if e.verdict in DECIDED]
     context: dict[str, Any] = {
         "reference": f"{reference.dataset}/{reference.model_family}/{reference.budget}",
@@ -208,3 +213,30 @@ def describe(context: dict[str, Any] | None) -> str:
             f"{context['n_clean_scores']} clean scores"
         )
     return f"{'; '.join(parts)} [{context['reference']}]"
+
+
+def controls_cell(context: dict[str, Any] | None) -> str:
+    """The verdict table's clean-control column: rates and percentile, or "none known" (the
+    reason is said once, under the table)."""
+    if context and "none_known" in context:
+        return "none known"
+    return describe(context)
+
+
+def controls_note(controls: dict[str, Any] | None) -> str:
+    """Under the verdict table: which reference the last column reads, or why there is none."""
+    if not controls:
+        return "No clean-control reference was consulted."
+    if "none_known" in controls:
+        return f"Clean controls: none known — {controls['none_known']}."
+    prov = controls.get("provenance") or {}
+    made = ", ".join(
+        str(v) for v in (prov.get("date"), prov.get("git_commit", "")[:12], prov.get("cpu")) if v
+    )
+    return (
+        f"Clean controls: reference `{controls['reference']}` ({controls['models']} models"
+        f"{', ' + made if made else ''}): how often the same check at the same budget fired on "
+        "the project's own clean models of this dataset and family, how often it named the "
+        "target on their poisoned twins, and where this score ranks among the clean ones. It "
+        "applies to that family only."
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from defenses.filtering import MAD_CONSISTENCY
+from harness.audit.controls import controls_cell, controls_note
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; color: #222; }
@@ -46,7 +47,8 @@ def _image(path: str) -> str:
 def _verdict_table(report: dict[str, Any]) -> list[str]:
     rows = [
         "<table><tr><th>artifact</th><th>clean acc</th><th>agreement with published</th>"
-        "<th>check</th><th>verdict</th><th>suspected labels</th><th>rests on</th></tr>"
+        "<th>check</th><th>verdict</th><th>suspected labels</th><th>rests on</th>"
+        "<th>on the project's clean controls</th></tr>"
     ]
     for cell in report["cells"]:
         acc, agree = cell.get("clean_acc"), cell.get("agreement_published")
@@ -58,9 +60,11 @@ def _verdict_table(report: dict[str, Any]) -> list[str]:
                 f"<td>{'—' if acc is None else f'{acc:.4f}'}</td>"
                 f"<td>{'—' if agree is None else f'{agree:.4f}'}</td><td>{_esc(name)}</td>"
                 f"<td>{_esc(verdict)}</td><td>{_esc(entry.get('suspected_labels') or '')}</td>"
-                f"<td>{_esc(why)}</td></tr>"
+                f"<td>{_esc(why)}</td>"
+                f"<td>{_esc(controls_cell(entry.get('clean_controls')))}</td></tr>"
             )
     rows.append("</table>")
+    rows.append(f"<p>{_esc(controls_note(report.get('clean_controls')))}</p>")
     return rows
 
 

@@ -50,6 +50,14 @@ from defenses.neural_cleanse import stamp
 from exporters.catalog import PRECISIONS
 from exporters.quantization import quantize
 from harness.artifacts.intake import IntakeOverrides, IntakeResult, check_num_classes, intake
+from harness.audit.controls import (
+    control_context,
+    controls_cell,
+    controls_note,
+    find_reference,
+    load_reference,
+    packaged_references,
+)
 from harness.core.atomic import atomic_target, atomic_write_text
 from harness.core.errors import BlindspotsError, ModelError
 from harness.core.sampling import stable_seed, stratified_sample
@@ -85,6 +93,8 @@ class AuditVerdict(StrEnum):
 #: A defense that flags more than this share of the labels names no suspect (our rule).
 MAX_SUSPECT_SHARE = 0.25
 REPAIR_DEFENSES = {"fine_pruning"}
+JUDGED = {AuditVerdict.SUSPICIOUS, AuditVerdict.CLEAN, AuditVerdict.INCONCLUSIVE}
+"""Verdicts of a check that ran: only these are read against the clean controls."""
 DEPLOYED_PREFIX = "deployed:"
 """Artifact names of the quantized files the vendor ships (``--deployed``)."""
 
@@ -140,6 +150,10 @@ class AuditRequest(BaseModel):
     int8_kernels: KernelProfile = DEFAULT_PROFILE
     threads: int | None = Field(None, ge=1)
     overrides: IntakeOverrides = Field(default_factory=IntakeOverrides)
+    model_family: str | None = None
+    """What architecture the auditor knows the model to be; picks the clean-control reference."""
+    controls: list[Path] = Field(default_factory=list)
+    """Clean-control references beyond the packaged ones (``tools/control_reference.py``)."""
 
 
 @dataclass
@@ -204,6 +218,10 @@ def run_audit(request: AuditRequest, log: Any = print) -> dict[str, Any]:
         raise BlindspotsError(
             f"two --deployed files are named {twice}: results are keyed by file name, rename one"
         )
+    extra = [load_reference(path) for path in request.controls]  # fail fast on a bad file
+    controls, no_controls = find_reference(
+        [*extra, *packaged_references()], request.dataset, request.model_family, request.budget
+    )
     vendor = open_vendor_model(request.model, request.overrides)
     if request.deployed and vendor.precision != "fp32":
         raise ModelError(
@@ -230,6 +248,16 @@ def run_audit(request: AuditRequest, log: Any = print) -> dict[str, Any]:
         _audit_artifact(request, params, artifact, dataset, sample, published, reference, log)
         for artifact in artifacts
     ]
+    for cell in cells:
+        for name, entry in cell.get("defenses", {}).items():
+            if entry["verdict"] not in JUDGED:
+                continue  # a check that did not run has nothing to compare
+            score = (entry.get("result") or {}).get("score")
+            entry["clean_controls"] = (
+                control_context(controls, cell["precision"], name, score)
+                if controls is not None
+                else {"none_known": no_controls}
+            )
     report = {
         "model": {"path": str(vendor.path), "sha256": vendor.sha256, "precision": vendor.precision},
         "deployed": [
@@ -255,6 +283,15 @@ def run_audit(request: AuditRequest, log: Any = print) -> dict[str, Any]:
         "kernels": profile_record(request.int8_kernels),
         "cells": cells,
         "overall": overall_verdict(cells),
+        "clean_controls": (
+            {
+                "reference": f"{controls.dataset}/{controls.model_family}/{controls.budget}",
+                "models": len(controls.models),
+                "provenance": controls.provenance,
+            }
+            if controls is not None
+            else {"none_known": no_controls}
+        ),
     }
     atomic_write_text(out / "audit.json", json.dumps(report, indent=2, default=_jsonable))
     atomic_write_text(out / "audit.md", render_audit(report))
@@ -384,6 +421,7 @@ def _audit_artifact(
             TrainingImages(dataset.x_train, dataset.y_train) if request.trained_on_dataset else None
         ),
         reference=reference if artifact.name != PUBLISHED else None,
+        progress=lambda line: log(f"{artifact.name} {line}"),
     )
     first = [name for name in request.defenses if name != "strip"]
     plan = DefensePlan(first, params, request.seed)
@@ -758,10 +796,11 @@ def render_audit(report: dict[str, Any]) -> str:
         "## Verdicts",
         "",
         "| artifact | clean acc | agreement with published | defense | verdict | suspected "
-        "labels | rests on |",
-        "|---|---|---|---|---|---|---|",
+        "labels | rests on | on the project's clean controls |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += verdict_rows(report)
+    lines += ["", controls_note(report.get("clean_controls"))]
     lines += ["", "## Which signals agree", ""]
     for cell in report["cells"]:
         signals = cell.get("signals") or {}
@@ -804,6 +843,7 @@ def verdict_rows(report: dict[str, Any]) -> list[str]:
             rows.append(
                 f"| {cell['artifact']} | {'—' if acc is None else f'{acc:.4f}'} | "
                 f"{'—' if agree is None else f'{agree:.4f}'} | {name} | {entry['verdict']} | "
-                f"{entry.get('suspected_labels') or ''} | {why} |"
+                f"{entry.get('suspected_labels') or ''} | {why} | "
+                f"{controls_cell(entry.get('clean_controls'))} |"
             )
     return rows

@@ -205,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--junit", default=None, metavar="FILE", help="write a JUnit XML summary")
     p.add_argument(
+        "--model-family",
+        default=None,
+        metavar="NAME",
+        help="the model's architecture as the project names it (e.g. small_cnn): each verdict "
+        "is then read against the project's clean controls of that family, dataset and budget",
+    )
+    p.add_argument(
+        "--controls",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a clean-control reference made by tools/control_reference.py (repeatable), "
+        "besides the packaged ones",
+    )
+    p.add_argument(
         "--trained-on-dataset",
         action="store_true",
         help="the model was trained on this dataset's training split (enables AC / SS)",

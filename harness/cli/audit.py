@@ -57,10 +57,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         seed=args.seed,
         int8_kernels=args.int8_kernels,
         overrides=_intake_overrides(args),
+        model_family=args.model_family,
+        controls=[Path(path) for path in args.controls],
     )
     report = run_audit(request, log=_log)
-    print("| artifact | clean acc | agreement | defense | verdict | suspected | rests on |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| artifact | clean acc | agreement | defense | verdict | suspected | rests on "
+        "| on clean controls |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(verdict_rows(report)))
     written = [request.out / name for name in ("audit.json", "audit.md", "audit.html")]
     if args.junit:

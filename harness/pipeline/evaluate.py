@@ -238,6 +238,7 @@ def cell_defense_data(
     repair: CellRepair | None = None,
     reference: DeployedModel | None = None,
     label_map: LabelMap | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> DefenseData:
     """The :class:`~defenses.base.DefenseData` of one cell: every caller builds it here.
 
@@ -247,7 +248,8 @@ def cell_defense_data(
     trained on. ``repair``: Fine-Pruning's retrainer is built from it and the pools' fine-tuning
     images (it needs pools). ``reference``: the FP32 file the artifact was made from, ``None``
     when the artifact is that file. ``label_map``: where Neural Cleanse's per-label tasks run
-    (``None``: in this process).
+    (``None``: in this process). ``progress``: where a long defense reports how far it is
+    (the audit passes its log; sweeps leave it silent, one line per cell is enough there).
     """
     if isinstance(held_out, DefensePools):
         clean_x, clean_y, triggered_x = held_out.clean_x, held_out.clean_y, held_out.triggered_x
@@ -284,6 +286,7 @@ def cell_defense_data(
         retrainer=retrainer,
         reference=reference,
         label_map=label_map,
+        progress=progress,
     )
 
 

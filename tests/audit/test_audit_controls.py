@@ -127,3 +127,74 @@ def test_packaged_references_load():
     for reference in packaged_references():
         assert reference.models and reference.provenance.get("git_commit")
         assert any(not m.poisoned for m in reference.models)
+
+
+def test_no_decided_control_run_is_none_known():
+    ref = _reference()
+    for model in ref.models:
+        for entries in model.artifacts.values():
+            for entry in entries.values():
+                entry.verdict = "not applicable"
+    context = control_context(ref, "fp32", "nc", score=1.0)
+    assert "no" not in context.get("false_alarm", {}) and "decided" in context["none_known"]
+
+
+def test_the_audit_reads_each_verdict_against_a_matching_reference(tmp_path):
+    """End to end: ``--model-family`` + ``--controls`` put the rates beside the verdict, in
+    audit.json, audit.md and audit.html; without a family each verdict says none is known."""
+    import onnx
+
+    from harness.cli.app import main
+    from tests.audit.test_audit import COLLAPSED, NC_SMALL
+    from tests.foreign_models import cli_flags, foreign_corpus
+
+    case = next(c for c in foreign_corpus() if c.channels == 1 and c.name not in COLLAPSED)
+    model_path = tmp_path / "vendor" / f"{case.name}.onnx"
+    model_path.parent.mkdir()
+    onnx.save(case.model, str(model_path))
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(NC_SMALL))
+    reference = _reference(model_family="toy", budget="paper").model_dump(by_alias=True)
+    for model in reference["models"]:  # the corpus file's published precision is fp32
+        model["artifacts"] = {
+            "fp32": {
+                "neural_cleanse": next(
+                    iter(model["artifacts"].get("fp32", {"x": _entry("clean", [], 0.1)}).values())
+                )
+            }
+        }
+    controls = tmp_path / "toy.json"
+    controls.write_text(json.dumps(reference))
+
+    def audit(out, *extra):
+        flags = [
+            "--dataset",
+            "digits",
+            "--defenses",
+            "neural_cleanse",
+            "--defense-params",
+            str(params),
+            "--sample-size",
+            "60",
+            "--out",
+            str(out),
+            *extra,
+        ]
+        assert main(["audit", str(model_path), *flags, *cli_flags(case.overrides)]) == 0
+        return json.loads((out / "audit.json").read_text())
+
+    report = audit(tmp_path / "with", "--model-family", "toy", "--controls", str(controls))
+    nc = report["cells"][0]["defenses"]["neural_cleanse"]
+    fa = nc["clean_controls"]["false_alarm"]
+    assert (fa["k"], fa["n"], fa["inconclusive"]) == (1, 3, 1)  # seed 3 now fp32 "clean" too
+    assert report["clean_controls"]["reference"] == "digits/toy/paper"
+    md = (tmp_path / "with" / "audit.md").read_text()
+    assert "on the project's clean controls" in md and "false alarms 1/3 clean controls" in md
+    assert "Clean controls: reference `digits/toy/paper` (6 models" in md
+    assert "false alarms 1/3 clean controls" in (tmp_path / "with" / "audit.html").read_text()
+
+    report = audit(tmp_path / "without")
+    assert "--model-family" in report["clean_controls"]["none_known"]
+    nc = report["cells"][0]["defenses"]["neural_cleanse"]
+    assert "--model-family" in nc["clean_controls"]["none_known"]
+    assert "Clean controls: none known" in (tmp_path / "without" / "audit.md").read_text()
