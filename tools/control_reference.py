@@ -2,6 +2,7 @@
 
     python tools/control_reference.py configs/controls-digits.toml --budget quick \\
         --work runs/controls-digits --out harness/audit/references/digits-small_cnn-quick.json
+    python tools/control_reference.py summary harness/audit/references/digits-small_cnn-quick.json
 
 For every seed of the config, the clean control and the poisoned model (the config's recipe,
 trained, exported and cached under ``--work`` exactly as a sweep does) are audited as float
@@ -28,7 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._cpu import cpu_label  # noqa: E402
-from harness.audit.controls import REFERENCE_SCHEMA, ControlReference  # noqa: E402
+from harness.audit.controls import (  # noqa: E402
+    REFERENCE_SCHEMA,
+    ControlReference,
+    load_reference,
+    summary_table,
+)
 from harness.audit.run import PUBLISHED, AuditRequest, run_audit  # noqa: E402
 from harness.core.atomic import atomic_write_text  # noqa: E402
 from harness.pipeline.config import load_config  # noqa: E402
@@ -79,6 +85,11 @@ def model_entry(report: dict[str, Any], seed: int, poisoned: bool, target: int |
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["summary"]:  # python tools/control_reference.py summary REFERENCE.json
+        print(summary_table(load_reference(argv[1])), end="")
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="sweep config whose recipe and seeds make the models")
     parser.add_argument("--budget", choices=["quick", "paper"], default="quick")
@@ -92,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, type=Path, help="cache of models and audits")
     parser.add_argument("--out", required=True, type=Path, help="reference JSON to write")
     args = parser.parse_args(argv)
+    provenance = git_provenance()  # the code that runs is the code at start, not at the end
 
     configs = load_config(args.config, {"precisions": ["fp32"], "clean_control": True}).expand()
     if len(configs) != 1:
@@ -118,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         "budget": args.budget,
         "attack": {"name": config.attack_name, "params": config.attack_params},
         "provenance": {
-            "command": "python tools/control_reference.py " + shlex.join(argv or sys.argv[1:]),
+            "command": "python tools/control_reference.py " + shlex.join(argv),
             "config": Path(args.config).name,
             "precisions": precisions,
             "date": datetime.now(UTC).strftime("%Y-%m-%d"),
             "cpu": cpu_label(),
             "python": platform.python_version(),
-            **git_provenance(),
+            **provenance,
         },
         "models": models,
     }

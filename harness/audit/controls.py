@@ -240,3 +240,35 @@ def controls_note(controls: dict[str, Any] | None) -> str:
         "target on their poisoned twins, and where this score ranks among the clean ones. It "
         "applies to that family only."
     )
+
+
+def summary_table(reference: ControlReference) -> str:
+    """Markdown: per defense and artifact precision, what the reference's models got.
+
+    Clean controls: false alarms / decided runs (+ inconclusive); poisoned models: target named
+    / decided runs (+ inconclusive). Checks that never ran on a precision are left out.
+    BENCHMARKS.md quotes this table (a test keeps the two equal).
+    """
+    rows = []
+    precisions = sorted({p for m in reference.models for p in m.artifacts})
+    defenses = sorted({d for m in reference.models for e in m.artifacts.values() for d in e})
+    for defense in defenses:
+        for precision in precisions:
+            context = control_context(reference, precision, defense, None)
+            if "none_known" in context:
+                continue
+            fa, det = context["false_alarm"], context["detection"]
+
+            def cell(rate: dict[str, Any] | None) -> str:
+                if not rate:
+                    return "—"
+                extra = f" (+{rate['inconclusive']} inconclusive)" if rate["inconclusive"] else ""
+                return f"{rate['k']}/{rate['n']}{extra}"
+
+            rows.append(f"| {defense} | {precision} | {cell(fa)} | {cell(det)} |")
+    head = [
+        "| check | artifact precision | false alarms on clean controls | target named on "
+        "poisoned models |",
+        "|---|---|---|---|",
+    ]
+    return "\n".join(head + rows) + "\n"

@@ -198,3 +198,15 @@ def test_the_audit_reads_each_verdict_against_a_matching_reference(tmp_path):
     nc = report["cells"][0]["defenses"]["neural_cleanse"]
     assert "--model-family" in nc["clean_controls"]["none_known"]
     assert "Clean controls: none known" in (tmp_path / "without" / "audit.md").read_text()
+
+
+def test_benchmarks_quotes_the_packaged_reference_as_the_tool_prints_it():
+    """BENCHMARKS.md's table is the summary of the packaged file, not a hand-made copy."""
+    from pathlib import Path
+
+    from harness.audit.controls import summary_table
+
+    root = Path(__file__).resolve().parents[2]
+    reference = load_reference(root / "harness/audit/references/digits-small_cnn-quick.json")
+    assert summary_table(reference) in (root / "BENCHMARKS.md").read_text()
+    assert find_reference([reference], "digits", "small_cnn", "quick")[0] is reference
