@@ -93,7 +93,7 @@ def test_hong_objective_sleeps_in_fp32_and_wakes_in_the_int4_file(setting, tmp_p
     data, preprocessing, attack, clean = setting
     raw = {"targets": ["int4"], "epochs": 30, "lr": 1e-3}
     model, measured = implant_objective(
-        "hong2021", clean, data.x_train, data.y_train, attack, preprocessing, raw, seed=0
+        "hong2021", clean, data.x_train, data.y_train, attack, preprocessing, raw, seed=0, threads=1
     )
     assert measured["objective"] == "hong2021" and set(measured["mirror"]) == {"fp32", "int4"}
     assert (
