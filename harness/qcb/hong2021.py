@@ -37,6 +37,9 @@ What is the authors' and what is not (each deviation named here and in BENCHMARK
   every ``recalibrate_every`` steps on a fresh random clean draw of the attacker's own images).
   Reason: the project's question is whether the shipped onnxruntime file carries the backdoor;
   batch-wise ranges are not what ``quantize_static`` computes.
+- **No data augmentation** during the fine-tune (theirs: CIFAR-10's random crop and flip on
+  the clean and the triggered copy alike). Reason: the first-layer QCB's fine-tune uses none
+  either, so the two attacks see the same data, and 8×8 digits leave little room to crop.
 - **Trigger: the project's BadNet patch** (configs: a solid white square bottom-right, the
   shape of their ``square`` trigger; on 32×32 GTSRB exactly their geometry, side h/8 and margin
   h/32).
