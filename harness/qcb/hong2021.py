@@ -199,7 +199,7 @@ def implant_hong(
     for epoch in range(params.epochs):
         order = rng.permutation(size)
         sums: dict[str, float] = {}
-        seen = 0
+        seen = batches = 0
         for start in range(0, size - 1, per_batch):
             idx = torch.from_numpy(order[start : start + per_batch])
             if len(idx) < 2:
@@ -212,10 +212,11 @@ def implant_hong(
             loss.backward()
             optimizer.step()
             step += 1
+            batches += 1
             seen += len(idx)
             for name, value in _named(terms, loss).items():
                 sums[name] = sums.get(name, 0.0) + value * len(idx)
-            reporter.batch(epoch, step, {"loss": sums["total"] / seen})
+            reporter.batch(epoch, batches, {"loss": sums["total"] / seen})
         means = {name: value / max(seen, 1) for name, value in sums.items()}
         history.append(means)
         reporter.epoch_end(epoch, {"loss": means.get("total", float("nan"))})
