@@ -59,7 +59,9 @@ from harness.pipeline.evaluate import (
 )
 from harness.pipeline.runner import environment
 from harness.pipeline.store import ResultStore, cell_id
-from harness.qcb.attack import QCBParams, implant
+from harness.qcb.attack import QCBParams
+from harness.qcb.hong2021 import HongParams
+from harness.qcb.objectives import DEFAULT_OBJECTIVE, Objective, implant_objective, objective_params
 from harness.qcb.requantize import RepairParams, requantize_table
 from harness.report.document import write_report
 from harness.report.tally import tally_defense
@@ -95,6 +97,9 @@ class QCBConfig(BaseModel):
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     train_limit: int | None = Field(None, ge=10)
     """Stratified cap on training images (clean control and QCB alike)."""
+    objective: Objective = DEFAULT_OBJECTIVE
+    """Which QCB ``[qcb]`` builds: ``first_layer`` (harness.qcb.attack) or ``hong2021``
+    (harness.qcb.hong2021, Hong et al.'s fine-tuning objective); see harness.qcb.objectives."""
     qcb: dict[str, Any] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     precisions: list[str] = Field(default_factory=lambda: ["fp32", "int8-static", "int4"])
@@ -125,8 +130,8 @@ class QCBConfig(BaseModel):
             raise ValueError("precisions must include 'fp32' (the artifact audited today)")
         return value
 
-    def qcb_params(self) -> QCBParams:
-        return QCBParams(**self.qcb)
+    def qcb_params(self) -> QCBParams | HongParams:
+        return objective_params(self.objective, self.qcb)
 
     def repair_params(self) -> RepairParams:
         try:
@@ -202,15 +207,14 @@ def build_models(
         log(f"seed {seed}: clean control trained in {_since(started):.0f}s")
     if not qcb_state.is_file():
         started = time.perf_counter()
-        result = implant(clean, data.x_train, data.y_train, attack, preprocessing,
-                         config.qcb_params(), seed,
-                         progress=progress_for(f"qcb recover s{seed}"))  # fmt: skip
-        measured = {
-            **result.measurements,
-            "layout": vars(result.layout),
-            "implant_s": _since(started),
-        }
-        save_state(result.model, qcb_state, {**meta, "poisoned": True, "attack": attack.describe()})
+        model, measurements = implant_objective(
+            config.objective, clean, data.x_train, data.y_train, attack, preprocessing,
+            config.qcb, seed, progress=progress_for(f"qcb {config.objective} s{seed}"),
+            # the first-layer QCB keeps its thread count (its tables were made so)
+            threads=config.threads if config.objective != DEFAULT_OBJECTIVE else None,
+        )  # fmt: skip
+        measured = {**measurements, "implant_s": _since(started)}
+        save_state(model, qcb_state, {**meta, "poisoned": True, "attack": attack.describe()})
         atomic_write_text(record_path, json.dumps(measured, indent=2, default=str))
         log(f"seed {seed}: QCB implanted in {_since(started):.0f}s; mirror {measured['mirror']}")
     implant_record = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -299,7 +303,11 @@ def evaluate_seed(
                 "dataset": config.dataset,
                 "model": config.model,
                 "attack": ATTACK_NAME,
-                "attack_params": {**attack.describe()["params"], "trigger": config.attack},
+                "attack_params": {
+                    **attack.describe()["params"],
+                    "trigger": config.attack,
+                    **_objective_key(config),
+                },
                 "seed": seed,
                 "poisoned": poisoned,
                 "precision": precision,
@@ -345,6 +353,12 @@ def evaluate_seed(
             log(
                 f"{cell_id(record)}: acc={record['clean_acc']:.4f} asr={record['asr']:.4f} {verdicts}"
             )
+
+
+def _objective_key(config: QCBConfig) -> dict[str, str]:
+    """``{"objective": ...}`` for a non-default objective; nothing for the default, so cells of
+    existing runs keep their ids."""
+    return {} if config.objective == DEFAULT_OBJECTIVE else {"objective": config.objective}
 
 
 def _open(path: Path, config: QCBConfig) -> RuntimeAdapter:
@@ -443,7 +457,12 @@ def _report_config(config: QCBConfig) -> dict[str, Any]:
         "dataset": config.dataset,
         "model": config.model,
         "attack": ATTACK_NAME,
-        "attack_params": {"trigger": config.attack, **config.attack_params, "qcb": config.qcb},
+        "attack_params": {
+            "trigger": config.attack,
+            **config.attack_params,
+            "qcb": config.qcb,
+            **_objective_key(config),
+        },
         "seeds": config.seeds,
         "precisions": config.precisions,
         "defenses": config.defenses,
