@@ -21,6 +21,8 @@ def cmd_qcb_run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"data_root": args.data_root}
     if args.seeds:
         overrides["seeds"] = [int(s) for s in args.seeds.split(",")]
+    if args.no_requantize:
+        overrides["requantize"] = False
     config = load_qcb_config(args.config, overrides)
     if args.label_workers is None:
         run_qcb(config, args.out, log=_print)
@@ -67,6 +69,12 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--data-root", default=None, help="override the config's data_root")
     p.add_argument("--seeds", default=None, help="comma list overriding the config's seeds")
+    p.add_argument(
+        "--no-requantize",
+        action="store_true",
+        help="skip the re-quantization table (the part of a seed that takes longest; the "
+        "cells and verdicts do not depend on it)",
+    )
     p.add_argument(
         "--label-workers",
         type=int,
