@@ -25,7 +25,6 @@ Usage: ``python -m bench.runtime.bench_compile [--precisions fp32,int8-static] [
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -157,8 +156,8 @@ def bench_precision(
         parity: dict[str, Any] = {}
         if first:  # the parity gate, through the compiled module (its own batch shape)
             start = time.perf_counter()
-            gated = copy.copy(oracle)
-            gated.module = compiled  # type: ignore[assignment]
+            gated = object.__new__(GradientOracle)  # copy.copy would drop the session
+            gated.__dict__.update(oracle.__dict__, module=compiled)
             report = gated.parity(parity_images)
             parity = {
                 "passed": report.passed,
