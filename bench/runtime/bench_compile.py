@@ -14,9 +14,9 @@ compiled with the chosen backend (``dynamic=False``: one graph per batch shape),
 - the same Neural Cleanse label steps (one Adam update on ``batch`` images per step, one torch
   thread) run eager and compiled in alternating rounds; best and median ms per step of each,
   the compile time (first call, parity shapes included) reported apart. Both run with Neural
-  Cleanse's retained heap; a third column, eager with glibc's default heap thresholds (128 KiB,
-  fixed: what the scan ran with before :func:`harness.core.threads.retained_heap`), measures
-  that change in the same rounds.
+  Cleanse's retained heap; a third column, eager with glibc's initial heap thresholds (128 KiB,
+  fixed; before :func:`harness.core.threads.retained_heap` the scan ran with glibc's dynamic
+  ones, which start there), measures that change in the same rounds.
 
 Usage: ``python -m bench.runtime.bench_compile [--precisions fp32,int8-static] [--batches 16,32]
 [--steps 30] [--rounds 5] [--backend inductor] [--json out.json]``.

