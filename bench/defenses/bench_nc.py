@@ -25,7 +25,9 @@ steps each label took and, when labels run in this process, each label's wall se
 ``--oracle-device cpu|auto`` says where the gradient oracle runs: only the CPU replica exists
 (``auto`` picks it; ``cuda`` is refused). ``--heap system`` runs the scan without Neural
 Cleanse's retained heap (:func:`harness.core.threads.retained_heap`); ``--heap retain,system``
-runs both for each precision, one after the other, and checks that they agree to the last bit.
+runs both for each precision and checks that they agree to the last bit; ``system`` runs first,
+and is glibc's own heap only until the process's first retained scan (its dynamic thresholds
+cannot be restored), so time the two with one precision per run.
 
 Usage: ``python -m bench.defenses.bench_nc [--precisions fp32,int8-static] [--threads 2]
 [--compare-full] [--budget authors|grid] [--executor processes --workers 2]
@@ -348,7 +350,7 @@ def _scan_all(
             paths[precision], threads=config.threads, kernel_profile=config.int8_kernels
         )
         scans = []
-        for heap in args.heap:
+        for heap in sorted(args.heap, key=lambda h: h != "system"):  # see the module doc
             with system_heap() if heap == "system" else nullcontext():
                 scan = replace(run_scan(adapter, data, params, precision), heap=heap)
             report["scans"].append(asdict(scan))
