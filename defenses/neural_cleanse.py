@@ -129,7 +129,7 @@ from defenses.fanout import LabelMap, LabelTasks
 from defenses.filtering import MAD_CONSISTENCY
 from harness.core.errors import DataError, ModelError
 from harness.core.progress import format_duration
-from harness.core.threads import scoped_threads
+from harness.core.threads import retain_heap, retained_heap, scoped_threads
 
 TANH_EPSILON = 1e-7
 """Keras' ``K.epsilon()``, which the authors' tanh parametrisation divides by ``2 - ε``."""
@@ -589,6 +589,7 @@ def remote_label_step(
     the label's new snapshot, computed with the scan's intra-op thread count.
     """
     label, snapshot, cost = item
+    retain_heap()  # this process runs label steps: keep its freed pages (see retained_heap)
     state = _Label.restore(snapshot, scan.params)
     with scoped_threads(torch, scan.threads):
         outcome = label_step(scan, label, state, cost)
@@ -1051,7 +1052,8 @@ class NeuralCleanse(Defense[NeuralCleanseParams]):
             raise NotApplicable(f"no faithful gradients for this graph: {parity.summary()}")
 
         seed = int(rng.integers(2**62))
-        with scoped_threads(torch, p.torch_threads):  # small batches: fewer threads
+        # small batches: fewer threads; thousands of small steps: reuse freed pages
+        with scoped_threads(torch, p.torch_threads), retained_heap():
             triggers = reverse_engineer(
                 oracle.logits_with_pre_quantizer,
                 data.clean_x[opt_idx],

@@ -21,12 +21,18 @@ and INT8-relevant flags are printed too (the INT8 kernels differ without AVX-512
 mini-batches of 32 per step), ``--budget grid`` the grids' former one (profile ``fast``); without
 it the config's parameters decide. ``--executor processes|dask --workers N [--scheduler
 tcp://…]`` fans each step's labels out over local worker processes or a Dask cluster (issue 20;
-the result is the serial scan's, bit for bit); the scan records where its labels ran and the
-steps each label took.
+the result is the serial scan's, bit for bit); the scan records where its labels ran, the
+steps each label took and, when labels run in this process, each label's wall seconds.
+``--oracle-device cpu|auto`` says where the gradient oracle runs: only the CPU replica exists
+(``auto`` picks it; ``cuda`` is refused). ``--heap system`` runs the scan without Neural
+Cleanse's retained heap (:func:`harness.core.threads.retained_heap`); ``--heap retain,system``
+runs both for each precision and checks that they agree to the last bit; ``system`` runs first,
+and is glibc's own heap only until the process's first retained scan (its dynamic thresholds
+cannot be restored), so time the two with one precision per run.
 
 Usage: ``python -m bench.defenses.bench_nc [--precisions fp32,int8-static] [--threads 2]
 [--compare-full] [--budget authors|grid] [--executor processes --workers 2]
-[--params '{"steps": 3}'] [--json out.json]``; the figures in BENCHMARKS.md come from
+[--oracle-device cpu|auto] [--heap retain|system|retain,system] [--params '{"steps": 3}'] [--json out.json]``; the figures in BENCHMARKS.md come from
 ``taskset -c 0,1 python -m bench.defenses.bench_nc --json nc.json`` on an otherwise idle machine.
 """
 
@@ -34,8 +40,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +53,7 @@ import numpy as np
 import torch
 
 from bench._cpu import cpu_description
+from defenses import neural_cleanse
 from defenses.base import DefenseData
 from harness.core.atomic import atomic_write_json
 from harness.data.base import load_dataset
@@ -133,14 +143,20 @@ class Scan:
     reason: str | None = None
     steps_per_label: list[int] = field(default_factory=list)
     label_tasks: str | None = None
+    seconds_per_label: list[float] | None = None
+    load_after: float | None = None
+    heap: str = "retain"
 
 
 def run_scan(
     adapter: RuntimeAdapter, data: DefenseData, params: dict[str, Any], precision: str
 ) -> Scan:
-    """Neural Cleanse with the runner's defense seed, timed."""
+    """Neural Cleanse with the runner's defense seed, timed (each label too, when its steps run
+    in this process)."""
+    seconds: dict[int, float] = {}
     wall, cpu = time.perf_counter(), time.process_time()
-    result = run_defense("neural_cleanse", params, SEED, adapter, data)
+    with label_clock(seconds):
+        result = run_defense("neural_cleanse", params, SEED, adapter, data)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     details = result.details
     statuses = details.get("label_status", [])
@@ -164,7 +180,58 @@ def run_scan(
         reason=result.reason,
         steps_per_label=[int(s) for s in details.get("steps_run", [])],
         label_tasks=details.get("label_tasks"),
+        seconds_per_label=[seconds.get(k, 0.0) for k in range(data.num_classes)]
+        if seconds
+        else None,
+        load_after=os.getloadavg()[0],
     )
+
+
+@contextmanager
+def label_clock(seconds: dict[int, float]) -> Iterator[None]:
+    """Add each label step's wall seconds to ``seconds[label]`` (steps run in this process only:
+    a fanned-out scan's labels run elsewhere and leave it empty)."""
+    original = neural_cleanse.label_step
+    lock = threading.Lock()
+
+    def timed(scan: Any, label: int, state: Any, cost: float) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(scan, label, state, cost)
+        finally:
+            with lock:
+                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - start
+
+    neural_cleanse.label_step = timed
+    try:
+        yield
+    finally:
+        neural_cleanse.label_step = original
+
+
+@contextmanager
+def _no_retained_heap() -> Iterator[bool]:
+    yield False
+
+
+@contextmanager
+def system_heap() -> Iterator[None]:
+    """Neural Cleanse without its retained heap (the C library's default), for comparison."""
+    original = neural_cleanse.retained_heap
+    neural_cleanse.retained_heap = _no_retained_heap
+    try:
+        yield
+    finally:
+        neural_cleanse.retained_heap = original
+
+
+def oracle_device(requested: str) -> str:
+    """The device the gradient oracle runs on: only the CPU replica exists (issue 20 item 2)."""
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--oracle-device cuda: no CUDA device here; use cpu or auto")
+        raise ValueError("--oracle-device cuda: the GPU gradient oracle is not built; use cpu")
+    return "cpu"
 
 
 def same_outcome(fast: Scan, full: Scan) -> list[str]:
@@ -190,8 +257,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executor", choices=EXECUTORS, default="serial", help="label fan-out")
     parser.add_argument("--workers", type=int, default=None, help="fan-out workers")
     parser.add_argument("--scheduler", default=None, help="Dask scheduler (tcp://…)")
+    parser.add_argument("--oracle-device", choices=("cpu", "auto", "cuda"), default="cpu")
+    parser.add_argument("--heap", default="retain", help="retain, system or retain,system")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    try:
+        device = oracle_device(args.oracle_device)
+        args.heap = args.heap.split(",")
+        if not args.heap or set(args.heap) - {"retain", "system"}:
+            raise ValueError(f"--heap: expected retain, system or both, got {args.heap}")
+    except ValueError as exc:
+        parser.exit(2, f"bench_nc: error: {exc}\n")
 
     config = grid_config()
     params = dict(config.defense_params.get("neural_cleanse", {})) | args.params
@@ -201,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         params["profile"] = "paper" if args.budget == "authors" else "fast"
     precisions = args.precisions.split(",") if args.precisions else config.precisions
     cpu = cpu_description()
-    print(f"cpu: {cpu}  torch {torch.__version__}  params: {params}", flush=True)
+    print(
+        f"cpu: {cpu}  torch {torch.__version__}  params: {params}  oracle: {device}  "
+        f"heap: {args.heap}  load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     folder = CACHE / f"gtsrb_badnet_seed{SEED}"
     paths = trained_artifacts(config, folder)
     data = defense_data(config, folder / "defense_clean.npz")
@@ -213,7 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         data = replace(data, label_map=executor.label_map())
         print(f"labels fan out over {executor.describe()}", flush=True)
 
-    report: dict[str, Any] = {"cpu": cpu, "params": params, "scans": [], "mismatches": {}}
+    report: dict[str, Any] = {
+        "cpu": cpu,
+        "params": params,
+        "oracle_device": device,
+        "heap": args.heap,
+        "load_before": os.getloadavg()[0],
+        "scans": [],
+        "mismatches": {},
+    }
     with stack:
         _scan_all(args, config, paths, data, params, precisions, report)
     if args.json:
@@ -235,9 +323,21 @@ def _scan_all(
         adapter = RuntimeAdapter.from_path(
             paths[precision], threads=config.threads, kernel_profile=config.int8_kernels
         )
-        scan = run_scan(adapter, data, params, precision)
-        report["scans"].append(asdict(scan))
-        _print(scan)
+        scans = []
+        for heap in sorted(args.heap, key=lambda h: h != "system"):  # see the module doc
+            with system_heap() if heap == "system" else nullcontext():
+                scan = replace(run_scan(adapter, data, params, precision), heap=heap)
+            report["scans"].append(asdict(scan))
+            _print(scan)
+            scans.append(scan)
+        if len(scans) > 1:
+            differ = [
+                f"{name} differs between heaps"
+                for name in ("norms", "statuses", "steps_per_label", "flagged", "target_index")
+                if getattr(scans[0], name) != getattr(scans[1], name)
+            ]
+            report["mismatches"][f"{precision} heap"] = differ
+            print(f"  retained vs system heap: {differ or 'identical'}", flush=True)
         if args.compare_full:
             full = run_scan(adapter, data, params | {"label_schedule": "full"}, precision)
             report["scans"].append(asdict(full))
@@ -248,10 +348,10 @@ def _scan_all(
 
 def _print(scan: Scan) -> None:
     print(
-        f"{scan.precision:13s} {scan.schedule:8s} wall {scan.wall_s:6.1f}s cpu {scan.cpu_s:6.1f}s "
+        f"{scan.precision:13s} {scan.schedule:8s} {scan.heap:6s} wall {scan.wall_s:6.1f}s cpu {scan.cpu_s:6.1f}s "
         f"steps {scan.steps_total:5d} {scan.label_status} -> {scan.verdict} {scan.flagged} "
         f"target index {scan.target_index} saturated {scan.saturated_target} "
-        f"{scan.verdict_reason or scan.reason or ''}",
+        f"load {scan.load_after:.1f} {scan.verdict_reason or scan.reason or ''}",
         flush=True,
     )
 

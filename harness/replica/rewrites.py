@@ -149,7 +149,9 @@ def fake_quantize(spec: NodeSpec, inputs: list, dtype: torch.dtype) -> list[torc
     """Converter of a :data:`FAKE_QUANTIZE` step: inputs ``(x, scale, zero_point)``."""
     x, scale, zero_point = inputs
     low, high = spec.attrs["_qrange"]
-    zp = float(zero_point.reshape(()))
+    zp = spec.attrs.get("_zero_point")  # read at build time: no tensor → float per call
+    if zp is None:
+        zp = float(zero_point.reshape(()))
     args = (x.to(dtype), scale.reshape(()).to(dtype), low - zp, high - zp)
     if _in_functorch_transform():
         return [_FakeQuantizeVmap.apply(*args)[0]]
@@ -183,7 +185,8 @@ def fuse_fake_quant(
             continue
         if not _same_scalar_params(q.inputs[1:3], dq.inputs[1:3], constants):
             continue
-        spec = NodeSpec(FAKE_QUANTIZE, f"{q.spec.name}+{dq.spec.name}", q.spec.opset, q.spec.attrs)
+        attrs = {**q.spec.attrs, "_zero_point": float(constants[q.inputs[2]].reshape(()))}
+        spec = NodeSpec(FAKE_QUANTIZE, f"{q.spec.name}+{dq.spec.name}", q.spec.opset, attrs)
         fused[users[0]] = Step(spec, q.inputs[:3], dq.outputs[:1], fake_quantize)
         dropped.add(i)
     return [fused.get(i, step) for i, step in enumerate(steps) if i not in dropped]
