@@ -3,7 +3,8 @@
 An attack is a pixel-space trigger plus a poisoning policy. Triggers are stamped on uint8 NHWC
 images *before* normalisation, because that is where a physical sticker or a blended pattern
 lives and where a deployed camera pipeline hands images to the model. Attacks register by name
-(``ATTACKS``), so the runner, the CLI and the reports treat BadNet and Blended identically.
+(``ATTACKS``), so the runner, the CLI and the reports treat every family (BadNet, Blended,
+WaNet, TrojanNN, the dynamic random patch, additive noise) identically.
 
 Parameters are pydantic models: a typo or an out-of-range value becomes a one-line
 :class:`BlindspotsError` before any training time is spent.
@@ -154,6 +155,10 @@ class Attack(ABC):
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 ATTACKS.register_lazy("badnet", "harness.attacks.badnet")
 ATTACKS.register_lazy("blended", "harness.attacks.blended")
+ATTACKS.register_lazy("dynamic", "harness.attacks.dynamic")
+ATTACKS.register_lazy("noise", "harness.attacks.noise")
+ATTACKS.register_lazy("trojannn", "harness.attacks.trojannn")
+ATTACKS.register_lazy("wanet", "harness.attacks.wanet")
 
 
 def build_attack(name: str, params: dict[str, Any] | None = None) -> Attack:
