@@ -46,10 +46,19 @@ class PoisonedSet:
     x: np.ndarray
     y: np.ndarray
     poison_mask: np.ndarray
+    cross_mask: np.ndarray | None = None
+    """Images changed but *not* relabelled (WaNet's noise-mode cross samples); None: none."""
 
     @property
     def poison_indices(self) -> np.ndarray:
         return np.flatnonzero(self.poison_mask)
+
+    @property
+    def modified_mask(self) -> np.ndarray:
+        """Every image whose pixels the attack changed: the poisoned and any cross samples."""
+        if self.cross_mask is None:
+            return self.poison_mask
+        return self.poison_mask | self.cross_mask
 
 
 def check_images(images: np.ndarray, what: str) -> None:

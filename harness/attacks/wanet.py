@@ -23,7 +23,8 @@ poisoning rate 0.1 is the project's default anyway). Deviations from the paper a
   to uint8 (the trigger must live in the pixels a camera hands over). Sub-level displacements
   that round away are lost, so on low-resolution data (8×8 digits) a larger ``s`` is needed
   for the backdoor to be learnt; the configs say which.
-* **Cross samples are not in ``poison_mask``** (their labels are true); only relabelled images are.
+* **Cross samples are not in ``poison_mask``** (their labels are true); only relabelled images
+  are. ``PoisonedSet.cross_mask`` marks them.
 * **No generator-side augmentation**: the paper also trains with random crop and rotation; here
   the training loop's own ``augment`` option applies to all images alike.
 * The bicubic upsampling is our own Keys (a = -0.75) cubic convolution with edge clamping,
@@ -33,6 +34,7 @@ poisoning rate 0.1 is the project's default anyway). Deviations from the paper a
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import ClassVar
 
 import numpy as np
@@ -154,7 +156,9 @@ class WaNet(Attack):
                 f"wanet: cross_ratio {self.params.cross_ratio} needs {cross} cross samples, "
                 f"only {len(free)} unpoisoned images exist"
             )
+        cross_mask = np.zeros(len(x), dtype=bool)
         if cross:
             chosen = np.sort(rng.choice(free, size=cross, replace=False))
             poisoned.x[chosen] = self.cross_warp(x[chosen], rng)
-        return poisoned
+            cross_mask[chosen] = True
+        return replace(poisoned, cross_mask=cross_mask)

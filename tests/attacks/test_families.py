@@ -56,6 +56,7 @@ def test_wanet_cross_samples_keep_their_labels_at_the_papers_ratio():
     changed = (result.x != x).any(axis=(1, 2, 3))
     cross = changed & ~result.poison_mask
     assert result.poison_mask.sum() == 20 and cross.sum() == 40
+    np.testing.assert_array_equal(result.cross_mask, cross)
     np.testing.assert_array_equal(result.y[cross], y[cross])
     # a cross sample is warped differently from the trigger (the noise), a poisoned one exactly
     idx = np.flatnonzero(cross)
