@@ -19,17 +19,14 @@ from harness.core.errors import BlindspotsError
 CORNERS = ("bottom-right", "top-left", "top-right", "bottom-left")
 
 
-class BadNetParams(AttackParams):
-    """BadNet's trigger geometry; defaults are the common 3×3 white patch, bottom-right."""
+class PatchGeometry(AttackParams):
+    """Where a square patch trigger goes; shared by every patch attack (BadNet, TrojanNN, dynamic)."""
 
     patch_size: int = Field(3, ge=1)
     position: str | tuple[int, int] = "bottom-right"
     """A corner name, or the explicit ``[row, col]`` of the patch's top-left pixel."""
     margin: int = Field(1, ge=0)
     """Gap in pixels between a corner patch and the image edge (ignored for explicit positions)."""
-    color: int | tuple[int, ...] = 255
-    """One value for every channel, or one value per channel."""
-    pattern: Literal["solid", "checkerboard"] = "solid"
 
     @field_validator("position", mode="before")
     @classmethod
@@ -45,6 +42,35 @@ class BadNetParams(AttackParams):
         ):
             return tuple(value)
         raise ValueError(f"expected one of {', '.join(CORNERS)} or [row, col] of non-negative ints")
+
+
+def patch_top_left(
+    what: str, patch: int, position: str | tuple[int, int], margin: int, height: int, width: int
+) -> tuple[int, int]:
+    """Top-left pixel of a ``patch``×``patch`` square; an error (never a crop) if it won't fit."""
+    if isinstance(position, tuple):
+        row, col = position
+    else:
+        row = margin if position.startswith("top") else height - margin - patch
+        col = margin if position.endswith("left") else width - margin - patch
+    if row < 0 or col < 0 or row + patch > height or col + patch > width:
+        where = (
+            f"at [{row}, {col}]"
+            if isinstance(position, tuple)
+            else f"{position} with margin {margin}"
+        )
+        raise BlindspotsError(
+            f"{what}: a {patch}×{patch} patch {where} does not fit a {height}×{width} image"
+        )
+    return row, col
+
+
+class BadNetParams(PatchGeometry):
+    """BadNet's trigger geometry; defaults are the common 3×3 white patch, bottom-right."""
+
+    color: int | tuple[int, ...] = 255
+    """One value for every channel, or one value per channel."""
+    pattern: Literal["solid", "checkerboard"] = "solid"
 
     @field_validator("color", mode="before")
     @classmethod
@@ -66,18 +92,8 @@ class BadNet(Attack):
     Params: ClassVar[type[AttackParams]] = BadNetParams
 
     def _top_left(self, height: int, width: int) -> tuple[int, int]:
-        p, m, pos = self.params.patch_size, self.params.margin, self.params.position
-        if isinstance(pos, tuple):
-            row, col = pos
-        else:
-            row = m if pos.startswith("top") else height - m - p
-            col = m if pos.endswith("left") else width - m - p
-        if row < 0 or col < 0 or row + p > height or col + p > width:
-            where = f"at [{row}, {col}]" if isinstance(pos, tuple) else f"{pos} with margin {m}"
-            raise BlindspotsError(
-                f"badnet: a {p}×{p} patch {where} does not fit a {height}×{width} image"
-            )
-        return row, col
+        p = self.params
+        return patch_top_left(self.name, p.patch_size, p.position, p.margin, height, width)
 
     def _channel_colors(self, channels: int) -> np.ndarray:
         color = self.params.color

@@ -3,7 +3,8 @@
 An attack is a pixel-space trigger plus a poisoning policy. Triggers are stamped on uint8 NHWC
 images *before* normalisation, because that is where a physical sticker or a blended pattern
 lives and where a deployed camera pipeline hands images to the model. Attacks register by name
-(``ATTACKS``), so the runner, the CLI and the reports treat BadNet and Blended identically.
+(``ATTACKS``), so the runner, the CLI and the reports treat every family (BadNet, Blended,
+WaNet, TrojanNN, the dynamic random patch, additive noise) identically.
 
 Parameters are pydantic models: a typo or an out-of-range value becomes a one-line
 :class:`BlindspotsError` before any training time is spent.
@@ -45,10 +46,19 @@ class PoisonedSet:
     x: np.ndarray
     y: np.ndarray
     poison_mask: np.ndarray
+    cross_mask: np.ndarray | None = None
+    """Images changed but *not* relabelled (WaNet's noise-mode cross samples); None: none."""
 
     @property
     def poison_indices(self) -> np.ndarray:
         return np.flatnonzero(self.poison_mask)
+
+    @property
+    def modified_mask(self) -> np.ndarray:
+        """Every image whose pixels the attack changed: the poisoned and any cross samples."""
+        if self.cross_mask is None:
+            return self.poison_mask
+        return self.poison_mask | self.cross_mask
 
 
 def check_images(images: np.ndarray, what: str) -> None:
@@ -154,6 +164,10 @@ class Attack(ABC):
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 ATTACKS.register_lazy("badnet", "harness.attacks.badnet")
 ATTACKS.register_lazy("blended", "harness.attacks.blended")
+ATTACKS.register_lazy("dynamic", "harness.attacks.dynamic")
+ATTACKS.register_lazy("noise", "harness.attacks.noise")
+ATTACKS.register_lazy("trojannn", "harness.attacks.trojannn")
+ATTACKS.register_lazy("wanet", "harness.attacks.wanet")
 
 
 def build_attack(name: str, params: dict[str, Any] | None = None) -> Attack:

@@ -1,0 +1,1 @@
+"""Tests of the attacks floor: every registered attack family (see README, "How it fits together")."""
