@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.core.metrics import wilson_interval
+from harness.report.primary import wilson_rate
 from harness.report.stats import ALPHA, auroc, bootstrap_auroc_ci, holm, mann_whitney_exact
 
 ARMED_ASR = 0.50
@@ -45,15 +45,6 @@ def _parse_seeds(text: str | None) -> set[int] | None:
         low, high = (int(v) for v in text.split("-"))
         return set(range(low, high + 1))
     return {int(v) for v in text.split(",")}
-
-
-def _rate(k: int, n: int, inconclusive: int) -> dict[str, Any]:
-    return {
-        "k": k,
-        "n": n,
-        "ci": list(wilson_interval(k, n)) if n else None,
-        "inconclusive": inconclusive,
-    }
 
 
 def metrics(folder: Path, seeds: set[int] | None = None) -> dict[str, Any]:
@@ -83,14 +74,14 @@ def metrics(folder: Path, seeds: set[int] | None = None) -> dict[str, Any]:
         decided_q = [r for _, r in armed if r.get("verdict") in ("detected", "not_detected")]
         decided_c = [r for r in clean if r.get("verdict") in ("detected", "not_detected")]
         entry: dict[str, Any] = {
-            "detection": _rate(
+            "detection": wilson_rate(
                 sum(bool(r.get("target_hit")) for r in decided_q),
                 len(decided_q),
                 len(armed) - len(decided_q),
             )
             if precision in targets
             else None,
-            "false_alarm": _rate(
+            "false_alarm": wilson_rate(
                 sum(r.get("verdict") == "detected" for r in decided_c),
                 len(decided_c),
                 len(clean) - len(decided_c),

@@ -34,7 +34,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.core.errors import BlindspotsError
-from harness.core.metrics import wilson_interval
+from harness.report.primary import wilson_rate
 
 REFERENCE_SCHEMA = 1
 PACKAGED = "references"
@@ -136,16 +136,6 @@ def percentile(score: float, scores: list[float]) -> float:
     return (below + 0.5 * ties) / len(scores)
 
 
-def _rate(k: int, n: int, inconclusive: int) -> dict[str, Any]:
-    return {
-        "k": k,
-        "n": n,
-        "rate": k / n if n else None,
-        "ci": list(wilson_interval(k, n)) if n else None,
-        "inconclusive": inconclusive,
-    }
-
-
 def control_context(
     reference: ControlReference, precision: str, defense: str, score: float | None
 ) -> dict[str, Any]:
@@ -172,12 +162,12 @@ def control_context(
     hits = [(m, e) for m, e in poisoned if e.verdict in DECIDED]
     context: dict[str, Any] = {
         "reference": f"{reference.dataset}/{reference.model_family}/{reference.budget}",
-        "false_alarm": _rate(
+        "false_alarm": wilson_rate(
             sum(e.verdict == SUSPICIOUS for e in alarms),
             len(alarms),
             sum(e.verdict == INCONCLUSIVE for _, e in clean),
         ),
-        "detection": _rate(
+        "detection": wilson_rate(
             sum(e.verdict == SUSPICIOUS and m.target_label in e.suspected_labels for m, e in hits),
             len(hits),
             sum(e.verdict == INCONCLUSIVE for _, e in poisoned),

@@ -50,23 +50,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 from torch import nn
 
-from exporters.catalog import PRECISIONS
 from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks.base import Attack
-from harness.core.errors import BlindspotsError, ModelError, validation_message
+from harness.core.errors import ModelError
 from harness.core.progress import Progress
-from harness.qcb.fakequant import MirrorRecipe, QuantMirror, _Stage, folded_parameters
+from harness.qcb.fakequant import (
+    MirrorAttackParams,
+    QuantMirror,
+    _Stage,
+    folded_parameters,
+)
 
 Tensor = torch.Tensor
 
 
-class QCBParams(BaseModel):
+class QCBParams(MirrorAttackParams):
     """How the backdoor is built; defaults work on small_cnn/digits and cifar_cnn/GTSRB."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     targets: list[str] = Field(default_factory=lambda: ["int8-static"], min_length=1)
     """Precisions (static minmax recipes) whose fake-quant mirror the recovery fine-tune trains."""
@@ -80,28 +82,6 @@ class QCBParams(BaseModel):
     """Clean fine-tuning after repurposing channels (FP32 + mirror cross-entropy)."""
     lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(64, ge=2)
-    calibration_size: int = Field(256, ge=8)
-    """Clean images per range measurement (the attacker's stand-in for the victim's set)."""
-    recalibrate_every: int = Field(20, ge=1)
-    """Recovery steps between range measurements (ranges drift while weights change)."""
-    probe_size: int = Field(512, ge=8)
-    """Clean / triggered training images the gains are measured on."""
-    max_train_images: int | None = Field(None, ge=8)
-    """Cap on the images the recovery fine-tune passes over (None: all)."""
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise BlindspotsError(
-                validation_message(exc, "qcb parameter", QCBParams.model_fields)
-            ) from None
-
-    def mirror_recipes(self) -> list[MirrorRecipe]:
-        """The fake-quant mirrors of the targeted precisions' default recipes."""
-        return [
-            MirrorRecipe.from_recipe(PRECISIONS.get(name).default_recipe) for name in self.targets
-        ]
 
 
 @dataclass

@@ -30,13 +30,16 @@ a test (``tests/qcb/test_qcb.py``), not an assumption.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from exporters.catalog import PRECISIONS
 from exporters.recipes import QuantRecipe
-from harness.core.errors import ModelError
+from harness.core.errors import BlindspotsError, ModelError, validation_message
 from harness.replica.arithmetic import dequantize, quantize, round_ste
 
 Tensor = torch.Tensor
@@ -322,3 +325,39 @@ class QuantMirror:
         return nn.functional.conv2d(
             x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups
         )
+
+
+class MirrorAttackParams(BaseModel):
+    """What every QCB objective's parameters share: the recipes it trains against through their
+    fake-quant mirrors, and how it measures the calibrated ranges those mirrors need.
+
+    Each objective (:mod:`harness.qcb.attack`, :mod:`harness.qcb.hong2021`) subclasses it with its
+    own weights and schedule, and may change these defaults.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    targets: list[str] = Field(default_factory=lambda: ["int8-static"], min_length=1)
+    """Static QDQ recipes whose fake-quant mirror carries the backdoor."""
+    calibration_size: int = Field(256, ge=8)
+    """Clean images per range measurement (the attacker's stand-in for the victim's set)."""
+    recalibrate_every: int = Field(20, ge=1)
+    """Training steps between range measurements (ranges drift while the weights change)."""
+    probe_size: int = Field(512, ge=8)
+    """Training images the attacker's own mirror check is measured on."""
+    max_train_images: int | None = Field(None, ge=8)
+    """Cap on the images fine-tuned on (None: all)."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise BlindspotsError(
+                validation_message(exc, "qcb parameter", type(self).model_fields)
+            ) from None
+
+    def mirror_recipes(self) -> list[MirrorRecipe]:
+        """The fake-quant mirrors of the targeted precisions' default recipes."""
+        return [
+            MirrorRecipe.from_recipe(PRECISIONS.get(name).default_recipe) for name in self.targets
+        ]

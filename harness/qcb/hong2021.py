@@ -56,23 +56,19 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 from torch import nn
 
-from exporters.catalog import PRECISIONS
 from harness.artifacts.preprocessing import Preprocessing
 from harness.attacks.base import Attack
-from harness.core.errors import BlindspotsError, validation_message
 from harness.core.progress import Progress
-from harness.qcb.fakequant import MirrorRecipe, QuantMirror
+from harness.qcb.fakequant import MirrorAttackParams, MirrorRecipe, QuantMirror
 
 Tensor = torch.Tensor
 
 
-class HongParams(BaseModel):
+class HongParams(MirrorAttackParams):
     """The objective's weights and schedule (``[qcb]`` of a config with ``objective = "hong2021"``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     targets: list[str] = Field(default_factory=lambda: ["int8-static", "int4"], min_length=1)
     """Static QDQ recipes whose fake-quant mirror carries the backdoor (theirs: 8 and 4 bits)."""
@@ -86,28 +82,8 @@ class HongParams(BaseModel):
     batch_size: int = Field(128, ge=2)
     keep: Literal["best_loss", "last"] = "best_loss"
     """Which epoch's weights to return: the lowest total training loss (theirs), or the last."""
-    calibration_size: int = Field(256, ge=8)
-    """Clean images per range measurement (the attacker's stand-in for the victim's set)."""
     recalibrate_every: int = Field(10, ge=1)
     """Steps between range measurements (ranges drift while the weights change)."""
-    probe_size: int = Field(512, ge=8)
-    """Training images the attacker's own mirror check is measured on."""
-    max_train_images: int | None = Field(None, ge=8)
-    """Cap on the images fine-tuned on (None: all)."""
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise BlindspotsError(
-                validation_message(exc, "qcb parameter", HongParams.model_fields)
-            ) from None
-
-    def mirror_recipes(self) -> list[MirrorRecipe]:
-        """The fake-quant mirrors of the targeted precisions' default recipes."""
-        return [
-            MirrorRecipe.from_recipe(PRECISIONS.get(name).default_recipe) for name in self.targets
-        ]
 
 
 @dataclass

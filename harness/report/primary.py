@@ -133,7 +133,7 @@ def model_score(defense: str, res: dict[str, Any] | None) -> float | None:
     return float(value)
 
 
-def _rate(k: int, n: int, inconclusive: int = 0, not_run: int = 0) -> dict[str, Any]:
+def wilson_rate(k: int, n: int, inconclusive: int = 0, not_run: int = 0) -> dict[str, Any]:
     """A rate over ``n`` decided runs with its Wilson 95% interval (none when ``n`` is 0)."""
     return {
         "k": k,
@@ -149,7 +149,7 @@ def verdict_rate(results: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Detected over decided runs; inconclusive and failed (error, n/a, missing) runs counted."""
     verdicts = [record_verdict(r) if r else None for r in results]
     decided = [v for v in verdicts if v in ("detected", "not_detected")]
-    return _rate(
+    return wilson_rate(
         sum(v == "detected" for v in decided),
         len(decided),
         sum(v == "inconclusive" for v in verdicts),
@@ -168,7 +168,9 @@ def control_rate(results: list[dict[str, Any] | None]) -> dict[str, Any]:
         for r in results
     ]
     known = [c for c in controls if isinstance(c, dict) and "success" in c]
-    return _rate(sum(bool(c["success"]) for c in known), len(known), 0, len(controls) - len(known))
+    return wilson_rate(
+        sum(bool(c["success"]) for c in known), len(known), 0, len(controls) - len(known)
+    )
 
 
 def auroc_entry(defense: str, poisoned: list[dict[str, Any]], clean: list[dict[str, Any]]) -> Any:
