@@ -1,6 +1,6 @@
 """Build an audit's clean-control reference: the project's own models, put through the audit.
 
-    python tools/control_reference.py configs/controls-digits.toml --budget quick \\
+    python tools/control_reference.py configs/audit/controls-digits.toml --budget quick \\
         --work runs/controls-digits --out harness/audit/references/digits-small_cnn-quick.json
     python tools/control_reference.py summary harness/audit/references/digits-small_cnn-quick.json
 

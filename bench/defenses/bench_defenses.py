@@ -11,7 +11,7 @@ batch (labels × ``batch_size`` images). ``wall / floor`` is then what the defen
 model evaluations: preprocessing, blending, clustering, SVDs, Python. The time spent inside
 ``InferenceSession.run`` during each defense is recorded too, as a cross-check of the floor.
 
-The setup is ``configs/gtsrb_badnet.toml`` (an earlier grid's setup): the trained GTSRB BadNet
+The setup is ``configs/grids/gtsrb_badnet.toml`` (an earlier grid's setup): the trained GTSRB BadNet
 model (2% poison, 4×4 checkerboard, target 1) and the training set exactly as the runner
 poisoned it, the runner's 500 held-out clean images and 500 triggered ones, and a seeded
 subsample of the training set for AC/SS (the grid uses 10 000; 5 000 here keeps a run short).
@@ -48,7 +48,7 @@ from defenses.neural_cleanse import NeuralCleanseParams
 from harness.pipeline.config import load_config
 
 GTSRB_RUN = Path("runs/gtsrb")
-"""Where ``blindspots run --config configs/gtsrb_badnet.toml --out runs/gtsrb`` puts its models."""
+"""Where ``blindspots run --config configs/grids/gtsrb_badnet.toml --out runs/gtsrb`` puts its models."""
 DEFAULT_DATA = Path("../shared/data/gtsrb32.npz")
 ATTACK = "badnet"
 ATTACK_PARAMS: dict[str, Any] = {
@@ -68,11 +68,11 @@ DEFENSES = (
 )
 _GRID_NC_PARAMS = NeuralCleanseParams(
     **load_config(
-        Path(__file__).resolve().parents[2] / "configs" / "gtsrb_badnet.toml"
+        Path(__file__).resolve().parents[2] / "configs" / "grids" / "gtsrb_badnet.toml"
     ).defense_params["neural_cleanse"]
 )
 GRID_NC = {key: getattr(_GRID_NC_PARAMS, key) for key in ("steps", "n_samples", "batch_size")}
-"""Neural Cleanse budget of ``configs/gtsrb_badnet.toml`` (the defaults where it sets none),
+"""Neural Cleanse budget of ``configs/grids/gtsrb_badnet.toml`` (the defaults where it sets none),
 read from there so the two never disagree."""
 
 
@@ -83,7 +83,7 @@ def default_artifacts(run: Path = GTSRB_RUN) -> Path:
         what = "no trained model" if not found else f"{len(found)} trained models"
         raise SystemExit(
             f"{what} under {run}/artifacts: run `blindspots run --config "
-            f"configs/gtsrb_badnet.toml --out {run}` first, or pass --artifacts"
+            f"configs/grids/gtsrb_badnet.toml --out {run}` first, or pass --artifacts"
         )
     return found[0]
 
@@ -111,7 +111,7 @@ class Budget:
 
 
 def defense_params(budget: Budget) -> dict[str, dict[str, Any]]:
-    """Grid parameters (configs/gtsrb_badnet.toml) with the bench's reduced budgets."""
+    """Grid parameters (configs/grids/gtsrb_badnet.toml) with the bench's reduced budgets."""
     return {
         "strip": {"n_test": budget.strip_n_test},
         "neural_cleanse": {

@@ -1,6 +1,6 @@
 """Neural Cleanse scan time per precision on the GTSRB grid's model (issue #8: ≤ 60 s for 43 labels).
 
-The setup is the grid's (``configs/gtsrb_badnet.toml``): the BadNet-poisoned ``cifar_cnn`` trained
+The setup is the grid's (``configs/grids/gtsrb_badnet.toml``): the BadNet-poisoned ``cifar_cnn`` trained
 on ``../shared/data/gtsrb32.npz`` (2% poison, 4×4 checkerboard, target 1), exported and quantized to
 every precision, and the runner's 500 held-out clean test images. The model is built once by the
 runner's own ``prepare_seed`` (the config's recipe, the runner's seeds for poisoning and
@@ -64,7 +64,7 @@ from harness.pipeline.runner import prepare_seed
 from harness.runtime.adapter import RuntimeAdapter
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "configs" / "gtsrb_badnet.toml"
+CONFIG = ROOT / "configs" / "grids" / "gtsrb_badnet.toml"
 CACHE = ROOT / "runs" / "bench_nc"
 SEED = 0
 TARGET_S = 60.0

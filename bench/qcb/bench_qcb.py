@@ -1,12 +1,12 @@
 """QCB acceptance run: does the backdoor sleep in FP32 and wake in the deployed INT8 file?
 
-Runs ``blindspots qcb run`` for one config (default ``configs/qcb-gtsrb.toml``: GTSRB, three
+Runs ``blindspots qcb run`` for one config (default ``configs/qcb/qcb-gtsrb.toml``: GTSRB, three
 seeds) and prints, per seed and artifact, the onnxruntime ASR of the QCB and the clean accuracy
 of the QCB and of its clean control, under both INT8 kernel profiles, plus the wall time of each
 seed (training, implant, export/quantization, evaluation, defenses, re-quantization) so a run
 that does not fit a budget can still be sized from one seed. Finished seeds are reused.
 
-Usage: ``python -m bench.qcb.bench_qcb [--config configs/qcb-gtsrb.toml] [--out runs/qcb-gtsrb]
+Usage: ``python -m bench.qcb.bench_qcb [--config configs/qcb/qcb-gtsrb.toml] [--out runs/qcb-gtsrb]
 [--seeds 0,1,2] [--data-root PATH] [--threads N] [--json bench_qcb.json]``
 """
 
@@ -23,7 +23,7 @@ from harness.qcb.pipeline import load_qcb_config, run_qcb
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/qcb-gtsrb.toml")
+    parser.add_argument("--config", default="configs/qcb/qcb-gtsrb.toml")
     parser.add_argument("--out", default="runs/qcb-gtsrb")
     parser.add_argument("--seeds", default=None, help="comma list overriding the config's seeds")
     parser.add_argument("--json", default=None, help="also write the summary here")

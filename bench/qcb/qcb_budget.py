@@ -15,7 +15,7 @@ FP32 ASR ≤ ``--max-fp32-asr`` (dormant in FP32, or it is no QCB). Every settin
 seed's clean control (the same training, so the same numbers in every row). A setting's folder
 is named by a hash of the setting and the seed, so a changed list never reuses another's runs.
 
-Usage: ``python -m bench.qcb.qcb_budget [--config configs/qcb-gtsrb.toml] [--seed 11]
+Usage: ``python -m bench.qcb.qcb_budget [--config configs/qcb/qcb-gtsrb.toml] [--seed 11]
 [--settings settings.json] [--data runs/qcb-budget/data.npz] [--parallel 6] [--threads 2]
 [--out runs/qcb-budget]``; ``settings.json`` is a list of ``[qcb]`` overrides (default: the 18
 settings of BENCHMARKS.md).
@@ -126,7 +126,7 @@ def score(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=Path("configs/qcb-gtsrb.toml"))
+    parser.add_argument("--config", type=Path, default=Path("configs/qcb/qcb-gtsrb.toml"))
     parser.add_argument("--seed", type=int, default=11, help="a seed no reported table uses")
     parser.add_argument("--settings", type=Path, help="JSON list of [qcb] overrides")
     parser.add_argument(

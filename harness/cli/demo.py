@@ -32,7 +32,7 @@ from harness.report.document import write_report
 
 DEMO_SCHEMA = 1
 
-# The vignette of configs/qcb-digits.toml cut to what it shows: one seed, the FP32 file and
+# The vignette of configs/qcb/qcb-digits.toml cut to what it shows: one seed, the FP32 file and
 # the INT8 file the QCB targets, the differential check and STRIP (the same trigger-agnostic
 # filter as in part 1), no re-quantization table.
 DEMO_QCB_CONFIG: dict[str, Any] = {

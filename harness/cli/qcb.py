@@ -65,7 +65,7 @@ def add_commands(subparsers: Any) -> None:
     qcb = subparsers.add_parser("qcb", help="quantization-conditioned backdoors: build and audit")
     sub = qcb.add_subparsers(dest="qcb_command", required=True)
     p = sub.add_parser("run", help="QCB vs clean control, audited on FP32 and deployed artifacts")
-    p.add_argument("--config", required=True, help="TOML/JSON, e.g. configs/qcb-digits.toml")
+    p.add_argument("--config", required=True, help="TOML/JSON, e.g. configs/qcb/qcb-digits.toml")
     p.add_argument("--out", required=True)
     p.add_argument("--data-root", default=None, help="override the config's data_root")
     p.add_argument("--seeds", default=None, help="comma list overriding the config's seeds")

@@ -55,7 +55,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "attack": "badnet",
     # BadNet's classic 10% all-to-one poisoning with a 2x2 white corner patch: small next to an
     # 8x8 digit, the regime Neural Cleanse is designed for. (The target class is then about half
-    # poison; configs/gtsrb_badnet.toml covers the low-rate regime AC and SS assume.)
+    # poison; configs/grids/gtsrb_badnet.toml covers the low-rate regime AC and SS assume.)
     "attack_params": {"patch_size": 2, "margin": 0, "poison_rate": 0.1, "target_label": 0},
     "training": {"epochs": 30, "batch_size": 64, "lr": 0.05},
     "seeds": [0],

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the pipeline floor loads torch: handlers import it when the
     from harness.pipeline.config import ExperimentConfig
     from harness.pipeline.sweep import PlannedCell
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs" / "grids"
 """The repository's configs (the paper's are ``paper-<dataset>[-small].toml``)."""
 PAPER_DATASETS = ("gtsrb", "cifar10")
 
@@ -211,10 +211,10 @@ def cmd_sweep_run(args: argparse.Namespace) -> int:
 
 def paper_config_path(dataset: str, small: bool) -> Path:
     """``paper-<dataset>[-small].toml``: beside the package in a checkout (or an editable
-    install), else in ``./configs`` — a plain ``pip install .`` ships only the packages, and
+    install), else in ``./configs/grids`` — a plain ``pip install .`` ships only the packages, and
     the Docker image runs from ``/app``, which holds the configs."""
     name = f"paper-{dataset}{'-small' if small else ''}.toml"
-    places = [CONFIGS_DIR, Path.cwd() / "configs"]
+    places = [CONFIGS_DIR, Path.cwd() / "configs" / "grids"]
     for folder in places:
         if (folder / name).is_file():
             return folder / name

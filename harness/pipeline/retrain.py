@@ -14,7 +14,7 @@ clean data — a fraction of the original training's cost, not a handful of step
 (2 epochs of 500 images at batch 128) was 8 SGD steps, so "fine-pruning never removes the
 backdoor" measured the budget, not the method. The retrainer now runs at least ``min_steps``
 SGD steps (default 500, about a fifth of the GTSRB training run in
-``configs/gtsrb_badnet.toml``: 8 epochs of ~300 steps), adding whole passes over its clean set
+``configs/grids/gtsrb_badnet.toml``: 8 epochs of ~300 steps), adding whole passes over its clean set
 until it gets there (``epochs`` is the floor in passes). :meth:`FinePruneRetrainer.describe`
 states the budget a run used, and Fine-Pruning records it. Both numbers are ours (the paper does
 not prescribe a step count for other networks); how many clean images the defender holds is the

@@ -1,6 +1,6 @@
 """``blindspots qcb``: build quantization-conditioned backdoors and audit them both ways.
 
-``blindspots qcb run --config configs/qcb-digits.toml --out runs/qcb-digits`` does, per seed:
+``blindspots qcb run --config configs/qcb/qcb-digits.toml --out runs/qcb-digits`` does, per seed:
 
 1. train the clean control (the benign model the attacker starts from) and implant the QCB into
    a copy (:mod:`harness.qcb.attack`); nothing is poisoned, the training data stay clean;

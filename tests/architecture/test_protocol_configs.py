@@ -10,7 +10,7 @@ import pytest
 from defenses.neural_cleanse import NeuralCleanseParams
 from harness.pipeline.config import load_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "grids"
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Each new family trains a working backdoor on the tiny digits world (small_cnn, 25 epochs, the
-conftest's recipe), with the 8×8 settings of configs/attacks-digits.toml: a high attack success
+conftest's recipe), with the 8×8 settings of configs/audit/attacks-digits.toml: a high attack success
 rate on fresh triggered test images, clean accuracy kept."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from harness.attacks import build_attack
 from harness.data.base import load_dataset
 from harness.training.loop import TrainConfig, predict_torch, train_model
 
-SETTINGS = {  # configs/attacks-digits.toml
+SETTINGS = {  # configs/audit/attacks-digits.toml
     "trojannn": {"patch_size": 3, "poison_rate": 0.1},
     "wanet": {"s": 2.0, "cross_ratio": 0.5, "poison_rate": 0.1},
     "dynamic": {"patch_size": 4, "poison_rate": 0.2},

@@ -23,7 +23,7 @@ GTSRB = ROOT.parent / "shared" / "data" / "gtsrb32.npz"
 @pytest.mark.skipif(not GTSRB.is_file(), reason=f"real data not found at {GTSRB}")
 def test_gtsrb_badnet_accuracy_and_attack_success_per_precision(tmp_path):
     config = load_config(
-        ROOT / "configs" / "gtsrb_badnet.toml", {"data_root": str(GTSRB), "defenses": []}
+        ROOT / "configs" / "grids" / "gtsrb_badnet.toml", {"data_root": str(GTSRB), "defenses": []}
     )
     run_experiment(config, tmp_path, log=lambda _: None)
     report = json.loads(write_report(tmp_path)["json"].read_text())

@@ -439,15 +439,16 @@ def test_paper_configs_state_the_studys_setup(dataset):
 
 def test_paper_configs_are_found_from_an_installed_package_run_in_a_checkout(tmp_path, monkeypatch):
     """``pip install .`` ships no configs beside the package; the Docker image runs from /app,
-    which holds them: ``reproduce`` falls back to ./configs, and says where it looked."""
+    which holds them: ``reproduce`` falls back to ./configs/grids, and says where it looked."""
     monkeypatch.setattr(harness.cli.sweep, "CONFIGS_DIR", tmp_path / "site-packages" / "configs")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(BlindspotsError, match=r"paper-gtsrb-small.toml not found in .* and "):
         paper_config_path("gtsrb", small=True)
-    (tmp_path / "configs").mkdir()
-    shutil.copy(CONFIGS_DIR / "paper-gtsrb-small.toml", tmp_path / "configs")
+    (tmp_path / "configs" / "grids").mkdir(parents=True)
+    shutil.copy(CONFIGS_DIR / "paper-gtsrb-small.toml", tmp_path / "configs" / "grids")
     assert (
-        paper_config_path("gtsrb", small=True) == Path("configs/paper-gtsrb-small.toml").resolve()
+        paper_config_path("gtsrb", small=True)
+        == Path("configs/grids/paper-gtsrb-small.toml").resolve()
     )
 
 

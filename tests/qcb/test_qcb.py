@@ -307,7 +307,7 @@ def test_rounding_repair_codes_survive_onnxruntime_quantization(
 # ----------------------------------------------------------------------------------- CLI/config
 def test_qcb_configs_in_the_repository_are_valid():
     for name in ("qcb-digits.toml", "qcb-gtsrb.toml"):
-        config = load_qcb_config(Path(__file__).parents[2] / "configs" / name)
+        config = load_qcb_config(Path(__file__).parents[2] / "configs" / "qcb" / name)
         assert len(config.seeds) >= 3 and "deployment_diff" in config.defenses
 
 
@@ -351,7 +351,7 @@ def test_qcb_implant_command_writes_a_loadable_backdoored_checkpoint(digits, wor
 
 def test_qcb_verdict_table_keeps_inconclusive_runs_out_of_the_rate():
     """qcb.md counts detected over decided runs; an inconclusive run is neither hit nor miss."""
-    config = load_qcb_config(Path(__file__).parents[2] / "configs" / "qcb-digits.toml")
+    config = load_qcb_config(Path(__file__).parents[2] / "configs" / "qcb" / "qcb-digits.toml")
 
     def run(seed: int, verdict: str) -> dict:
         result = {"status": "ok", "verdict": verdict, "detected": verdict == "detected"}
@@ -375,7 +375,7 @@ def test_qcb_cells_get_the_runners_defense_data_and_the_label_map(digits, tmp_pa
     """QCB builds its cells' defense data with the evaluation path's builder: Fine-Pruning's
     held-out fine-tuning images, the defender's poison rate, and Neural Cleanse's label map."""
     data, _, attack = digits
-    config = load_qcb_config(Path(__file__).parents[2] / "configs" / "qcb-digits.toml")
+    config = load_qcb_config(Path(__file__).parents[2] / "configs" / "qcb" / "qcb-digits.toml")
     config = config.model_copy(update={"precisions": ["fp32", "int8-static"]})
     assert (config.other_calibration_size, config.repair_size) == (128, 512)  # the old constants
     seen: dict[tuple[bool, str], DefenseData] = {}

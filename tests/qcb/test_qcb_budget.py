@@ -10,7 +10,7 @@ import pytest
 from bench.qcb.qcb_budget import development_config, folder_name, score, write_development_data
 from harness.qcb.pipeline import load_qcb_config, qcb_dataset
 
-CONFIG = Path(__file__).parents[2] / "configs" / "qcb-gtsrb.toml"
+CONFIG = Path(__file__).parents[2] / "configs" / "qcb" / "qcb-gtsrb.toml"
 
 
 def _record(poisoned: bool, precision: str, acc: float, asr: float) -> dict:

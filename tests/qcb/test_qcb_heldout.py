@@ -10,7 +10,7 @@ import pytest
 from bench.qcb.qcb_heldout import held_out_sets
 from harness.qcb.pipeline import load_qcb_config, qcb_dataset
 
-CONFIG = Path(__file__).parents[2] / "configs" / "qcb-gtsrb.toml"
+CONFIG = Path(__file__).parents[2] / "configs" / "qcb" / "qcb-gtsrb.toml"
 
 
 def test_held_out_images_are_the_ones_after_eval_limit(rgb_npz):

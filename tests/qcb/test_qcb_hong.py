@@ -26,7 +26,7 @@ from harness.qcb.pipeline import _objective_key, load_qcb_config
 from harness.runtime.adapter import RuntimeAdapter
 from harness.training.loop import TrainConfig, train_model
 
-CONFIGS = Path(__file__).parents[2] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs" / "qcb"
 TARGET = 0
 TRIGGER = {"patch_size": 3, "pattern": "solid", "margin": 0, "target_label": TARGET}
 
