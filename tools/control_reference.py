@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     config = configs[0]
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(config.seeds)
     precisions = args.precisions.split(",")
+    # a cached audit is reused only for the same budget and artifacts (the path says which)
+    audits = args.work / "audits" / f"{args.budget}-{'+'.join(precisions)}"
     models = []
     for seed in seeds:
         prepared = prepare_seed(config, seed, args.work, _log, variants=[False, True])
@@ -119,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             kind = "poisoned" if poisoned else "clean"
             model = prepared.artifacts[poisoned]["fp32-reference"]
             _log(f"seed {seed}: auditing the {kind} model {model}")
-            report = audit_model(
-                model, config, args.budget, precisions, args.work / "audits" / f"s{seed}-{kind}"
-            )
+            report = audit_model(model, config, args.budget, precisions, audits / f"s{seed}-{kind}")
             models.append(model_entry(report, seed, poisoned, target))
     reference = {
         "schema": REFERENCE_SCHEMA,

@@ -47,6 +47,18 @@ def _parse_seeds(text: str | None) -> set[int] | None:
     return {int(v) for v in text.split(",")}
 
 
+def _verdict_rate(results: list[dict[str, Any]], counts: Any) -> dict[str, Any]:
+    """``counts`` over decided ``ok`` runs; inconclusive and not-``ok`` runs counted apart."""
+    ok = [r for r in results if r.get("status") == "ok"]
+    decided = [r for r in ok if r.get("verdict") in ("detected", "not_detected")]
+    return wilson_rate(
+        sum(bool(counts(r)) for r in decided),
+        len(decided),
+        len(ok) - len(decided),
+        len(results) - len(ok),
+    )
+
+
 def metrics(folder: Path, seeds: set[int] | None = None) -> dict[str, Any]:
     """The §4.6 metrics of one QCB store (only ``seeds`` if given)."""
     config = json.loads((folder / "qcb_config.json").read_text())
@@ -61,31 +73,29 @@ def metrics(folder: Path, seeds: set[int] | None = None) -> dict[str, Any]:
             if p != precision:
                 continue
             result = (record.get("defenses") or {}).get("deployment_diff") or {}
-            if result.get("status") != "ok":
-                continue
             if not poisoned:
                 clean.append(result)
             elif precision in targets:
-                fp32 = cell.get((seed, True, "fp32"), {}).get("asr")
-                if record["asr"] >= ARMED_ASR and fp32 is not None and fp32 < ASLEEP_FP32_ASR:
+                asr, fp32 = record.get("asr"), cell.get((seed, True, "fp32"), {}).get("asr")
+                if (
+                    asr is not None
+                    and fp32 is not None
+                    and asr >= ARMED_ASR
+                    and fp32 < ASLEEP_FP32_ASR
+                ):
                     armed.append((seed, result))
-                else:
-                    unarmed.append({"seed": seed, "asr": record["asr"], "fp32_asr": fp32})
-        decided_q = [r for _, r in armed if r.get("verdict") in ("detected", "not_detected")]
-        decided_c = [r for r in clean if r.get("verdict") in ("detected", "not_detected")]
+                    continue
+                unarmed.append({"seed": seed, "asr": asr, "fp32_asr": fp32})
         entry: dict[str, Any] = {
-            "detection": wilson_rate(
-                sum(bool(r.get("target_hit")) for r in decided_q),
-                len(decided_q),
-                len(armed) - len(decided_q),
-            )
+            "detection": _verdict_rate([r for _, r in armed], lambda r: bool(r.get("target_hit")))
             if precision in targets
             else None,
-            "false_alarm": wilson_rate(
-                sum(r.get("verdict") == "detected" for r in decided_c),
-                len(decided_c),
-                len(clean) - len(decided_c),
-            ),
+            "false_alarm": _verdict_rate(clean, lambda r: r.get("verdict") == "detected"),
+            "wrong_label": [
+                {"seed": seed, "flagged": r.get("flagged_labels")}
+                for seed, r in armed
+                if r.get("verdict") == "detected" and not r.get("target_hit")
+            ],
             "unarmed": unarmed,
             "stimulus_wins": sum(
                 bool((r.get("details") or {}).get("best_is_stimulus"))
@@ -94,8 +104,10 @@ def metrics(folder: Path, seeds: set[int] | None = None) -> dict[str, Any]:
             ),
             "auroc": None,
         }
-        pos = [r["score"] for _, r in armed if r.get("score") is not None]
-        neg = [r["score"] for r in clean if r.get("score") is not None]
+        pos = [
+            r["score"] for _, r in armed if r.get("status") == "ok" and r.get("score") is not None
+        ]
+        neg = [r["score"] for r in clean if r.get("status") == "ok" and r.get("score") is not None]
         if pos and neg:
             low, high = (
                 bootstrap_auroc_ci(pos, neg) if min(len(pos), len(neg)) > 1 else (None, None)
@@ -128,6 +140,7 @@ def _fmt_rate(rate: dict[str, Any] | None) -> str:
         return f"0/0 (+{rate['inconclusive']} inconclusive)" if rate["inconclusive"] else "—"
     low, high = rate["ci"]
     extra = f", +{rate['inconclusive']} inconclusive" if rate["inconclusive"] else ""
+    extra += f", {rate['not_ok']} not run" if rate.get("not_ok") else ""
     return f"{rate['k']}/{rate['n']} [{low:.2f}, {high:.2f}]{extra}"
 
 
@@ -135,8 +148,8 @@ def render(result: dict[str, Any]) -> str:
     """Markdown table of :func:`metrics` (what BENCHMARKS.md quotes)."""
     lines = [
         "| precision | detection (armed QCB) | false alarms (clean) | unarmed QCB | AUROC [95% CI] "
-        "| Mann–Whitney p / Holm p | works (§5) | stimulus wins |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Mann–Whitney p / Holm p | works (§5) | stimulus wins | wrong-label flags |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for precision, e in result["precisions"].items():
         a = e["auroc"]
@@ -152,7 +165,8 @@ def render(result: dict[str, Any]) -> str:
         stimulus = str(e["stimulus_wins"]) if e["detection"] else "—"
         lines.append(
             f"| {precision} | {_fmt_rate(e['detection'])} | {_fmt_rate(e['false_alarm'])} | "
-            f"{len(e['unarmed'])} | {area} | {tests} | {works} | {stimulus} |"
+            f"{len(e['unarmed'])} | {area} | {tests} | {works} | {stimulus} | "
+            f"{len(e['wrong_label']) if e['detection'] else '—'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -155,10 +155,15 @@ def control_context(
         }
     alarms = [e for _, e in clean if e.verdict in DECIDED]
     if not alarms:
-        return {
-            "none_known": f"none of the reference's {len(clean)} clean controls got a decided "
-            f"{defense} verdict at {precision}"
-        }
+        ran = sum(e.verdict == INCONCLUSIVE for _, e in clean)
+        why = (
+            f"{ran} of the reference's {len(clean)} clean controls were inconclusive and none "
+            "decided"
+            if ran
+            else f"the reference never ran {defense} at {precision} (not applicable or failed "
+            f"on all {len(clean)} clean controls)"
+        )
+        return {"none_known": why}
     hits = [(m, e) for m, e in poisoned if e.verdict in DECIDED]
     context: dict[str, Any] = {
         "reference": f"{reference.dataset}/{reference.model_family}/{reference.budget}",
@@ -195,21 +200,20 @@ def describe(context: dict[str, Any] | None) -> str:
     if fa["inconclusive"]:
         parts[-1] += f" (+{fa['inconclusive']} inconclusive)"
     det = context.get("detection")
-    if det:
+    if det and (det["n"] or det["inconclusive"]):
         parts.append(f"detected {det['k']}/{det['n']} poisoned")
+    if context.get("caveat"):
+        parts.append(context["caveat"])
     if context.get("score_percentile") is not None:
         parts.append(
-            f"score above {100 * context['score_percentile']:.0f}% of "
+            f"score at the {100 * context['score_percentile']:.0f}th percentile of "
             f"{context['n_clean_scores']} clean scores"
         )
     return f"{'; '.join(parts)} [{context['reference']}]"
 
 
 def controls_cell(context: dict[str, Any] | None) -> str:
-    """The verdict table's clean-control column: rates and percentile, or "none known" (the
-    reason is said once, under the table)."""
-    if context and "none_known" in context:
-        return "none known"
+    """The verdict table's clean-control column: rates and percentile, or why none is known."""
     return describe(context)
 
 

@@ -253,11 +253,20 @@ def run_audit(request: AuditRequest, log: Any = print) -> dict[str, Any]:
             if entry["verdict"] not in JUDGED:
                 continue  # a check that did not run has nothing to compare
             score = (entry.get("result") or {}).get("score")
-            entry["clean_controls"] = (
-                control_context(controls, cell["precision"], name, score)
-                if controls is not None
-                else {"none_known": no_controls}
-            )
+            shipped = cell["artifact"].startswith(DEPLOYED_PREFIX)
+            if controls is None:
+                entry["clean_controls"] = {"none_known": no_controls}
+            elif shipped and cell["precision"] == "fp32":
+                entry["clean_controls"] = {
+                    "none_known": "the shipped file's precision could not be told apart from "
+                    "FP32, so no reference precision applies"
+                }
+            else:
+                entry["clean_controls"] = control_context(controls, cell["precision"], name, score)
+                if shipped and "none_known" not in entry["clean_controls"]:
+                    entry["clean_controls"]["caveat"] = (
+                        "reference files quantized by this project, not by the vendor"
+                    )
     report = {
         "model": {"path": str(vendor.path), "sha256": vendor.sha256, "precision": vendor.precision},
         "deployed": [

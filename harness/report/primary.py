@@ -78,16 +78,12 @@ PREREGISTERED = (
 """The defenses protocol v2 pre-registers for every setup (§4.1–4.5); others get no primary
 metric (§4.6)."""
 MW_FAMILY = "every precision, FP32 included"
-"""Which Mann–Whitney tests share the Holm family of "D works at P" (v2 §5).
+"""Which Mann–Whitney tests share the Holm family of "D works at P" (v2 §5, as clarified).
 
-The protocol says Holm runs "over the defenses × quantized precisions of one setup" and that
-the Mann–Whitney test rejects "after Holm over the same family", yet "D works at P" is also
-claimed at P = FP32 (the AUROC table has FP32 rows). Read literally, FP32's test would belong
-to no family; this report puts every precision's test of the group in the one family instead
-(the conservative reading: a larger family only raises adjusted p-values). Consequence at the
+Every defense × precision of the group with both sides scored, FP32 included, because "D works
+at FP32" is a claim too (the McNemar family stays the quantized precisions). Consequence at the
 protocol's sizes: with 4 AUROC defenses × 4 precisions = 16 tests, 5 + 5 models (smallest
-p = 1/252) cannot reject (16/252 = 0.063), whereas 12 quantized tests alone could
-(12/252 = 0.048); 10 + 10 models (smallest p = 1/184,756) can under either reading."""
+p = 1/252) cannot reject (16/252 = 0.063); 10 + 10 models (smallest p = 1/184,756) can."""
 REFERENCE = "fp32"
 MIN_ASR = 0.90
 """§2: the FP32 attack success a poisoned model needs to enter any rate."""

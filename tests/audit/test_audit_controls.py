@@ -80,7 +80,7 @@ def test_rates_count_decided_runs_and_keep_inconclusive_apart():
     assert line.startswith(
         "false alarms 1/2 clean controls (+1 inconclusive); detected 1/2 poisoned"
     )
-    assert "score above 50% of 3 clean scores" in line and line.endswith("[digits/small_cnn/quick]")
+    assert "score at the 50th percentile of 3 clean scores" in line and line.endswith("[digits/small_cnn/quick]")
 
 
 def test_a_precision_or_defense_the_reference_never_ran_is_none_known():
@@ -136,7 +136,12 @@ def test_no_decided_control_run_is_none_known():
             for entry in entries.values():
                 entry.verdict = "not applicable"
     context = control_context(ref, "fp32", "nc", score=1.0)
-    assert "no" not in context.get("false_alarm", {}) and "decided" in context["none_known"]
+    assert "false_alarm" not in context
+    assert "never ran nc at fp32" in context["none_known"]
+    ref.models[0].artifacts["fp32"]["nc"].verdict = "inconclusive"
+    context = control_context(ref, "fp32", "nc", score=1.0)
+    assert "1 of the reference's 3 clean controls were inconclusive" in context["none_known"]
+    assert describe(context).startswith("none known: ")
 
 
 def test_the_audit_reads_each_verdict_against_a_matching_reference(tmp_path):
