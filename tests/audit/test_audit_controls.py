@@ -80,7 +80,9 @@ def test_rates_count_decided_runs_and_keep_inconclusive_apart():
     assert line.startswith(
         "false alarms 1/2 clean controls (+1 inconclusive); detected 1/2 poisoned"
     )
-    assert "score at the 50th percentile of 3 clean scores" in line and line.endswith("[digits/small_cnn/quick]")
+    assert "score at the 50th percentile of 3 clean scores" in line and line.endswith(
+        "[digits/small_cnn/quick]"
+    )
 
 
 def test_a_precision_or_defense_the_reference_never_ran_is_none_known():
