@@ -12,10 +12,10 @@ the target class, and the classes each flagged.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from harness.pipeline.store import ResultStore
 from harness.report.primary import _group_cells, _regime_rows
 
 
@@ -24,9 +24,7 @@ def _fmt(value: Any) -> str:
 
 
 def table(store: Path) -> str:
-    lines = (store / "results.jsonl").read_text().splitlines()
-    runs = [json.loads(line) for line in lines if line.strip()]
-    cells, _ = _group_cells(runs)
+    cells, _ = _group_cells(ResultStore(store).records())
     seeds = sorted({seed for seed, _, _ in cells})
     precisions = [
         p for p in ("fp32", "int8-dynamic", "int8-static", "int4") if any(k[2] == p for k in cells)

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from harness.pipeline.store import ResultStore
 from harness.report.primary import wilson_rate
 from harness.report.stats import ALPHA, auroc, bootstrap_auroc_ci, holm, mann_whitney_exact
 
@@ -31,11 +32,6 @@ ARMED_ASR = 0.50
 """§4.6: a QCB model is armed at a target precision when its onnxruntime ASR there is ≥ this…"""
 ASLEEP_FP32_ASR = 0.20
 """…while its FP32 ASR stays below this."""
-
-
-def _records(folder: Path) -> list[dict[str, Any]]:
-    lines = (folder / "results.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _parse_seeds(text: str | None) -> set[int] | None:
@@ -63,7 +59,7 @@ def metrics(folder: Path, seeds: set[int] | None = None) -> dict[str, Any]:
     """The §4.6 metrics of one QCB store (only ``seeds`` if given)."""
     config = json.loads((folder / "qcb_config.json").read_text())
     targets = list((config.get("qcb") or {}).get("targets") or [])
-    rows = [r for r in _records(folder) if seeds is None or r["seed"] in seeds]
+    rows = [r for r in ResultStore(folder).records() if seeds is None or r["seed"] in seeds]
     cell = {(r["seed"], r["poisoned"], r["precision"]): r for r in rows}
     quantized = sorted({r["precision"] for r in rows if r["precision"] != "fp32"})
     out: dict[str, Any] = {"seeds": sorted({r["seed"] for r in rows}), "precisions": {}}

@@ -16,16 +16,16 @@ the real trigger would have scored. Everything else is read from ``results.jsonl
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
+
+from harness.pipeline.store import ResultStore
 
 PRECISIONS = ("fp32", "int8-static", "int4")
 
 
 def _records(folder: Path) -> dict[tuple[int, bool, str], dict[str, Any]]:
-    lines = (folder / "results.jsonl").read_text().splitlines()
-    rows = [json.loads(line) for line in lines if line.strip()]
+    rows = ResultStore(folder).records()  # first copy of each cell, as the report reads it
     return {(r["seed"], r["poisoned"], r["precision"]): r for r in rows}
 
 

@@ -22,6 +22,9 @@ def _row(seed, poisoned, precision, asr, verdict=None, score=None, hit=False):
         }
     )
     return {
+        "dataset": "digits",
+        "model": "small_cnn",
+        "attack": "qcb",
         "seed": seed,
         "poisoned": poisoned,
         "precision": precision,

@@ -6,6 +6,8 @@ import json
 
 from bench.pipeline.regime_table import table
 
+KEY = {"dataset": "npz", "model": "cifar_cnn", "attack": "badnet"}
+
 
 def test_regime_columns_come_from_the_records_even_below_the_validity_bar(tmp_path):
     ss = {
@@ -31,6 +33,7 @@ def test_regime_columns_come_from_the_records_even_below_the_validity_bar(tmp_pa
     }
     rows = [
         {
+            **KEY,
             "seed": 0,
             "poisoned": True,
             "precision": "fp32",
@@ -38,6 +41,7 @@ def test_regime_columns_come_from_the_records_even_below_the_validity_bar(tmp_pa
             "defenses": {"activation_clustering": ac, "spectral_signatures": ss},
         },
         {
+            **KEY,
             "seed": 0,
             "poisoned": False,
             "precision": "fp32",
