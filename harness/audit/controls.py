@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from harness.core.errors import BlindspotsError
 from harness.report.primary import wilson_rate
+from harness.report.stats import auroc
 
 REFERENCE_SCHEMA = 1
 PACKAGED = "references"
@@ -130,10 +131,9 @@ def find_reference(
 
 
 def percentile(score: float, scores: list[float]) -> float:
-    """Share of ``scores`` below ``score``, ties counting one half (a mid-rank percentile)."""
-    below = sum(s < score for s in scores)
-    ties = sum(s == score for s in scores)
-    return (below + 0.5 * ties) / len(scores)
+    """Share of ``scores`` below ``score``, ties counting one half (a mid-rank percentile): the
+    AUROC of that one score against them, with the report's tie rule."""
+    return auroc([score], scores)
 
 
 def control_context(
